@@ -1,0 +1,15 @@
+"""`mstar bench` (not implemented yet)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(args: tuple[str, ...]) -> None:
+    """Not implemented yet."""
+    click.echo("mstar: error: 'bench' is not implemented yet", err=True)
+    sys.exit(2)

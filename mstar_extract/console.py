@@ -1,0 +1,168 @@
+"""Everything the user sees: logging levels, one-line errors, JSONL events on stdout, progress on stderr.
+
+Rules (design §3, issue 8):
+
+* stdout carries only machine output (``--json`` documents or ``--jsonl`` events); everything human —
+  progress bars, log lines, errors — goes to stderr.
+* an expected error is one line ``mstar: <file>: <reason>``; a traceback only with ``--debug``.
+* without a terminal on stderr, progress bars become one periodic log line every ``interval`` seconds
+  (``MSTAR_PROGRESS_INTERVAL``, default 30) instead of carriage-return spam.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import IO, Any, Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger("mstar")
+
+QUIET, NORMAL, VERBOSE, DEBUG = -1, 0, 1, 2
+
+
+def setup_logging(verbosity: int) -> None:
+    """Configure the ``mstar`` logger on stderr: quiet=errors only, normal=warnings, -v=info, --debug=debug."""
+    level = {QUIET: logging.ERROR, NORMAL: logging.WARNING, VERBOSE: logging.INFO}.get(verbosity, logging.DEBUG)
+    root = logging.getLogger("mstar")
+    root.setLevel(level)
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mstar: %(levelname)s: %(message)s" if verbosity >= DEBUG else "mstar: %(message)s"))
+    root.addHandler(handler)
+    root.propagate = False
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else None
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return _jsonable(value.item())
+    return str(value)
+
+
+@dataclass
+class Reporter:
+    """One per command invocation; passed down to the pipeline so that all output goes through one place."""
+
+    verbosity: int = NORMAL
+    jsonl: bool = False
+    stdout: IO[str] = field(default_factory=lambda: sys.stdout)
+    stderr: IO[str] = field(default_factory=lambda: sys.stderr)
+
+    @property
+    def debug(self) -> bool:
+        return self.verbosity >= DEBUG
+
+    @property
+    def quiet(self) -> bool:
+        return self.verbosity <= QUIET
+
+    def event(self, event: str, **fields: Any) -> None:
+        """Write one JSONL event (``{"event": ..., **fields}``) to stdout when ``--jsonl`` is on."""
+        if not self.jsonl:
+            return
+        record = {"event": event, **fields}
+        self.stdout.write(json.dumps(_jsonable(record), sort_keys=False) + "\n")
+        self.stdout.flush()
+
+    def error(self, message: str, exc: BaseException | None = None) -> None:
+        """One line on stderr (always shown, even with ``--quiet``); the traceback only with ``--debug``."""
+        if exc is not None and self.debug:
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=self.stderr)
+        self.stderr.write(f"mstar: error: {message}\n")
+        self.stderr.flush()
+
+    def info(self, message: str) -> None:
+        """A human line on stderr unless ``--quiet``."""
+        if not self.quiet:
+            self.stderr.write(f"mstar: {message}\n")
+            self.stderr.flush()
+
+    def warn(self, message: str) -> None:
+        self.stderr.write(f"mstar: warning: {message}\n")
+        self.stderr.flush()
+
+    @contextmanager
+    def progress(self, total: int | None, desc: str, unit: str = "it") -> Iterator["Progress"]:
+        """A progress bar (tqdm on a terminal) or periodic log lines (stderr is a file or pipe)."""
+        p = Progress(self, total, desc, unit)
+        try:
+            yield p
+        finally:
+            p.close()
+
+
+def _progress_interval() -> float:
+    try:
+        return max(0.0, float(os.environ.get("MSTAR_PROGRESS_INTERVAL", "30")))
+    except ValueError:
+        return 30.0
+
+
+class Progress:
+    """tqdm on a terminal; otherwise a line ``desc: n/total unit (rate/s, ETA)`` at most every interval seconds."""
+
+    def __init__(self, reporter: Reporter, total: int | None, desc: str, unit: str) -> None:
+        self.reporter, self.total, self.desc, self.unit = reporter, total, desc, unit
+        self.n = 0
+        self.postfix = ""
+        self._start = time.monotonic()
+        self._last = self._start
+        self._interval = _progress_interval()
+        self._bar = None
+        self._closed = False
+        isatty = getattr(reporter.stderr, "isatty", lambda: False)()
+        if isatty and not reporter.quiet:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=reporter.stderr, dynamic_ncols=True, leave=False)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._bar is not None:
+            self._bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self._last >= self._interval:
+            self._last = now
+            self._log_line()
+
+    def set_postfix(self, text: str) -> None:
+        self.postfix = text
+        if self._bar is not None:
+            self._bar.set_postfix_str(text, refresh=False)
+
+    def _log_line(self) -> None:
+        if self.reporter.quiet:
+            return
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        rate = self.n / elapsed
+        total = f"/{self.total}" if self.total is not None else ""
+        eta = ""
+        if self.total and rate > 0:
+            eta = f", ETA {max(self.total - self.n, 0) / rate:.0f}s"
+        extra = f", {self.postfix}" if self.postfix else ""
+        self.reporter.stderr.write(f"mstar: {self.desc}: {self.n}{total} {self.unit} ({rate:.2f} {self.unit}/s{eta}{extra})\n")
+        self.reporter.stderr.flush()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._bar is not None:
+            self._bar.close()
+        elif self.n and time.monotonic() - self._start >= self._interval:
+            self._log_line()

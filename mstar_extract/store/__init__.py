@@ -1,0 +1,1 @@
+"""Output files: atomic writes, feature bags, coordinate files, manifests (design §4)."""

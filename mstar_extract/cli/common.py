@@ -62,7 +62,7 @@ def output_options(jsonl: bool = True) -> Callable[[F], F]:
     return decorate
 
 
-def run_guarded(reporter: Reporter, func: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+def run_guarded(reporter: Reporter, func: Callable[..., Any], /, *args: Any, **kw: Any) -> Any:
     """Call a command body; turn expected errors into one stderr line and the design's exit codes."""
     try:
         code = func(*args, **kw)
@@ -76,9 +76,10 @@ def run_guarded(reporter: Reporter, func: Callable[..., Any], *args: Any, **kw: 
     except MstarError as exc:
         reporter.error(str(exc), exc)
         sys.exit(EXIT_FAILED)
-    except KeyboardInterrupt:
-        reporter.error("interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", None)  # mstar_extract.locks.Terminated carries the signal (SIGTERM)
+        reporter.error("terminated" if signum else "interrupted")
+        sys.exit(128 + int(signum) if signum else 130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
         reporter.error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", exc)
         sys.exit(EXIT_FAILED)

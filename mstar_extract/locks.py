@@ -1,0 +1,414 @@
+"""Per-slide lock files: any number of processes, on any number of nodes, share one output folder (issue 5).
+
+A process that wants to work on a slide creates ``OUT/.locks/<slide_id>.lock`` with
+``os.open(O_CREAT | O_EXCL | O_WRONLY)``: the file system lets exactly one creator succeed (atomic on local
+file systems, on NFSv3 and later, and on Lustre/GPFS/BeeGFS). The file holds JSON ``{slide_id, host, pid,
+start, cmd, token}``. Protocol for callers (the lock protects only the *in-progress* window)::
+
+    lock = try_acquire(out_dir, slide_id)
+    if lock is None:            # another live process is working on it -> count as skipped
+        ...
+    with lock:                  # released on success, exception, Ctrl-C and (with sigterm_as_interrupt) SIGTERM
+        if output_complete():   # re-check AFTER acquiring: another process may have finished it meanwhile
+            ...skip...
+        else:
+            ...process, write outputs atomically...
+
+**Heartbeat.** While held, a daemon thread touches the lock's mtime every ``heartbeat_s`` seconds (default
+30). The age of a lock is measured from its mtime, so ``--lock-timeout`` only has to exceed a few missed
+heartbeats, not the longest slide: the default 600 s is safe for slides of any size. The heartbeat also
+checks that the file still carries this lock's token; if another process took the lock over (this process was
+frozen for longer than the timeout), :attr:`SlideLock.lost` becomes true and a warning is logged.
+
+**Stale locks** are taken over (with a warning line) when the owner is on this host and its pid is gone (or was
+reused by a newer process), or when the lock is older than ``timeout_s`` (any host; ``timeout_s <= 0``
+disables this). Takeover is race-free among takers: the taker renames the stale file to a unique name (only
+one rename can succeed), checks that what it renamed is the very lock it judged stale (token), deletes it, and
+then competes for a fresh ``O_EXCL`` create like everyone else. If it renamed a *fresh* lock by mistake (someone
+else completed a takeover in between), it links it back with ``os.link`` (which never overwrites).
+
+Shared file systems: ages compare the server's mtime with this node's clock, so node clocks must agree to
+well within the timeout (NTP does this); NFS attribute caching (``acregmax``, ≤ 60 s) also stays far below it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import quote, unquote
+
+from mstar_extract.envdefaults import DEFAULT_LOCK_TIMEOUT_S
+from mstar_extract.errors import MstarError
+
+log = logging.getLogger("mstar")
+
+LOCKS_DIR = ".locks"
+LOCK_SUFFIX = ".lock"
+# DEFAULT_LOCK_TIMEOUT_S (600 s, from envdefaults): a lock not refreshed for this long is stale.
+DEFAULT_HEARTBEAT_S = 30.0
+
+
+class LockHeldError(MstarError):
+    """The slide is being processed by another live process."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM inside :func:`sigterm_as_interrupt` (a KeyboardInterrupt, so the
+    same clean-up paths run as for Ctrl-C)."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread; the old handler is restored after.
+
+    Outside the main thread (where Python cannot install handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    old = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# ------------------------------------------------------------------------------------------------ lock identity
+def hostname() -> str:
+    """This node's host name, as written into locks."""
+    return socket.gethostname() or "localhost"
+
+
+def _proc_start(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux ``/proc``), to detect a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            data = fh.read().decode("ascii", "replace")
+        return int(data[data.rindex(")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, proc_start: int | None = None) -> bool:
+    """Whether ``pid`` runs on this host (and, when ``proc_start`` is known, is the same process)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    if proc_start is not None:
+        now = _proc_start(pid)
+        if now is not None and now != proc_start:
+            return False  # the pid was reused by a newer process
+    return True
+
+
+def lock_name(slide_id: str) -> str:
+    """File name of a slide's lock (percent-encoded, so any slide id gives a distinct, safe name)."""
+    return quote(slide_id, safe=" +,-._=@~()[]") + LOCK_SUFFIX
+
+
+def lock_path(out_dir: str | os.PathLike[str], slide_id: str) -> Path:
+    return Path(out_dir) / LOCKS_DIR / lock_name(slide_id)
+
+
+@dataclass
+class LockInfo:
+    """What a lock file says, plus its age (from mtime). Fields are ``None`` when the file is unreadable/empty."""
+
+    path: Path
+    slide_id: str
+    host: str | None
+    pid: int | None
+    start: float | None
+    cmd: str | None
+    token: str | None
+    proc_start: int | None
+    mtime: float
+    ino: int
+    age_s: float
+
+    def same_file(self, other: "LockInfo") -> bool:
+        """Is ``other`` (read later) the very lock this one describes?"""
+        if self.token is not None or other.token is not None:
+            return self.token == other.token
+        return (self.ino, self.mtime) == (other.ino, other.mtime)
+
+    def stale_reason(self, timeout_s: float, this_host: str | None = None) -> str | None:
+        """Why this lock may be taken over, or ``None`` when its owner must be presumed alive."""
+        this_host = this_host or hostname()
+        if self.host == this_host and self.pid is not None and not pid_alive(self.pid, self.proc_start):
+            return f"its process {self.pid} on {self.host} is gone"
+        if timeout_s > 0 and self.age_s > timeout_s:
+            return f"not refreshed for {self.age_s:.0f} s (> lock timeout {timeout_s:.0f} s)"
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "slide_id": self.slide_id, "host": self.host, "pid": self.pid, "start": self.start,
+            "age_s": round(self.age_s, 1), "cmd": self.cmd,
+        }
+
+
+def read_lock(path: str | os.PathLike[str], now: float | None = None) -> LockInfo | None:
+    """Parse a lock file; ``None`` if it does not exist (any more)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            raw = fh.read(65536)
+    except FileNotFoundError:
+        return None
+    data: dict[str, Any] = {}
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+        if isinstance(obj, dict):
+            data = obj
+    except (ValueError, UnicodeDecodeError):
+        pass  # being written right now, or truncated: only its age counts
+
+    def _int(v: Any) -> int | None:
+        try:
+            return int(v) if v is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    now = time.time() if now is None else now
+    name = path.name[: -len(LOCK_SUFFIX)] if path.name.endswith(LOCK_SUFFIX) else path.name
+    return LockInfo(
+        path=path,
+        slide_id=str(data.get("slide_id") or unquote(name)),
+        host=data.get("host"),
+        pid=_int(data.get("pid")),
+        start=data.get("start"),
+        cmd=data.get("cmd"),
+        token=data.get("token"),
+        proc_start=_int(data.get("proc_start")),
+        mtime=st.st_mtime,
+        ino=st.st_ino,
+        age_s=max(0.0, now - st.st_mtime),
+    )
+
+
+def list_locks(out_dir: str | os.PathLike[str], now: float | None = None) -> list[LockInfo]:
+    """All current lock files of ``out_dir``, sorted by slide id."""
+    d = Path(out_dir) / LOCKS_DIR
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.glob("*" + LOCK_SUFFIX):
+        info = read_lock(p, now)
+        if info is not None:
+            out.append(info)
+    return sorted(out, key=lambda i: i.slide_id)
+
+
+def _command_line() -> str:
+    cmd = " ".join(sys.argv) if sys.argv and sys.argv[0] else sys.executable
+    return cmd if len(cmd) <= 1000 else cmd[:997] + "..."
+
+
+# ------------------------------------------------------------------------------------------------------- the lock
+class SlideLock:
+    """One slide's lock. Use :func:`try_acquire`, or ``with SlideLock(out, id):`` (raises :class:`LockHeldError`)."""
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        slide_id: str,
+        *,
+        timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        cmd: str | None = None,
+    ) -> None:
+        self.out_dir = Path(out_dir)
+        self.slide_id = slide_id
+        self.path = lock_path(out_dir, slide_id)
+        self.timeout_s = float(timeout_s)
+        self.heartbeat_s = float(heartbeat_s)
+        self.cmd = cmd if cmd is not None else _command_line()
+        self.token = secrets.token_hex(16)
+        self.held = False
+        self.lost = False
+        self.took_over: str | None = None
+        """Why a stale lock was taken over to get this one (``None`` if the slide was free)."""
+        self._owner_pid = 0
+        self._sigterm: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- acquire ---------------------------------------------------------------------------------------------
+    def _content(self) -> bytes:
+        return json.dumps({
+            "slide_id": self.slide_id, "host": hostname(), "pid": os.getpid(), "start": time.time(),
+            "cmd": self.cmd, "token": self.token, "proc_start": _proc_start(os.getpid()),
+        }).encode("utf-8")
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, self._content())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _take_over(self, seen: LockInfo, reason: str) -> bool:
+        """Remove the stale lock ``seen`` if it is still the same file; True if this process removed it."""
+        aside = self.path.with_name(f"{self.path.name}.takeover-{hostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return False  # someone else removed it first
+        moved = read_lock(aside)
+        if moved is not None and seen.same_file(moved):
+            os.unlink(aside)
+            log.warning(
+                "taking over the lock of slide %s (held by host %s pid %s): %s",
+                self.slide_id, seen.host, seen.pid, reason,
+            )
+            self.took_over = reason
+            return True
+        # We moved a fresh lock that another process created after its own takeover: put it back, never clobbering.
+        try:
+            os.link(aside, self.path)
+        except FileExistsError:
+            log.warning("lock of slide %s changed hands during a takeover; its owner will notice", self.slide_id)
+        finally:
+            try:
+                os.unlink(aside)
+            except FileNotFoundError:
+                pass
+        return False
+
+    def acquire(self) -> bool:
+        """Try to take the lock (never blocks). True when this process now holds it."""
+        if self.held:
+            return True
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = hostname()
+        for _ in range(5):
+            if self._create():
+                self.held = True
+                self._owner_pid = os.getpid()
+                self._start_heartbeat()
+                return True
+            seen = read_lock(self.path)
+            if seen is None:
+                continue  # released in between: try again
+            reason = seen.stale_reason(self.timeout_s, me)
+            if reason is None:
+                return False
+            if not self._take_over(seen, reason):
+                again = read_lock(self.path)
+                if again is not None and again.stale_reason(self.timeout_s, me) is None:
+                    return False
+        return False
+
+    # -- heartbeat -------------------------------------------------------------------------------------------
+    def _start_heartbeat(self) -> None:
+        if self.heartbeat_s <= 0:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name=f"mstar-lock-{self.slide_id}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                mine = self.still_mine()
+            except OSError:
+                continue  # a transient file-system error (e.g. NFS ESTALE): try again at the next beat
+            if not mine:
+                self.lost = True
+                log.warning("lost the lock of slide %s (another process took it over)", self.slide_id)
+                return
+            try:
+                os.utime(self.path, None)
+            except OSError:
+                pass
+
+    def still_mine(self) -> bool:
+        """Does the lock file still carry this lock's token?"""
+        info = read_lock(self.path)
+        return info is not None and info.token == self.token
+
+    def refresh(self) -> None:
+        """Touch the lock now (the heartbeat does this by itself)."""
+        if self.held and self.still_mine():
+            os.utime(self.path, None)
+
+    # -- release ---------------------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lock file if it is still ours. Safe to call twice."""
+        if not self.held or os.getpid() != self._owner_pid:
+            return  # never released from a forked child
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._thread = None
+        self.held = False
+        if self.still_mine():
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "SlideLock":
+        """Hold the lock for the block. In the main thread, when SIGTERM still has its default action, SIGTERM
+        raises :class:`Terminated` inside the block so that the lock is released (old handler restored after)."""
+        if not self.held and not self.acquire():
+            raise LockHeldError(f"slide {self.slide_id} is being processed by another process ({self.path})")
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._sigterm = sigterm_as_interrupt()
+            self._sigterm.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.release()
+        finally:
+            if self._sigterm is not None:
+                cm, self._sigterm = self._sigterm, None
+                cm.__exit__(None, None, None)
+
+    def __repr__(self) -> str:
+        return f"SlideLock({self.slide_id!r}, held={self.held}, path={str(self.path)!r})"
+
+
+def try_acquire(
+    out_dir: str | os.PathLike[str],
+    slide_id: str,
+    *,
+    timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+    cmd: str | None = None,
+) -> SlideLock | None:
+    """The slide's lock, held (use it as a context manager to release), or ``None`` if a live process holds it."""
+    lock = SlideLock(out_dir, slide_id, timeout_s=timeout_s, heartbeat_s=heartbeat_s, cmd=cmd)
+    return lock if lock.acquire() else None

@@ -1,0 +1,181 @@
+"""Turn the SLIDES arguments of the command line into a sorted list of slides (design §3).
+
+A spec may be:
+
+- a slide file (any name; an unknown extension fails later, per slide, when it is opened);
+- a directory: searched recursively for known slide extensions (``slides.SLIDE_EXTENSIONS``), skipping hidden
+  files and folders (names starting with ``.``, which includes this tool's own ``.<name>.*.tmp`` temp files);
+- a glob pattern (``*``, ``?``, ``[``; ``**`` recurses): matching slide files, and directories searched as above;
+- a list file ``*.csv`` / ``*.tsv`` / ``*.txt``: CSV with a header holding a ``path`` column and optional
+  ``slide_id`` and ``mpp`` columns (tab-separated when the header has tabs), or — for ``.txt`` without a
+  ``path`` header — one path per line; relative paths are relative to the list file's folder;
+- ``-``: the same list format read from stdin (paths relative to the current directory).
+
+In lists, blank lines and lines starting with ``#`` are ignored. The slide id is the file name without its
+slide extension (``a.ome.tif`` -> ``a``) unless the list gives one. A path that does not exist becomes an
+entry with ``error`` set (a per-slide failure later, not a crash). The same file named twice is kept once;
+two different files with the same id raise :class:`UsageError` naming both, before any work.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence, TextIO
+
+from mstar_extract.errors import UsageError
+from mstar_extract.slides.formats import is_slide_file, slide_stem
+
+log = logging.getLogger("mstar")
+
+LIST_EXTENSIONS = frozenset({".csv", ".tsv", ".txt"})
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class SlideEntry:
+    """One slide to process: its id, path, optional per-slide mpp (from a list) and a pre-open error."""
+
+    slide_id: str
+    path: Path
+    mpp: float | None = None
+    error: str | None = None
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        parts = (path.name,)
+    return any(p.startswith(".") for p in parts)
+
+
+def _scan_dir(root: Path) -> list[Path]:
+    """Slide files under ``root`` (recursive), hidden files/folders skipped, sorted."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if not name.startswith(".") and is_slide_file(name):
+                found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
+def _parse_mpp(value: str | None, where: str) -> float | None:
+    if value is None or value.strip() == "":
+        return None
+    try:
+        mpp = float(value)
+    except ValueError:
+        raise UsageError(f"{where}: mpp '{value}' is not a number") from None
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise UsageError(f"{where}: mpp must be a positive number of µm per pixel, got '{value}'")
+    return mpp
+
+
+def _content_lines(text: str) -> list[tuple[int, str]]:
+    return [(i, ln) for i, ln in enumerate(text.splitlines(), start=1) if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def parse_list(text: str, base: Path, source: str, force_csv: bool = False) -> list[SlideEntry]:
+    """Parse a slide list (CSV with a ``path`` header, or one path per line) from ``text``.
+
+    ``base`` resolves relative paths; ``source`` names the list in error messages.
+    """
+    lines = _content_lines(text)
+    if not lines:
+        return []
+    header_line = lines[0][1]
+    delim = "\t" if "\t" in header_line else ","
+    header = [h.strip().lower() for h in next(csv.reader([header_line], delimiter=delim))]
+    if "path" not in header:
+        if force_csv:
+            raise UsageError(f"{source}: slide list has no 'path' column (header: {header_line.strip()!r})")
+        return [_entry(base, ln.strip(), None, None) for _, ln in lines]
+    rows = csv.reader(io.StringIO("\n".join(ln for _, ln in lines[1:])), delimiter=delim)
+    out: list[SlideEntry] = []
+    for (lineno, _), row in zip(lines[1:], rows):
+        rec = {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header)}
+        where = f"{source} line {lineno}"
+        if not rec.get("path"):
+            raise UsageError(f"{where}: empty 'path'")
+        out.append(_entry(base, rec["path"], rec.get("slide_id") or None, _parse_mpp(rec.get("mpp"), where)))
+    return out
+
+
+def _entry(base: Path, raw: str, slide_id: str | None, mpp: float | None) -> SlideEntry:
+    path = Path(os.path.expanduser(raw))
+    if not path.is_absolute():
+        path = base / path
+    path = Path(os.path.normpath(path))
+    error = None if path.exists() else "file not found"
+    return SlideEntry(slide_id or slide_stem(path), path, mpp, error)
+
+
+def _expand(spec: str, stdin: TextIO | None) -> list[SlideEntry]:
+    if spec == "-":
+        stream = stdin if stdin is not None else sys.stdin
+        return parse_list(stream.read(), Path.cwd(), "stdin")
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir() and not is_slide_file(path):
+        found = _scan_dir(path)
+        if not found:
+            log.warning("no slide files found in folder %s", spec)
+        return [_entry(Path.cwd(), str(p), None, None) for p in found]
+    if path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read slide list {spec}: {exc}") from exc
+        return parse_list(text, path.parent, spec, force_csv=path.suffix.lower() in (".csv", ".tsv"))
+    if not path.exists() and _GLOB_CHARS & set(spec):
+        out: list[SlideEntry] = []
+        for match in sorted(glob.glob(os.path.expanduser(spec), recursive=True)):
+            m = Path(match)
+            if any(part.startswith(".") and part not in (".", "..") for part in m.parts):
+                continue
+            if m.is_dir() and not is_slide_file(m):
+                out.extend(_entry(Path.cwd(), str(p), None, None) for p in _scan_dir(m))
+            elif is_slide_file(m):
+                out.append(_entry(Path.cwd(), match, None, None))
+        if not out:
+            log.warning("no slide files match %s", spec)
+        return out
+    return [_entry(Path.cwd(), spec, None, None)]
+
+
+def resolve_slides(specs: Sequence[str] | Iterable[str], stdin: TextIO | None = None) -> list[SlideEntry]:
+    """Expand SLIDES specs (see module docstring) into entries sorted by slide id, then path.
+
+    Raises :class:`UsageError` for an unreadable or malformed list, duplicate slide ids, or when nothing at
+    all was found.
+    """
+    specs = list(specs)
+    if not specs:
+        raise UsageError("no slides given (files, folders, glob patterns, a CSV/TXT list, or '-' for stdin)")
+    by_path: dict[Path, SlideEntry] = {}
+    for spec in specs:
+        for entry in _expand(spec, stdin):
+            key = entry.path.resolve() if entry.error is None else entry.path
+            prev = by_path.get(key)
+            if prev is None or (prev.mpp is None and entry.mpp is not None):
+                by_path[key] = entry if prev is None else SlideEntry(prev.slide_id, prev.path, entry.mpp, prev.error)
+    by_id: dict[str, SlideEntry] = {}
+    for entry in by_path.values():
+        other = by_id.get(entry.slide_id)
+        if other is not None:
+            raise UsageError(
+                f"two slides have the id '{entry.slide_id}': {other.path} and {entry.path} "
+                "(rename one, or give ids with a CSV list's slide_id column)"
+            )
+        by_id[entry.slide_id] = entry
+    if not by_id:
+        raise UsageError(f"no slides found in: {' '.join(specs)}")
+    return sorted(by_id.values(), key=lambda e: (e.slide_id, str(e.path)))

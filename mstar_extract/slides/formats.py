@@ -1,0 +1,136 @@
+"""Which files are slides, what their id is, and a cheap structural check that catches empty/truncated files."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from mstar_extract.errors import SlideOpenError
+
+OPENSLIDE_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".dcm"})
+"""Formats OpenSlide reads (Aperio, generic TIFF, Hamamatsu, Leica, MIRAX, Ventana, DICOM)."""
+TIFFSLIDE_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif"})
+"""TIFF-based formats tiffslide reads."""
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff"})
+"""Plain images read whole into memory (small specimens; resolution must be given)."""
+SLIDE_EXTENSIONS = frozenset(OPENSLIDE_EXTENSIONS | IMAGE_EXTENSIONS)
+"""Every extension ``mstar`` treats as a slide when it searches a folder (lower case, with the dot)."""
+MULTI_SUFFIXES = (".ome.tiff", ".ome.tif")
+"""Compound extensions removed as a whole when deriving a slide id."""
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def slide_extension(path: str | os.PathLike) -> str:
+    """Lower-case slide extension of ``path`` (``.ome.tif`` counts as one), '' if none."""
+    name = Path(path).name.lower()
+    for multi in MULTI_SUFFIXES:
+        if name.endswith(multi) and len(name) > len(multi):
+            return multi
+    return Path(name).suffix
+
+
+def is_slide_file(path: str | os.PathLike) -> bool:
+    """True if the name has a known slide extension (the file is not opened)."""
+    ext = slide_extension(path)
+    return ext in SLIDE_EXTENSIONS or ext in MULTI_SUFFIXES
+
+
+def slide_stem(path: str | os.PathLike) -> str:
+    """The default slide id: the file name without its slide extension (``a.ome.tif`` -> ``a``)."""
+    name = Path(path).name
+    ext = slide_extension(name)
+    if ext and (ext in SLIDE_EXTENSIONS or ext in MULTI_SUFFIXES):
+        return name[: -len(ext)]
+    return name
+
+
+def is_tiff(path: str | os.PathLike) -> bool:
+    """True if the file starts with a TIFF/BigTIFF header."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def check_file(path: Path) -> int:
+    """Raise :class:`SlideOpenError` for a missing, unreadable, empty or unsupported file; return its size."""
+    if not path.exists():
+        raise SlideOpenError(path, "file not found")
+    if path.is_dir() and slide_extension(path) != ".mrxs":
+        raise SlideOpenError(path, "is a directory, not a slide file")
+    ext = slide_extension(path)
+    if not is_slide_file(path):
+        known = " ".join(sorted(e.lstrip(".") for e in SLIDE_EXTENSIONS))
+        raise SlideOpenError(path, f"unsupported file extension '{ext or '(none)'}' (known: {known})")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise SlideOpenError(path, f"cannot read file: {exc.strerror or exc}") from exc
+    if size == 0:
+        raise SlideOpenError(path, "empty file (0 bytes)")
+    return size
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def quiet_tifffile() -> Iterator[list[str]]:
+    """Collect (instead of printing) tifffile's warnings/errors while the block runs; yields the list."""
+    logger = logging.getLogger("tifffile")
+    handler = _Collect()
+    old = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = old
+
+
+def check_tiff_structure(path: Path, size: int) -> None:
+    """For TIFF-based files: every page's image data must lie inside the file (catches truncated copies).
+
+    Costs one pass over the IFDs (tags only, no pixel decoding).
+    """
+    if not is_tiff(path):
+        return
+    import tifffile
+
+    try:
+        with quiet_tifffile() as problems, tifffile.TiffFile(path) as tf:
+            end = 0
+            n_pages = 0
+            for page in tf.pages:
+                n_pages += 1
+                offsets = getattr(page, "dataoffsets", ()) or ()
+                counts = getattr(page, "databytecounts", ()) or ()
+                for off, cnt in zip(offsets, counts):
+                    if cnt and off + cnt > end:
+                        end = off + cnt
+            if n_pages == 0:
+                raise SlideOpenError(path, "TIFF file has no images")
+    except SlideOpenError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for broken files
+        raise SlideOpenError(path, f"corrupt TIFF structure ({type(exc).__name__}: {exc})") from exc
+    if end > size:
+        raise SlideOpenError(
+            path, f"truncated file: {size} bytes but its image data extends to byte {end} (incomplete copy?)"
+        )
+    if problems:
+        raise SlideOpenError(path, f"corrupt TIFF structure: {problems[0].split('> ', 1)[-1]} (truncated or damaged file?)")

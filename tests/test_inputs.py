@@ -1,0 +1,109 @@
+"""SLIDES arguments: files, folders, globs, CSV/TXT lists, stdin, duplicate ids, missing paths."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from mstar_extract.errors import UsageError
+from mstar_extract.inputs import resolve_slides
+
+
+def touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    for rel in ["a/s1.svs", "a/sub/s2.ndpi", "a/sub/s3.ome.tif", "a/s4.PNG", "b/s5.tiff", "a/notes.txt",
+                "a/.hidden.svs", "a/.cache/s6.svs", "a/.s1.svs.host.1.abcd.tmp", "a/feat.h5"]:
+        touch(tmp_path / rel)
+    return tmp_path
+
+
+def ids(entries):
+    return [e.slide_id for e in entries]
+
+
+def test_directory_recursive_skips_hidden_temp_and_non_slides(tree):
+    entries = resolve_slides([str(tree / "a")])
+    assert ids(entries) == ["s1", "s2", "s3", "s4"]
+    assert all(e.error is None and e.mpp is None and e.path.is_absolute() for e in entries)
+
+
+def test_files_globs_and_sorting(tree, monkeypatch):
+    monkeypatch.chdir(tree)
+    entries = resolve_slides(["b/s5.tiff", "a/*.svs", "a/**/*.ndpi"])
+    assert ids(entries) == ["s1", "s2", "s5"]
+    assert entries[0].path == tree / "a" / "s1.svs"
+    assert ids(resolve_slides(["a/sub/*"])) == ["s2", "s3"]
+    assert ids(resolve_slides(["*"])) == ["s1", "s2", "s3", "s4", "s5"]  # folders matched by a glob are searched
+
+
+def test_same_file_twice_is_kept_once(tree):
+    assert ids(resolve_slides([str(tree / "a"), str(tree / "a" / "s1.svs")])) == ["s1", "s2", "s3", "s4"]
+
+
+def test_csv_list_with_ids_and_mpp_relative_to_list(tree):
+    lst = tree / "lists" / "cohort.csv"
+    lst.parent.mkdir()
+    lst.write_text("path,slide_id,mpp,label\n../a/s1.svs,case-001,0.25,tumour\n# a comment\n\n"
+                   f"{tree / 'b' / 's5.tiff'},,,normal\n../a/gone.svs,case-404,,x\n")
+    entries = resolve_slides([str(lst)])
+    assert ids(entries) == ["case-001", "case-404", "s5"]
+    one, gone, five = entries
+    assert one.path == tree / "a" / "s1.svs" and one.mpp == 0.25 and one.error is None
+    assert five.mpp is None
+    assert gone.error == "file not found" and gone.path == tree / "a" / "gone.svs"
+
+
+def test_txt_list_of_paths_and_tsv(tree):
+    lst = tree / "slides.txt"
+    lst.write_text("# my slides\na/s1.svs\n\nb/s5.tiff\n")
+    assert ids(resolve_slides([str(lst)])) == ["s1", "s5"]
+    tsv = tree / "slides.tsv"
+    tsv.write_text("slide_id\tpath\tmpp\nX\ta/s1.svs\t0.5\n")
+    (entry,) = resolve_slides([str(tsv)])
+    assert (entry.slide_id, entry.mpp) == ("X", 0.5)
+
+
+def test_stdin_paths_and_csv(tree, monkeypatch):
+    monkeypatch.chdir(tree)
+    entries = resolve_slides(["-"], stdin=io.StringIO("a/s1.svs\n# skip\n\nb/s5.tiff\n"))
+    assert ids(entries) == ["s1", "s5"] and entries[0].path == tree / "a" / "s1.svs"
+    entries = resolve_slides(["-"], stdin=io.StringIO("path,mpp\na/s1.svs,0.5\n"))
+    assert entries[0].mpp == 0.5
+
+
+def test_duplicate_ids_name_both_paths(tree):
+    touch(tree / "c" / "s1.tif")
+    with pytest.raises(UsageError) as err:
+        resolve_slides([str(tree / "a"), str(tree / "c")])
+    assert "'s1'" in str(err.value) and str(tree / "a" / "s1.svs") in str(err.value) and str(tree / "c" / "s1.tif") in str(err.value)
+
+
+def test_missing_path_is_a_per_slide_error(tree):
+    entries = resolve_slides([str(tree / "a" / "s1.svs"), str(tree / "nope.svs")])
+    assert [(e.slide_id, e.error) for e in entries] == [("nope", "file not found"), ("s1", None)]
+
+
+@pytest.mark.parametrize("content,match", [("slide,mpp\nx.svs,1\n", "no 'path' column"),
+                                            ("path,mpp\nx.svs,abc\n", "line 2: mpp 'abc' is not a number"),
+                                            ("path,mpp\nx.svs,-1\n", "positive")])
+def test_bad_lists_are_usage_errors(tmp_path, content, match):
+    lst = tmp_path / "l.csv"
+    lst.write_text(content)
+    with pytest.raises(UsageError, match=match):
+        resolve_slides([str(lst)])
+
+
+def test_nothing_found_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no slides"):
+        resolve_slides([str(tmp_path)])
+    with pytest.raises(UsageError, match="no slides given"):
+        resolve_slides([])

@@ -1,15 +1,91 @@
-"""`mstar extract` (not implemented yet)."""
+"""``mstar extract SLIDES... OUT`` — everything ``mstar tile`` does, then mSTAR patch features per slide."""
 
 from __future__ import annotations
 
-import sys
+from typing import Any
 
 import click
 
+from mstar_extract.cli.common import output_options
+from mstar_extract.cli.options import (
+    resolution_options, segmentation_options, select_slides, slide_input_options, tile_settings_from,
+)
 
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def extract(args: tuple[str, ...]) -> None:
-    """Not implemented yet."""
-    click.echo("mstar: error: 'extract' is not implemented yet", err=True)
-    sys.exit(2)
+
+def extract_options(func: Any) -> Any:
+    """The model, weights, device and storage options of ``extract`` (also used by ``bench extract``)."""
+    decorators = [
+        click.option("--model", default="mstar", show_default=True, metavar="NAME",
+                     help="Encoder: mstar (ViT-L/16, 1024-d), uni (MahmoodLab/UNI), or timm:<name> for any timm model."),
+        click.option("--weights", default=None, metavar="hf|random|PATH",
+                     help="hf: the Hugging Face hub (gated; HF_TOKEN or a saved login; cached); PATH: a local "
+                          ".pth/.bin/.safetensors state dict; random: random weights, smoke tests only. "
+                          "[default: $MSTAR_WEIGHTS, else hf]"),
+        click.option("--device", default=None, metavar="auto|cuda|cuda:N|cpu",
+                     help="Where the model runs. [default: $MSTAR_DEVICE, else auto = cuda if available]"),
+        click.option("--devices", default=None, metavar="0,1,...",
+                     help="Several GPUs on this node: one extraction process per GPU, each with its own readers. [default: one process]"),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                     help="Patches per forward pass. [default: 256 on GPU, 32 on CPU]"),
+        click.option("--precision", type=click.Choice(("bf16", "fp16", "fp32")), default=None,
+                     help="Autocast precision of the model. [default: bf16 on GPU, fp32 on CPU]"),
+        click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the model."),
+        click.option("--dtype", type=click.Choice(("float32", "float16")), default="float32", show_default=True,
+                     help="dtype of the stored features."),
+        click.option("--format", "fmt", type=click.Choice(("h5", "pt", "both")), default="h5", show_default=True,
+                     help="h5: features/<id>.h5; pt or both: also pt_files/<id>.pt (float32 (N, D) tensor for CLAM/mSTAR MIL code)."),
+        click.option("--coords-dir", type=click.Path(exists=True, file_okay=False), default=None,
+                     help="Reuse patch coordinates from mstar tile (coords/), CLAM (patches/) or TRIDENT (*_patches.h5) instead of segmenting."),
+        click.option("--skip-bad-patches", is_flag=True, default=False,
+                     help="Drop patches whose pixels cannot be decoded (after one retry) and count them in the manifest, instead of failing the slide."),
+        click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
+                     help="Seconds without a heartbeat after which another job's slide lock counts as stale. [default: $MSTAR_LOCK_TIMEOUT, else 600]"),
+    ]
+    for d in reversed(decorators):
+        func = d(func)
+    return func
+
+
+@click.command(context_settings={"max_content_width": 110})
+@slide_input_options
+@resolution_options
+@segmentation_options
+@extract_options
+@output_options()
+def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
+    """Tile every slide and write its mSTAR patch features to OUT/features/<slide_id>.h5.
+
+    SLIDES are files, folders (searched recursively), glob patterns, CSV/TXT lists, or '-' for a list on stdin.
+    Slides whose bag is already complete are skipped (use --overwrite to redo them); several jobs may share OUT.
+    Exit code 0 when every slide is done/skipped/no-tissue, 1 if any failed, 2 for usage errors or missing weights.
+
+    \b
+    Examples:
+      mstar extract examples/slides out/                       # mSTAR weights from the hub (gated)
+      mstar extract examples/slides out/ --weights random      # offline smoke test
+      mstar extract slides/ out/ --weights mSTAR.pth --batch-size 512 --dtype float16
+      mstar extract slides/ out/ --coords-dir clam_out/ --format both
+      sbatch --array=0-15 ... mstar extract slides/ out/ --shard auto
+    """
+    from mstar_extract.errors import UsageError, WeightsError
+    from mstar_extract.envdefaults import default_device, default_lock_timeout, default_weights, default_workers
+    from mstar_extract.pipeline.extract_job import ExtractSettings
+    from mstar_extract.pipeline.launch import launch_extract
+    from mstar_extract.sharding import parse_devices
+
+    tile = tile_settings_from(kw, debug=reporter.debug)
+    devices = parse_devices(kw.pop("devices"))
+    entries = select_slides(slides, kw.pop("shard", None))
+    settings = ExtractSettings(
+        tile=tile, model=kw.pop("model"), weights=default_weights(kw.pop("weights")),
+        device=default_device(kw.pop("device")), precision=kw.pop("precision"), batch_size=kw.pop("batch_size"),
+        compile=kw.pop("compile"), dtype=kw.pop("dtype"), format=kw.pop("fmt"), coords_dir=kw.pop("coords_dir"),
+        skip_bad_patches=kw.pop("skip_bad_patches"),
+        workers=default_workers(kw.pop("workers"), n_procs=len(devices) if devices else 1),
+        lock_timeout=default_lock_timeout(kw.pop("lock_timeout")),
+    )
+    try:
+        return launch_extract(entries, out, settings, reporter, devices=devices, overwrite=kw.pop("overwrite"),
+                              on_error=kw.pop("on_error"))
+    except WeightsError as exc:  # nothing was done: a set-up problem like a usage error (exit 2)
+        raise UsageError(str(exc)) from exc

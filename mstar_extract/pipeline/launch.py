@@ -1,0 +1,98 @@
+"""How ``mstar extract`` runs: one process, one process per GPU (``--devices``), or one torchrun rank.
+
+* ``--devices 0,1,2,3``: the slide list is split between the devices with the same stable rule as torchrun
+  ranks (:func:`mstar_extract.sharding.device_share`); one extraction process per device, each with its own
+  reader workers. Weights are resolved once, in the parent, before any process starts.
+* under ``torchrun --nproc_per_node=K``: each rank already took its share in ``select_slides``
+  (:func:`mstar_extract.sharding.work_share`); ``--device auto``/``cuda`` becomes ``cuda:LOCAL_RANK``.
+
+Per-slide locks keep every slide to one process even when these are combined with ``--shard`` and other jobs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from mstar_extract.console import Reporter, setup_logging
+from mstar_extract.errors import EXIT_FAILED, EXIT_OK, MstarError
+from mstar_extract.pipeline.extract_job import ExtractSettings, run_extract
+
+
+def _resolve_weights_once(settings: ExtractSettings) -> ExtractSettings:
+    """Fetch/verify the weights in the parent so that N device processes do not download N times."""
+    if settings.weights in ("random",):
+        return settings
+    from mstar_extract.models import get_spec, resolve_weights
+
+    resolved = resolve_weights(get_spec(settings.model), settings.weights, cache_dir=settings.cache_dir,
+                               token=settings.token)
+    return replace(settings, weights=str(resolved.path)) if resolved.path is not None else settings
+
+
+def _device_main(entries: list[Any], out: str, settings: ExtractSettings, verbosity: int, jsonl: bool,
+                 overwrite: bool, on_error: str) -> None:  # pragma: no cover - runs in a child process
+    import sys
+
+    setup_logging(verbosity)
+    reporter = Reporter(verbosity=verbosity, jsonl=jsonl)
+    try:
+        code = run_extract(entries, out, settings, reporter, overwrite=overwrite, on_error=on_error)
+    except MstarError as exc:
+        reporter.error(str(exc), exc)
+        code = EXIT_FAILED
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def launch_extract(entries: Sequence[Any], out: str | os.PathLike[str], settings: ExtractSettings, reporter: Reporter,
+                   devices: list[str] | None = None, overwrite: bool = False, on_error: str = "skip") -> int:
+    """Run extraction in this process, or in one child process per device; returns the exit code."""
+    from mstar_extract.locks import sigterm_as_interrupt
+    from mstar_extract.sharding import torchrun_rank
+
+    info = torchrun_rank()
+    if info is not None and not devices:
+        import torch
+
+        from mstar_extract.sharding import rank_device
+
+        settings = replace(settings, device=rank_device(settings.device, info, torch.cuda.is_available()))
+        reporter.info(f"torchrun rank {info.rank}/{info.world_size}: {len(entries)} slide(s) on {settings.device}")
+    if not devices or len(devices) == 1:
+        if devices:
+            settings = replace(settings, device=devices[0])
+        with sigterm_as_interrupt():
+            return run_extract(entries, out, settings, reporter, overwrite=overwrite, on_error=on_error)
+
+    from mstar_extract.sharding import device_share
+
+    settings = _resolve_weights_once(settings)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    ctx = mp.get_context("spawn")
+    procs = []
+    for dev, share in device_share(list(entries), devices):
+        reporter.info(f"{dev}: {len(share)} slide(s)")
+        p = ctx.Process(target=_device_main, name=f"mstar-extract-{dev}",
+                        args=(share, str(out), replace(settings, device=dev), reporter.verbosity, reporter.jsonl,
+                              overwrite, on_error))
+        p.start()
+        procs.append(p)
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join(10)
+        raise
+    from mstar_extract.manifest import merge_manifest
+
+    merge_manifest(out)
+    codes = [p.exitcode for p in procs]
+    return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED

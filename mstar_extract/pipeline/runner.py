@@ -1,0 +1,179 @@
+"""The per-slide bookkeeping of a run: JSONL events, manifest rows, stderr lines, progress, the exit code.
+
+Used by ``mstar tile`` and ``mstar extract``; the command owns the loop::
+
+    runner = SlideRunner(out_dir, reporter, total=len(entries), command="tile")
+    for entry in entries:
+        if not runner.begin(entry):          # "started" event; False -> another process owns it
+            continue
+        outcome = do_the_work(entry)         # -> SlideOutcome (never raises for per-slide problems)
+        runner.finish(outcome)               # manifest row + final event + stderr line on failure + progress
+    return runner.close()                    # merged manifest, "summary" event, summary line, exit code
+
+JSONL events (stable field names; documented in the README): ``started`` {slide_id, path, command};
+``done`` / ``skipped`` / ``no_tissue`` / ``failed`` {slide_id, path, status, n_patches, seconds, error, mpp,
+command}; ``summary`` {command, total, counts{done, skipped, no_tissue, failed}, seconds, exit_code, out_dir}.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mstar_extract.console import Progress, Reporter
+from mstar_extract.errors import EXIT_FAILED, EXIT_OK
+from mstar_extract.manifest import STATUSES, ManifestRow, ManifestWriter
+
+
+@dataclass
+class SlideOutcome:
+    """How one slide ended (mirrors :class:`~mstar_extract.manifest.ManifestRow`)."""
+
+    slide_id: str
+    path: str
+    status: str
+    """``done``, ``skipped``, ``no_tissue`` or ``failed``."""
+    n_patches: int | None = None
+    mpp: float | None = None
+    seconds: float | None = None
+    error: str = ""
+    """One line; empty unless failed (or an informative skip reason)."""
+    patches_per_s: float | None = None
+    n_bad_patches: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Additional JSON-able facts for the final event (not in the manifest)."""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown status {self.status!r}")
+        self.path = str(self.path)
+        self.error = " ".join(str(self.error or "").split())
+
+    def to_row(self) -> ManifestRow:
+        return ManifestRow(
+            slide_id=self.slide_id, path=self.path, status=self.status, n_patches=self.n_patches, mpp=self.mpp,
+            seconds=self.seconds, error=self.error, patches_per_s=self.patches_per_s, n_bad_patches=self.n_bad_patches,
+        )
+
+    @classmethod
+    def failed(cls, entry: Any, error: str, seconds: float | None = None, **kw: Any) -> "SlideOutcome":
+        return cls(slide_id=str(entry.slide_id), path=str(entry.path), status="failed", error=error, seconds=seconds, **kw)
+
+    @classmethod
+    def skipped(cls, entry: Any, reason: str = "", n_patches: int | None = None, **kw: Any) -> "SlideOutcome":
+        return cls(slide_id=str(entry.slide_id), path=str(entry.path), status="skipped", error=reason,
+                   n_patches=n_patches, seconds=0.0, **kw)
+
+
+class SlideRunner:
+    """Bookkeeping for one command invocation over ``total`` slides writing into ``out_dir``."""
+
+    def __init__(self, out_dir: str | Path, reporter: Reporter, total: int, command: str,
+                 lock_timeout: float | None = None, locks: bool = True) -> None:
+        self.out_dir = Path(out_dir)
+        self.lock_timeout = lock_timeout
+        self.use_locks = locks
+        self.reporter = reporter
+        self.total = int(total)
+        self.command = command
+        self.counts: dict[str, int] = {s: 0 for s in STATUSES}
+        self.outcomes: list[SlideOutcome] = []
+        self._start = time.monotonic()
+        self._active: dict[str, Any] = {}
+        self._locks: dict[str, Any] = {}
+        self._manifest: ManifestWriter | None = None
+        self._progress: Progress | None = None
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> ManifestWriter:
+        if self._manifest is None:
+            self._manifest = ManifestWriter(self.out_dir)
+        return self._manifest
+
+    @property
+    def progress(self) -> Progress:
+        if self._progress is None:
+            self._progress = Progress(self.reporter, self.total, f"{self.command}: slides", "slide")
+        return self._progress
+
+    def claim(self, entry: Any) -> bool:
+        """Take ownership of ``entry`` for this process with its lock file ``OUT/.locks/<slide_id>.lock``
+        (atomic create; stale locks of dead processes or older than the lock timeout are taken over).
+        False when another live process holds it. The lock is released in :meth:`release`."""
+        if not self.use_locks:
+            return True
+        from mstar_extract.locks import try_acquire
+
+        kw = {} if self.lock_timeout is None else {"timeout_s": float(self.lock_timeout)}
+        lock = try_acquire(self.out_dir, str(entry.slide_id), **kw)
+        if lock is None:
+            return False
+        self._locks[str(entry.slide_id)] = lock
+        return True
+
+    def release(self, slide_id: str) -> None:
+        """Give up ownership of a slide taken by :meth:`claim` (deletes its lock file)."""
+        self._active.pop(slide_id, None)
+        lock = self._locks.pop(slide_id, None)
+        if lock is not None:
+            lock.release()
+
+    def begin(self, entry: Any) -> bool:
+        """Announce ``entry`` ("started" event) if this process may work on it; False means skip it silently
+        (another process owns it — the caller may record it as skipped with :meth:`finish`)."""
+        _ = self.progress  # the bar appears with the first slide
+        if not self.claim(entry):
+            return False
+        self._active[str(entry.slide_id)] = entry
+        self.reporter.event("started", slide_id=str(entry.slide_id), path=str(entry.path), command=self.command)
+        return True
+
+    def finish(self, outcome: SlideOutcome) -> None:
+        """Record how a slide ended: manifest row, final event, one stderr line if it failed, progress."""
+        self.outcomes.append(outcome)
+        self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
+        try:
+            self.manifest.add(outcome.to_row())
+        finally:
+            self.release(outcome.slide_id)
+        fields = {k: v for k, v in asdict(outcome).items() if k != "extra"}
+        self.reporter.event(outcome.status, **fields, command=self.command, **outcome.extra)
+        if outcome.status == "failed":
+            self.reporter.error(f"{outcome.path}: {outcome.error or 'failed'}")
+        self.progress.update(1)
+        self.progress.set_postfix(self._postfix())
+
+    def _postfix(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.counts.items() if v)
+
+    @property
+    def n_failed(self) -> int:
+        return self.counts.get("failed", 0)
+
+    def close(self) -> int:
+        """Merge the manifest, emit the "summary" event and one human summary line; return the exit code."""
+        if self._closed:
+            return EXIT_FAILED if self.n_failed else EXIT_OK
+        self._closed = True
+        if self._progress is not None:
+            self._progress.close()
+        for slide_id in list(self._active) + list(self._locks):
+            self.release(slide_id)
+        if self._manifest is not None or self.outcomes:
+            self.manifest.merge()
+        code = EXIT_FAILED if self.n_failed else EXIT_OK
+        seconds = time.monotonic() - self._start
+        self.reporter.event("summary", command=self.command, total=self.total, counts=dict(self.counts),
+                            seconds=round(seconds, 3), exit_code=code, out_dir=str(self.out_dir))
+        done = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.counts.items() if v) or "nothing to do"
+        patches = sum(o.n_patches or 0 for o in self.outcomes)
+        line = f"{self.command}: {len(self.outcomes)}/{self.total} slides ({done}); {patches} patches; {seconds:.1f} s; manifest: {self.out_dir / 'manifest.csv'}"
+        if code:
+            self.reporter.warn(line)
+        else:
+            self.reporter.info(line)
+        return code

@@ -1,0 +1,230 @@
+"""The patch encoder: a registry network + resolved weights, on a device, embedding uint8 batches.
+
+>>> enc = Encoder.create("mstar", weights="hf", device="auto")          # doctest: +SKIP
+>>> feats = enc.embed(uint8_batch)                                        # (B, 1024) float32, on enc.device
+
+Inference runs under ``torch.inference_mode`` with autocast per ``precision`` (``bf16`` default on CUDA,
+``fp32`` on the CPU, ``fp16`` on request), channels-last input, and optionally ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from mstar_extract.errors import UsageError
+from mstar_extract.models.preprocess import as_uint8_batch, preprocess
+from mstar_extract.models.registry import EncoderSpec, get_spec
+from mstar_extract.models.weights import ResolvedWeights, build_with_weights, resolve_weights
+
+log = logging.getLogger("mstar")
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda``/``cuda:N``/``cpu`` checked (UsageError)."""
+    text = "auto" if device is None else str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: no CUDA device is available here (use --device cpu or auto)")
+        n = torch.cuda.device_count()
+        index = 0 if dev.index is None else dev.index
+        if index >= n:
+            raise UsageError(f"--device {text}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
+        return torch.device("cuda", index)
+    raise UsageError(f"--device {text}: unsupported device type (use auto, cpu, cuda or cuda:N)")
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """``None``/``auto`` -> ``bf16`` on CUDA (``fp16`` if the GPU lacks bf16), ``fp32`` on the CPU."""
+    p = (precision or "auto").strip().lower()
+    aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "32": "fp32"}
+    p = aliases.get(p, p)
+    if p == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if p not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    return p
+
+
+class Encoder:
+    """One patch encoder ready for inference. Build it with :meth:`create`."""
+
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        model: torch.nn.Module,
+        weights: ResolvedWeights,
+        device: torch.device,
+        precision: str,
+        compile: bool = False,
+        compile_backend: str | None = None,
+    ) -> None:
+        self.spec = spec
+        self.weights = weights
+        self.device = device
+        self.precision = precision
+        self.compile = compile
+        self.compile_backend = compile_backend
+        self.model = model.eval().requires_grad_(False)
+        self._forward: Any = self.model
+        self._compiled_batch: int | None = None
+        self.to(device)
+
+    # ---------------------------------------------------------------------------------------- building
+    @classmethod
+    def create(
+        cls,
+        model: str | EncoderSpec | None = "mstar",
+        weights: str | os.PathLike[str] | ResolvedWeights | None = "hf",
+        device: str | torch.device | None = "auto",
+        precision: str | None = None,
+        compile: bool = False,
+        cache_dir: str | os.PathLike[str] | None = None,
+        token: str | bool | None = None,
+        compile_backend: str | None = None,
+    ) -> "Encoder":
+        """Spec by name, weights resolved (PATH/hf/random) and loaded strictly, moved to ``device``.
+
+        ``compile_backend`` is passed to ``torch.compile`` (default inductor; ``eager`` traces only).
+        """
+        spec = model if isinstance(model, EncoderSpec) else get_spec(model)
+        dev = resolve_device(device)
+        prec = resolve_precision(precision, dev)
+        resolved = weights if isinstance(weights, ResolvedWeights) else resolve_weights(
+            spec, weights, cache_dir=cache_dir, token=token
+        )
+        net = build_with_weights(spec, resolved)
+        return cls(spec, net, resolved, dev, prec, compile=compile, compile_backend=compile_backend)
+
+    def to(self, device: str | torch.device) -> "Encoder":
+        """Move the network to ``device`` (channels-last); a compiled graph is rebuilt lazily."""
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.model.to(self.device, memory_format=torch.channels_last)
+        self._forward = self.model
+        self._compiled_batch = None
+        if self.compile:
+            kw = {"backend": self.compile_backend} if self.compile_backend else {}
+            self._forward = torch.compile(self.model, **kw)
+        return self
+
+    # ---------------------------------------------------------------------------------------- facts
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def feature_dim(self) -> int:
+        return self.spec.feature_dim
+
+    @property
+    def input_size(self) -> int:
+        return self.spec.input_size
+
+    @property
+    def weights_sha256(self) -> str:
+        return self.weights.sha256
+
+    def _autocast(self) -> Any:
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
+
+    # ---------------------------------------------------------------------------------------- inference
+    @torch.inference_mode()
+    def embed(self, batch: "torch.Tensor | np.ndarray") -> torch.Tensor:
+        """uint8 ``(B, H, W, 3)`` patches -> float32 ``(B, D)`` features on :attr:`device`.
+
+        Patches of any size are resized (antialiased bilinear) to :attr:`input_size` on the device.
+        With ``compile`` the first batch size is kept: smaller batches (a slide's last) are zero-padded
+        to it so the compiled graph is reused, and the padding rows are dropped.
+        """
+        x = as_uint8_batch(batch, self.device)
+        n = int(x.shape[0])
+        if n == 0:
+            return torch.empty((0, self.feature_dim), dtype=torch.float32, device=self.device)
+        if self.compile:
+            if self._compiled_batch is None:
+                self._compiled_batch = n
+            elif n < self._compiled_batch:
+                pad = x.new_zeros((self._compiled_batch - n, *x.shape[1:]))
+                x = torch.cat([x, pad], 0)
+        inp = preprocess(x, self.input_size, self.spec.mean, self.spec.std)
+        with self._autocast():
+            out = self._forward(inp)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out[:n].float()
+
+
+def benchmark_model(
+    encoder: Encoder,
+    batch_size: int = 256,
+    seconds: float | None = 10.0,
+    iters: int | None = None,
+    warmup: int = 3,
+    input_px: int | None = None,
+) -> dict[str, Any]:
+    """Model-only throughput on synthetic uint8 input already on the device (preprocess + forward).
+
+    Runs ``warmup`` batches (compilation happens there), then ``iters`` batches or as many as fit in
+    ``seconds``. ``input_px`` (default: the model input size) sets the synthetic patch size, e.g. 256 to
+    include the on-device resize. Returns ``patches_per_s, device, batch_size, precision, compile`` and more.
+    """
+    if iters is None and seconds is None:
+        raise ValueError("give seconds or iters")
+    px = int(input_px or encoder.input_size)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    batch = torch.randint(0, 256, (batch_size, px, px, 3), dtype=torch.uint8, generator=gen).to(encoder.device)
+    sync = torch.cuda.synchronize if encoder.device.type == "cuda" else (lambda *a: None)
+    t_warm = time.perf_counter()
+    for _ in range(max(0, warmup)):
+        encoder.embed(batch)
+    sync()
+    warmup_s = time.perf_counter() - t_warm
+    done = 0
+    t0 = time.perf_counter()
+    while True:
+        encoder.embed(batch)
+        done += 1
+        if iters is not None and done >= iters:
+            break
+        if iters is None and seconds is not None and done % 2 == 0:
+            sync()
+            if time.perf_counter() - t0 >= seconds:
+                break
+    sync()
+    elapsed = time.perf_counter() - t0
+    dev_name = torch.cuda.get_device_name(encoder.device) if encoder.device.type == "cuda" else "cpu"
+    return {
+        "patches_per_s": done * batch_size / elapsed if elapsed > 0 else float("nan"),
+        "device": str(encoder.device),
+        "device_name": dev_name,
+        "batch_size": batch_size,
+        "precision": encoder.precision,
+        "compile": encoder.compile,
+        "model": encoder.name,
+        "input_px": px,
+        "iters": done,
+        "seconds": elapsed,
+        "warmup_seconds": warmup_s,
+        "torch": torch.__version__,
+    }

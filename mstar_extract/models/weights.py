@@ -241,11 +241,14 @@ def load_into(
 
 
 def default_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> str | None:
-    """The hub cache to use: ``cache_dir``, else ``$MSTAR_CACHE``, else ``None`` (huggingface_hub's default)."""
+    """The hub cache to use: ``cache_dir``, else ``$MSTAR_CACHE``, else the checkout's ``weights/`` when running
+    from a git checkout, else ``None`` (huggingface_hub's default cache; see :mod:`mstar_extract.envdefaults`)."""
     if cache_dir:
         return str(cache_dir)
-    env = os.environ.get("MSTAR_CACHE")
-    return env if env else None
+    from mstar_extract.envdefaults import weights_cache
+
+    cache = weights_cache()
+    return None if cache.source == "hf" else str(cache.path)
 
 
 def offline_mode() -> bool:

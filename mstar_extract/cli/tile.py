@@ -1,15 +1,39 @@
-"""`mstar tile` (not implemented yet)."""
+"""``mstar tile SLIDES... OUT`` — tissue segmentation and patch coordinates (+ QC pictures, GeoJSON, manifest)."""
 
 from __future__ import annotations
 
-import sys
+from typing import Any
 
 import click
 
+from mstar_extract.cli.common import output_options
+from mstar_extract.cli.options import (
+    default_workers, resolution_options, segmentation_options, select_slides, slide_input_options, tile_settings_from,
+)
 
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def tile(args: tuple[str, ...]) -> None:
-    """Not implemented yet."""
-    click.echo("mstar: error: 'tile' is not implemented yet", err=True)
-    sys.exit(2)
+
+@click.command(context_settings={"max_content_width": 110})
+@slide_input_options
+@resolution_options
+@segmentation_options
+@output_options()
+def tile(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
+    """Segment tissue and write patch coordinates for every slide.
+
+    SLIDES are files, folders (searched recursively), glob patterns, CSV/TXT lists, or '-' for a list on stdin.
+    Writes OUT/coords/<id>.h5, OUT/qc/<id>.jpg, OUT/contours/<id>.geojson and OUT/manifest.csv
+    (see docs/tiling.md). Exit code 0 when every slide is done/skipped/no-tissue, 1 if any failed, 2 for usage errors.
+
+    \b
+    Examples:
+      mstar tile slides/ out/
+      mstar tile slides/ out/ --magnification 40 --patch-size 224 --min-tissue 0.25
+      find /data -name '*.svs' | mstar tile - out/ --jsonl
+    """
+    from mstar_extract.pipeline.tile_job import run_tile
+
+    settings = tile_settings_from(kw, debug=reporter.debug)
+    entries = select_slides(slides, kw.pop("shard", None))
+    workers = kw.pop("workers", None) or default_workers()
+    return run_tile(entries, out, settings, workers=workers, reporter=reporter, overwrite=kw.pop("overwrite", False),
+                    on_error=kw.pop("on_error", "skip"))

@@ -1,0 +1,171 @@
+"""Click option groups shared by ``mstar tile`` and ``mstar extract`` (design §3), and the builders that turn the
+parsed values into :class:`TileSettings`.
+
+Usage::
+
+    @click.command()
+    @slide_input_options
+    @resolution_options
+    @segmentation_options
+    @output_options()
+    def tile(slides, out, reporter, **kw): ...
+        settings = tile_settings_from(kw, debug=reporter.debug)   # pops the tiling/segmentation keys
+        entries = select_slides(slides, kw.pop("shard"))
+
+Every option's help shows its default. Heavy libraries are not imported here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from typing import Any, Callable, TypeVar
+
+import click
+
+from mstar_extract.cli.common import env_default
+from mstar_extract.errors import UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+BACKENDS = ("auto", "openslide", "tiffslide", "image")
+COORDS_FORMATS = ("trident", "clam")
+
+
+def default_workers() -> int:
+    """``MSTAR_WORKERS`` if set, else min(8, CPU count)."""
+    raw = env_default("MSTAR_WORKERS")
+    if raw is not None:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise click.BadParameter(f"MSTAR_WORKERS={raw!r} is not an integer", param_hint="--workers") from None
+        if value < 1:
+            raise click.BadParameter(f"MSTAR_WORKERS={raw!r} must be >= 1", param_hint="--workers")
+        return value
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _apply(func: F, decorators: list[Callable[[F], F]]) -> F:
+    for d in reversed(decorators):
+        func = d(func)
+    return func
+
+
+def slide_input_options(func: F) -> F:
+    """SLIDES... OUT, --backend, --mpp-override, --workers, --shard, --on-error, --overwrite."""
+    return _apply(func, [
+        click.argument("slides", nargs=-1, required=True, metavar="SLIDES..."),
+        click.argument("out", type=click.Path(file_okay=False), metavar="OUT"),
+        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+                     help="Slide reader: auto picks openslide, then tiffslide, for TIFF-based files; image for PNG/JPEG."),
+        click.option("--mpp-override", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Level-0 µm/px for slides whose files have no resolution metadata (a list's 'mpp' column sets it per slide and always wins). [default: none]"),
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="Worker processes. [default: $MSTAR_WORKERS, else min(8, CPU count)]"),
+        click.option("--shard", default=None, metavar="I/N|auto",
+                     help="Process only share I of N of the slides (stable hash of the slide id); 'auto' reads the SLURM array variables. [default: all]"),
+        click.option("--on-error", type=click.Choice(("skip", "fail")), default="skip", show_default=True,
+                     help="skip: a failed slide is recorded and the others go on; fail: stop after the first failure. Exit code 1 either way."),
+        click.option("--overwrite", is_flag=True, default=False,
+                     help="Redo slides whose outputs are already complete (default: skip them)."),
+    ])
+
+
+def resolution_options(func: F) -> F:
+    """--magnification/--mpp, --patch-size, --overlap, --min-tissue, --exact-mpp, --snap-tolerance, --coords-format."""
+    from mstar_extract.tiling import DEFAULT_MIN_TISSUE
+
+    return _apply(func, [
+        click.option("--magnification", "magnification", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Target objective magnification (mpp = 10 / magnification). [default: 20, i.e. 0.5 µm/px]"),
+        click.option("--mpp", "target_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Target resolution in µm/px (instead of --magnification). [default: 0.5]"),
+        click.option("--patch-size", type=click.IntRange(min=1), default=256, show_default=True,
+                     help="Patch side in pixels at the target resolution."),
+        click.option("--overlap", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Overlap of neighbouring patches in pixels at the target resolution."),
+        click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=DEFAULT_MIN_TISSUE, show_default=True,
+                     help="Keep a patch when at least this fraction of it lies on tissue (patches centred in a hole are never kept)."),
+        click.option("--exact-mpp", is_flag=True, default=False,
+                     help="Scale by the exact mpp ratio instead of snapping level 0 to its nominal objective (0.2527 µm/px -> 40x)."),
+        click.option("--snap-tolerance", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True,
+                     help="Relative tolerance for snapping level 0's magnification (10 / mpp) to a nominal objective."),
+        click.option("--coords-format", type=click.Choice(COORDS_FORMATS), default="trident", show_default=True,
+                     help="coords/<id>.h5 attributes: TRIDENT's (patch_size at target, patch_size_level0, ...) or CLAM's (patch_level, patch_size at that level)."),
+    ])
+
+
+def _seg_option(name: str, default: Any, help_text: str, ftype: Any) -> Callable[[F], F]:
+    flag = "--" + name.replace("_", "-")
+    if ftype in (bool, "bool"):
+        return click.option(f"{flag}/--no-{name.replace('_', '-')}", f"seg_{name}", default=default, show_default=True, help=help_text)
+    py = {"int": int, "float": float, "str": str}.get(ftype if isinstance(ftype, str) else ftype.__name__, str)
+    return click.option(flag, f"seg_{name}", type=py, default=default, show_default=True, help=help_text)
+
+
+def segmentation_options(func: F) -> F:
+    """One option per :class:`SegmentationParams` field, plus --tissue-mask and --qc/--no-qc."""
+    from mstar_extract.tissue.params import SegmentationParams
+
+    decorators: list[Callable[[F], F]] = []
+    for f in fields(SegmentationParams):
+        decorators.append(_seg_option(f.name, f.default, f.metadata.get("help", ""), f.type))
+    decorators.append(click.option(
+        "--tissue-mask", type=click.Path(exists=True), default=None,
+        help="Use this tissue outline instead of segmenting: a GeoJSON (QuPath/TRIDENT, level-0 pixels) or a mask image, or a folder of <slide_id>.geojson/.png files. [default: segment]"))
+    decorators.append(click.option("--qc/--no-qc", "qc", default=True, show_default=True,
+                                   help="Write qc/<slide_id>.jpg (contours, holes, pen, patch grid)."))
+    return _apply(func, decorators)
+
+
+def segmentation_params_from(kw: dict[str, Any]):
+    """Pop the ``seg_*`` values from ``kw`` into a SegmentationParams (UsageError when invalid)."""
+    from mstar_extract.tissue.params import SegmentationParams
+
+    values = {k[4:]: kw.pop(k) for k in list(kw) if k.startswith("seg_")}
+    try:
+        return SegmentationParams(**values)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"segmentation options: {exc}") from None
+
+
+def tiling_params_from(kw: dict[str, Any]):
+    """Pop the resolution/tiling values from ``kw`` into a TilingParams (UsageError when invalid)."""
+    from mstar_extract.tiling import TilingParams
+
+    mag, mpp = kw.pop("magnification", None), kw.pop("target_mpp", None)
+    if mag is not None and mpp is not None:
+        raise UsageError("give --magnification or --mpp, not both")
+    try:
+        return TilingParams(
+            magnification=mag if mag is not None else (None if mpp is not None else 20.0), mpp=mpp,
+            patch_size=kw.pop("patch_size", 256), overlap=kw.pop("overlap", 0), min_tissue=kw.pop("min_tissue"),
+            exact_mpp=kw.pop("exact_mpp", False), snap_tolerance=kw.pop("snap_tolerance", 0.2),
+        )
+    except ValueError as exc:
+        raise UsageError(f"tiling options: {exc}") from None
+
+
+def tile_settings_from(kw: dict[str, Any], debug: bool = False):
+    """Pop everything that :class:`~mstar_extract.pipeline.tile_job.TileSettings` needs from ``kw``."""
+    from mstar_extract.pipeline.tile_job import TileSettings
+
+    seg = segmentation_params_from(kw)
+    tiling = tiling_params_from(kw)
+    return TileSettings(
+        segmentation=seg, tiling=tiling, backend=kw.pop("backend", "auto"), mpp_override=kw.pop("mpp_override", None),
+        tissue_mask=kw.pop("tissue_mask", None), coords_format=kw.pop("coords_format", "trident"),
+        qc=kw.pop("qc", True), debug=debug,
+    )
+
+
+def select_slides(slides: tuple[str, ...], shard: str | None):
+    """Resolve SLIDES (``-`` reads stdin) and take this job's ``--shard`` share (and torchrun rank's part)."""
+    import sys
+
+    from mstar_extract.inputs import resolve_slides
+    from mstar_extract.sharding import parse_shard, work_share
+
+    entries = resolve_slides(list(slides), stdin=sys.stdin if "-" in slides else None)
+    return work_share(entries, parse_shard(shard))

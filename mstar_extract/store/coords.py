@@ -1,0 +1,312 @@
+"""Coordinate files ``coords/<slide_id>.h5`` (design §4): write (TRIDENT or CLAM semantics) and read back
+any of mstar / TRIDENT / CLAM files as an exact :class:`~mstar_extract.tiling.ReadPlan`.
+
+Formats (dataset ``coords``, (N, 2) int64 level-0 top-left ``[x, y]``; attributes on the dataset):
+
+* ``trident`` (default): ``patch_size`` (px at target), ``patch_size_level0``, ``target_magnification``,
+  ``level0_magnification``, ``level0_width``, ``level0_height``, ``overlap``, ``name`` — what TRIDENT writes
+  (its files are called ``<id>_patches.h5``).
+* ``clam``: ``patch_level``, ``patch_size`` (px *at patch_level*), ``downsample`` (x, y), ``level_dim``,
+  ``downsampled_level_dim``, ``name`` — what CLAM's ``create_patches_fp.py`` writes (``patches/<id>.h5``).
+
+Files written by mstar carry, in both formats, the exact read plan as extra ``mstar_*`` attributes
+(``mstar_level``, ``mstar_level_downsample``, ``mstar_read_size``, ``mstar_patch_size``, ``mstar_target_mpp``,
+``mstar_level0_mpp`` ...), and root attributes ``mstar_format`` (``trident``/``clam``), ``slide_id``,
+``slide_path``, ``settings`` (JSON) and ``mstar_extract_version``; a per-patch ``tissue_fraction`` dataset too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mstar_extract.errors import MstarError
+from mstar_extract.store.atomic import atomic_path
+from mstar_extract.tiling import ReadPlan, choose_level
+
+FORMATS = ("trident", "clam")
+
+
+class CoordsFormatError(MstarError):
+    """A coordinates file is not readable as mstar, TRIDENT or CLAM coordinates."""
+
+
+def coords_path(out_dir: str | os.PathLike[str], slide_id: str) -> Path:
+    """``OUT/coords/<slide_id>.h5``."""
+    return Path(out_dir) / "coords" / f"{slide_id}.h5"
+
+
+def _none_nan(v: float | None) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def write_coords(
+    path: str | os.PathLike[str],
+    plan: ReadPlan,
+    slide_id: str,
+    slide_path: str = "",
+    fmt: str = "trident",
+    level_dimensions: tuple[tuple[int, int], ...] | None = None,
+) -> Path:
+    """Write ``plan`` to ``path`` atomically in ``fmt`` (``trident`` or ``clam``); returns the path.
+
+    ``level_dimensions`` (the slide's) gives CLAM's ``level_dim``; without it it is derived from the downsample.
+    """
+    import h5py
+
+    from mstar_extract import __version__
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown coords format {fmt!r}; choose from {', '.join(FORMATS)}")
+    path = Path(path)
+    coords = np.asarray(plan.coords, dtype=np.int64).reshape(-1, 2)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            ds = f.create_dataset("coords", data=coords, maxshape=(None, 2), chunks=(max(1, min(len(coords), 4096)), 2))
+            a = ds.attrs
+            if fmt == "trident":
+                a["patch_size"] = int(plan.patch_size)
+                a["patch_size_level0"] = int(plan.patch_size_level0)
+                a["target_magnification"] = _none_nan(plan.target_magnification)
+                a["level0_magnification"] = _none_nan(plan.level0_magnification)
+                a["level0_width"] = int(plan.level0_width)
+                a["level0_height"] = int(plan.level0_height)
+                a["overlap"] = int(plan.overlap)
+                a["name"] = slide_id
+            else:
+                if level_dimensions is not None and plan.level < len(level_dimensions):
+                    lw, lh = level_dimensions[plan.level]
+                else:
+                    lw = int(round(plan.level0_width / plan.level_downsample))
+                    lh = int(round(plan.level0_height / plan.level_downsample))
+                a["patch_size"] = int(plan.read_size)
+                a["patch_level"] = int(plan.level)
+                a["downsample"] = np.array([plan.level0_width / lw, plan.level0_height / lh], dtype=np.float64)
+                a["level_dim"] = np.array([lw, lh], dtype=np.int64)
+                a["downsampled_level_dim"] = np.array([lw, lh], dtype=np.int64)
+                a["name"] = slide_id
+            a["mstar_level"] = int(plan.level)
+            a["mstar_level_downsample"] = float(plan.level_downsample)
+            a["mstar_read_size"] = int(plan.read_size)
+            a["mstar_patch_size"] = int(plan.patch_size)
+            a["mstar_patch_size_level0"] = int(plan.patch_size_level0)
+            a["mstar_target_mpp"] = float(plan.target_mpp)
+            a["mstar_level0_mpp"] = _none_nan(plan.level0_mpp)
+            a["mstar_overlap"] = int(plan.overlap)
+            if plan.tissue_fraction is not None and len(plan.tissue_fraction) == len(coords):
+                f.create_dataset("tissue_fraction", data=np.asarray(plan.tissue_fraction, np.float32))
+            r = f.attrs
+            r["mstar_format"] = fmt
+            r["slide_id"] = slide_id
+            r["slide_path"] = str(slide_path)
+            r["n_patches"] = int(len(coords))
+            r["level0_width"] = int(plan.level0_width)
+            r["level0_height"] = int(plan.level0_height)
+            r["source"] = plan.source
+            r["settings"] = json.dumps(plan.settings, sort_keys=True, default=str)
+            r["mstar_extract_version"] = __version__
+    return path
+
+
+def is_complete_coords(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a readable coordinates file (files are written atomically: readable = complete)."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            ds = f.get("coords")
+            return ds is not None and ds.ndim == 2 and ds.shape[1] == 2
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def count_coords(path: str | os.PathLike[str]) -> int:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return int(f["coords"].shape[0])
+
+
+def _attr(a: Any, key: str, default: Any = None) -> Any:
+    if key not in a:
+        return default
+    v = a[key]
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray) and v.shape == ():
+        return v.item()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _fnan(v: Any) -> float | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if f != f else f
+
+
+def detect_format(attrs: Any, root_attrs: Any = None) -> str:
+    """``mstar``, ``trident`` or ``clam`` from a ``coords`` dataset's attributes."""
+    if "mstar_read_size" in attrs and "mstar_level" in attrs:
+        return "mstar"
+    if "patch_size_level0" in attrs:
+        return "trident"
+    if "patch_level" in attrs and "patch_size" in attrs:
+        return "clam"
+    raise KeyError("no mstar, TRIDENT (patch_size_level0) or CLAM (patch_level, patch_size) attributes")
+
+
+def read_coords_file(path: str | os.PathLike[str], slide: Any = None) -> ReadPlan:
+    """Read a coordinates file written by mstar, TRIDENT or CLAM as an exact :class:`ReadPlan`.
+
+    The format is detected from the attributes of the ``coords`` dataset. ``slide`` (an open Slide) is needed to
+    choose the read level of TRIDENT files and to fill resolutions that a CLAM file does not store; without it
+    TRIDENT patches are read at level 0. Raises :class:`CoordsFormatError` with a one-line reason.
+    """
+    import h5py
+
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, ValueError) as exc:
+        raise CoordsFormatError(f"{path}: not a readable HDF5 coordinates file ({exc})") from None
+    with f:
+        if "coords" not in f:
+            raise CoordsFormatError(f"{path}: no 'coords' dataset")
+        ds = f["coords"]
+        if ds.ndim != 2 or ds.shape[1] != 2:
+            raise CoordsFormatError(f"{path}: 'coords' must be (N, 2), got {ds.shape}")
+        coords = np.asarray(ds[()], dtype=np.int64).reshape(-1, 2)
+        a = ds.attrs
+        try:
+            fmt = detect_format(a)
+        except KeyError as exc:
+            raise CoordsFormatError(f"{path}: {exc.args[0]}") from None
+        settings: dict = {}
+        raw = _attr(f.attrs, "settings")
+        if raw:
+            try:
+                settings = json.loads(raw)
+            except (TypeError, ValueError):
+                settings = {}
+        tissue_fraction = np.asarray(f["tissue_fraction"][()], np.float32) if "tissue_fraction" in f else None
+        w0 = _attr(a, "level0_width", _attr(f.attrs, "level0_width"))
+        h0 = _attr(a, "level0_height", _attr(f.attrs, "level0_height"))
+        if slide is not None:
+            w0, h0 = slide.dimensions
+        slide_mpp = _slide_mpp(slide)
+        if fmt == "mstar":
+            origin = _attr(f.attrs, "mstar_format", "trident")
+            plan = ReadPlan(
+                coords=coords,
+                level=int(_attr(a, "mstar_level")),
+                level_downsample=float(_attr(a, "mstar_level_downsample")),
+                read_size=int(_attr(a, "mstar_read_size")),
+                patch_size=int(_attr(a, "mstar_patch_size")),
+                patch_size_level0=int(_attr(a, "mstar_patch_size_level0")),
+                target_mpp=float(_attr(a, "mstar_target_mpp")),
+                target_magnification=_fnan(_attr(a, "target_magnification")) or 10.0 / float(_attr(a, "mstar_target_mpp")),
+                level0_mpp=_fnan(_attr(a, "mstar_level0_mpp")),
+                level0_magnification=_fnan(_attr(a, "level0_magnification")),
+                level0_width=int(w0 if w0 is not None else 0),
+                level0_height=int(h0 if h0 is not None else 0),
+                overlap=int(_attr(a, "mstar_overlap", 0)),
+                source="mstar",
+                settings={**settings, "written_as": origin},
+                tissue_fraction=tissue_fraction,
+            )
+            if slide is not None:
+                _check_level(path, plan, slide)
+            return plan
+        if fmt == "trident":
+            ps = int(_attr(a, "patch_size"))
+            ps0 = int(_attr(a, "patch_size_level0"))
+            tmag = _fnan(_attr(a, "target_magnification"))
+            mag0 = _fnan(_attr(a, "level0_magnification"))
+            ds_needed = ps0 / ps
+            if slide is not None:
+                level = choose_level(slide.level_downsamples, ds_needed)
+                level_ds = float(slide.level_downsamples[level])
+            else:
+                level, level_ds = 0, 1.0
+            level0_mpp = slide_mpp if slide_mpp is not None else (10.0 / mag0 if mag0 else None)
+            target_mpp = 10.0 / tmag if tmag else (level0_mpp * ds_needed if level0_mpp else float("nan"))
+            return ReadPlan(
+                coords=coords, level=level, level_downsample=level_ds, read_size=max(1, int(round(ps0 / level_ds))),
+                patch_size=ps, patch_size_level0=ps0, target_mpp=target_mpp, target_magnification=tmag,
+                level0_mpp=level0_mpp, level0_magnification=mag0, level0_width=int(w0 or 0), level0_height=int(h0 or 0),
+                overlap=int(_attr(a, "overlap", 0) or 0), source="trident", settings=settings,
+                tissue_fraction=tissue_fraction,
+            )
+        # CLAM: patch_size pixels at pyramid level patch_level
+        level = int(_attr(a, "patch_level"))
+        ps_level = int(_attr(a, "patch_size"))
+        down = np.atleast_1d(np.asarray(_attr(a, "downsample", 1.0), dtype=np.float64))
+        level_ds = float(down.mean())
+        if slide is not None:
+            if level >= slide.level_count:
+                raise CoordsFormatError(f"{path}: patch_level {level} but the slide has {slide.level_count} level(s)")
+            level_ds = float(slide.level_downsamples[level])
+        ps0 = int(round(ps_level * level_ds))
+        if w0 is None and "level_dim" in a:
+            lw, lh = np.asarray(_attr(a, "level_dim")).ravel()[:2]
+            w0, h0 = int(round(lw * level_ds)), int(round(lh * level_ds))
+        target_mpp = slide_mpp * level_ds if slide_mpp is not None else float("nan")
+        mag0 = _slide_mag(slide)
+        return ReadPlan(
+            coords=coords, level=level, level_downsample=level_ds, read_size=ps_level, patch_size=ps_level,
+            patch_size_level0=ps0, target_mpp=target_mpp,
+            target_magnification=(mag0 / level_ds) if mag0 else None, level0_mpp=slide_mpp,
+            level0_magnification=mag0, level0_width=int(w0 or 0), level0_height=int(h0 or 0), overlap=0,
+            source="clam", settings=settings, tissue_fraction=tissue_fraction,
+        )
+
+
+def _slide_mpp(slide: Any) -> float | None:
+    if slide is None:
+        return None
+    try:
+        return float(slide.mpp)
+    except MstarError:
+        return None
+
+
+def _slide_mag(slide: Any) -> float | None:
+    mpp = _slide_mpp(slide)
+    if mpp is None:
+        return None
+    from mstar_extract.tiling import snap_magnification
+
+    return snap_magnification(10.0 / mpp) or 10.0 / mpp
+
+
+def _check_level(path: Path, plan: ReadPlan, slide: Any) -> None:
+    if plan.level >= slide.level_count:
+        raise CoordsFormatError(f"{path}: read level {plan.level} but the slide has {slide.level_count} level(s)")
+    actual = float(slide.level_downsamples[plan.level])
+    if abs(actual - plan.level_downsample) > 1e-3 * max(1.0, actual):
+        raise CoordsFormatError(
+            f"{path}: level {plan.level} has downsample {actual:g} in the slide but {plan.level_downsample:g} in the file "
+            "(coordinates made for another scan?)"
+        )
+
+
+def find_coords_file(coords_dir: str | os.PathLike[str], slide_id: str) -> Path | None:
+    """The coordinates file of ``slide_id`` under ``coords_dir`` as mstar (``coords/<id>.h5``), CLAM
+    (``patches/<id>.h5``) or TRIDENT (``<id>_patches.h5``, possibly under ``patches/``) lay them out; or None."""
+    d = Path(coords_dir)
+    for sub in ("", "coords", "patches"):
+        for name in (f"{slide_id}.h5", f"{slide_id}_patches.h5"):
+            p = d / sub / name if sub else d / name
+            if p.is_file():
+                return p
+    return None

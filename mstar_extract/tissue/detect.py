@@ -1,0 +1,132 @@
+"""Pixel-level detection on a low-resolution RGB image: tissue candidates, pen ink, dark artefacts.
+
+All functions take the image's resolution (µm/px) so that kernel sizes and areas follow physical units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mstar_extract.tissue.params import SegmentationParams
+
+
+@dataclass
+class PixelMasks:
+    """Boolean masks of one image (same shape) and the thresholds that produced them."""
+
+    candidate: np.ndarray
+    """Stained (or faint) pixels before artefact removal and morphology."""
+    pen: np.ndarray
+    """Ink of any detected colour (not dilated)."""
+    artefact: np.ndarray
+    """Dark slide borders and dark debris (not dilated)."""
+    remove: np.ndarray
+    """pen | artefact, dilated by ``pen_dilate_um``: never tissue."""
+    stats: dict
+
+
+def odd_px(um: float, mpp: float, minimum: int = 1) -> int:
+    """An odd kernel size in pixels for ``um`` micrometres at ``mpp`` (at least ``minimum``)."""
+    px = max(minimum, int(round(um / mpp)))
+    return px if px % 2 == 1 else px + 1
+
+
+def disk(size: int) -> np.ndarray:
+    import cv2
+
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
+def remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
+    """Drop 8-connected components smaller than ``min_px`` pixels."""
+    import cv2
+
+    if min_px <= 1 or not mask.any():
+        return mask
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
+    keep[0] = False
+    return keep[labels]
+
+
+def _hue_in(h: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    return (h >= lo) & (h <= hi)
+
+
+def detect_pixels(rgb: np.ndarray, mpp: float, params: SegmentationParams) -> PixelMasks:
+    """Tissue candidates (saturation with Otsu + floor/cap, plus faint tissue), pen ink and dark artefacts."""
+    import cv2
+
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    k = odd_px(params.median_um, mpp, 3)
+    k = min(k, 255)
+    s_blur = cv2.medianBlur(np.ascontiguousarray(s), k)
+    v_blur = cv2.medianBlur(np.ascontiguousarray(v), k)
+
+    # dark pixels (black ink, slide borders, debris) are never tissue (on the blurred channels: single dark
+    # nuclei at fine resolutions are not ink)
+    s3 = cv2.medianBlur(np.ascontiguousarray(s), 3)
+    v3 = cv2.medianBlur(np.ascontiguousarray(v), 3)
+    dark = (v_blur <= params.dark_max_value) & (s_blur <= params.dark_max_sat)
+
+    # glass background: bright, unsaturated pixels
+    glass = (s_blur < params.sat_min) & ~dark
+    if glass.sum() >= max(64, 0.01 * glass.size):
+        bg_v = float(np.median(v_blur[glass]))
+        bg_s = float(np.median(s_blur[glass]))
+    else:  # (almost) no glass: a slide covered by tissue
+        bg_v, bg_s = 240.0, 5.0
+
+    # Otsu on the non-dark pixels, clipped to [sat_min, sat_max]
+    valid = s_blur[~dark]
+    otsu = float(cv2.threshold(valid.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]) if valid.size else 255.0
+    thr = float(min(max(otsu, params.sat_min), params.sat_max))
+    strong = s_blur >= thr
+    faint_sat = max(float(params.faint_sat_min), bg_s + 3.0)
+    faint = (s_blur >= faint_sat) & (v_blur.astype(np.float32) <= bg_v - params.faint_darkening)
+    candidate = (strong | faint) & ~dark
+
+    # pen ink by colour
+    min_pen_px = params.pen_min_area_um2 / (mpp * mpp)
+    pen = np.zeros(s.shape, bool)
+    colors = params.pen_color_set if params.pen else ()
+    if colors:
+        h3 = cv2.medianBlur(np.ascontiguousarray(h), 3)
+        ink = np.zeros(s.shape, bool)
+        if "blue" in colors:
+            ink |= _hue_in(h3, *params.hue_range("blue")) & (s3 >= params.pen_min_sat)
+        if "green" in colors:
+            ink |= _hue_in(h3, *params.hue_range("green")) & (s3 >= params.pen_min_sat)
+        if "red" in colors:
+            ink |= ((h3 <= 8) | (h3 >= 172)) & (s3 >= params.red_min_sat) & (v3 >= 80)
+        ink = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_OPEN, disk(3)).astype(bool)
+        pen = remove_small(ink, min_pen_px)
+
+    # dark regions: touching the image border -> slide border; large elsewhere -> black ink; small -> debris
+    artefact = np.zeros(s.shape, bool)
+    if dark.any():
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(dark.astype(np.uint8), connectivity=8)
+        x, y, w, hh = (stats[:, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
+        area = stats[:, cv2.CC_STAT_AREA]
+        H, W = s.shape
+        touches = (x == 0) | (y == 0) | (x + w >= W) | (y + hh >= H)
+        black_ink = (~touches) & (area >= min_pen_px)
+        black_ink[0] = False
+        if "black" in colors:
+            pen |= black_ink[labels]
+        art = np.ones(n, bool)
+        art[0] = False
+        if "black" in colors:
+            art &= ~black_ink
+        artefact = art[labels]
+
+    grow = odd_px(2 * params.pen_dilate_um, mpp, 1)
+    remove = pen | artefact
+    if grow > 1 and remove.any():
+        remove = cv2.dilate(remove.astype(np.uint8), disk(grow)).astype(bool)
+    stats = {"otsu": otsu, "sat_threshold": thr, "faint_sat": faint_sat, "background_value": bg_v,
+             "background_sat": bg_s, "median_px": k}
+    return PixelMasks(candidate, pen, artefact, remove, stats)

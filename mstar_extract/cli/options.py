@@ -17,7 +17,6 @@ Every option's help shows its default. Heavy libraries are not imported here.
 
 from __future__ import annotations
 
-import os
 from dataclasses import fields
 from typing import Any, Callable, TypeVar
 
@@ -32,20 +31,6 @@ BACKENDS = ("auto", "openslide", "tiffslide", "image")
 COORDS_FORMATS = ("trident", "clam")
 
 
-def default_workers() -> int:
-    """``MSTAR_WORKERS`` if set, else min(8, CPU count)."""
-    raw = env_default("MSTAR_WORKERS")
-    if raw is not None:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise click.BadParameter(f"MSTAR_WORKERS={raw!r} is not an integer", param_hint="--workers") from None
-        if value < 1:
-            raise click.BadParameter(f"MSTAR_WORKERS={raw!r} must be >= 1", param_hint="--workers")
-        return value
-    return max(1, min(8, os.cpu_count() or 1))
-
-
 def _apply(func: F, decorators: list[Callable[[F], F]]) -> F:
     for d in reversed(decorators):
         func = d(func)
@@ -57,12 +42,15 @@ def slide_input_options(func: F) -> F:
     return _apply(func, [
         click.argument("slides", nargs=-1, required=True, metavar="SLIDES..."),
         click.argument("out", type=click.Path(file_okay=False), metavar="OUT"),
-        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-                     help="Slide reader: auto picks openslide, then tiffslide, for TIFF-based files; image for PNG/JPEG."),
+        click.option("--backend", type=click.Choice(BACKENDS), default=lambda: env_default("MSTAR_BACKEND", "auto"),
+                     show_default="auto, or $MSTAR_BACKEND",
+                     help="Slide reader. auto chooses per file (docs/backends.md): OpenSlide or tiffslide for "
+                          "TIFF-based formats, OpenSlide for the others, the plain-image reader for PNG/JPEG."),
         click.option("--mpp-override", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Level-0 µm/px for slides whose files have no resolution metadata (a list's 'mpp' column sets it per slide and always wins). [default: none]"),
-        click.option("--workers", type=click.IntRange(min=1), default=None,
-                     help="Worker processes. [default: $MSTAR_WORKERS, else min(8, CPU count)]"),
+        click.option("--workers", type=click.IntRange(min=0), default=None,
+                     help="Worker processes (tile: slides segmented in parallel; extract: patch readers, 0 = read in "
+                          "the main process). [default: $MSTAR_WORKERS, else CPUs - 1, at most 16]"),
         click.option("--shard", default=None, metavar="I/N|auto",
                      help="Process only share I of N of the slides (stable hash of the slide id); 'auto' reads the SLURM array variables. [default: all]"),
         click.option("--on-error", type=click.Choice(("skip", "fail")), default="skip", show_default=True,

@@ -8,7 +8,7 @@ import click
 
 from mstar_extract.cli.common import output_options
 from mstar_extract.cli.options import (
-    default_workers, resolution_options, segmentation_options, select_slides, slide_input_options, tile_settings_from,
+    resolution_options, segmentation_options, select_slides, slide_input_options, tile_settings_from,
 )
 
 
@@ -30,10 +30,11 @@ def tile(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
       mstar tile slides/ out/ --magnification 40 --patch-size 224 --min-tissue 0.25
       find /data -name '*.svs' | mstar tile - out/ --jsonl
     """
+    from mstar_extract.envdefaults import default_workers
     from mstar_extract.pipeline.tile_job import run_tile
 
     settings = tile_settings_from(kw, debug=reporter.debug)
     entries = select_slides(slides, kw.pop("shard", None))
-    workers = kw.pop("workers", None) or default_workers()
+    workers = max(1, default_workers(kw.pop("workers", None)))
     return run_tile(entries, out, settings, workers=workers, reporter=reporter, overwrite=kw.pop("overwrite", False),
                     on_error=kw.pop("on_error", "skip"))

@@ -1,15 +1,70 @@
-"""`mstar pretrain` (not implemented yet)."""
+"""`mstar pretrain --stage {1,2}`: a thin layer over ``mstar_extract.pretrain.stage1/stage2``.
+
+Contract with a stage module ``mstar_extract.pretrain.stage<N>``: either its ``main`` takes an ``overrides``
+parameter — ``main(config_path, overrides=..., out=..., resume=..., reporter=..., init=...) -> int`` — and loads
+its own config (stage 2), or it exposes ``CONFIG_CLASS`` (the root config dataclass; ``--out`` sets its
+``run.out_dir``) and ``main(config_object, resume=None, reporter=None) -> int`` (stage 1). A missing stage module is exit 2, "stage N is not implemented yet".
+Run it on several processes with ``torchrun --nproc_per_node=G $(which mstar) pretrain ...``.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
+from typing import Any
 
 import click
 
+from mstar_extract.cli.common import output_options
+from mstar_extract.errors import UsageError
 
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def pretrain(args: tuple[str, ...]) -> None:
-    """Not implemented yet."""
-    click.echo("mstar: error: 'pretrain' is not implemented yet", err=True)
-    sys.exit(2)
+
+def _stage_module(stage: int) -> Any:
+    name = f"mstar_extract.pretrain.stage{stage}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            raise UsageError(f"stage {stage} is not implemented yet") from None
+        raise
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--stage", type=click.Choice(["1", "2"]), required=True, help="1 = slide-level multimodal contrastive; 2 = self-taught patch extractor.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (missing keys take the documented defaults; see docs/pretrain.md).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config value, e.g. --set optim.lr=1e-4 (repeatable).")
+@click.option("--resume", default=None, metavar="auto|PATH", help="Continue from the run's latest checkpoint (auto) or from a checkpoint file.")
+@click.option("--out", "out_dir", default=None, metavar="DIR", help="Run folder (overrides run.out_dir).")
+@click.option("--init", default=None, metavar="mstar|uni|PATH|random", help="Stage 2 only: student initialisation (overrides student.init).")
+@click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
+@output_options()
+def pretrain(stage: str, config_path: str | None, overrides: tuple[str, ...], resume: str | None, out_dir: str | None,
+             init: str | None, print_config: bool, reporter: Any) -> int:
+    """Run mSTAR pretraining stage 1 or 2 from a YAML config.
+
+    \b
+    Examples:
+      mstar pretrain --stage 1 --config examples/pretrain/stage1_tiny.yaml --out runs/tiny
+      mstar pretrain --stage 1 --config stage1.yaml --resume auto
+      torchrun --nproc_per_node=8 $(which mstar) pretrain --stage 1 --config stage1.yaml
+    """
+    from mstar_extract.pretrain.config import dump_yaml, load_config
+
+    module = _stage_module(int(stage))
+    config_class = getattr(module, "CONFIG_CLASS", None)
+    if config_class is None or "overrides" in inspect.signature(module.main).parameters:  # the stage loads its own config
+        if print_config:
+            raise UsageError(f"--print-config is not supported by stage {stage}")
+        return int(module.main(config_path, overrides=list(overrides), out=out_dir, resume=resume, reporter=reporter, init=init) or 0)
+    if init is not None:
+        if stage != "2":
+            raise UsageError(f"--init is not an option of stage {stage}")
+        overrides = (*overrides, f"student.init={init}")
+    cfg = load_config(config_class, config_path, overrides)
+    if out_dir is not None:
+        cfg.run.out_dir = out_dir
+    if print_config:
+        sys.stdout.write(dump_yaml(cfg))
+        return 0
+    return int(module.main(cfg, resume=resume, reporter=reporter) or 0)

@@ -1,0 +1,263 @@
+"""A reusable training loop: AdamW, warm-up + cosine, AMP, clipping, JSONL metrics, progress, checkpoints, resume.
+
+A stage supplies its model(s), a ``step_fn(batch) -> {"loss": tensor, other scalars...}`` that runs the forward
+pass (the loop wraps it in autocast and does backward/clip/step), a ``make_loader(epoch, start_batch)``
+that yields this rank's batches of an epoch (skipping ``start_batch`` done ones), and optionally a
+``val_fn(epoch) -> {name: float}``. The loop owns step counting, the LR schedule, checkpoints every
+``ckpt_every`` steps (atomic, RNG states of every rank), ``train.stop_after_steps`` (per-invocation budget for
+wall-time-limited jobs) and exact resumption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterable
+
+import torch
+from torch import nn
+
+from mstar_extract.console import Reporter
+from mstar_extract.errors import UsageError
+from mstar_extract.pretrain import checkpoint as ckpt
+from mstar_extract.pretrain import dist as D
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Two AdamW groups (decay / no decay: biases, norms, embeddings, 1-d params, temperatures) at ``lr × lr_scale``."""
+    decay, no_decay = [], []
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        low = name.lower()
+        if p.ndim < 2 or "norm" in low or "emb" in low or "cls_token" in low or "log_scale" in low:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay, "lr_scale": lr_scale, "lr": lr * lr_scale})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": lr_scale, "lr": lr * lr_scale})
+    return groups
+
+
+def build_optimizer(groups: list[dict[str, Any]], optim_cfg: Any) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (from :func:`param_groups`) with the ``OptimConfig`` settings."""
+    if not groups:
+        raise UsageError("nothing to train: every parameter is frozen")
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Multiplier 0→1 linearly over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
+
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        span = max(total - warmup, 1)
+        t = min(max(step - warmup, 0) / span, 1.0)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """autocast dtype: auto → bf16 on CUDA, none (fp32) on CPU; fp16 needs CUDA."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise UsageError("train.precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager[Any]:
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl`` (rank 0): one JSON object per line, flushed per line."""
+
+    def __init__(self, path: str | Path, enabled: bool = True) -> None:
+        self.path, self.enabled = Path(path), enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().item())
+    return v
+
+
+class TrainLoop:
+    """Runs epochs of ``step_fn`` with optimisation, logging, validation and checkpoints."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        raw_model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        train_cfg: Any,
+        grad_clip: float,
+        info: D.DistInfo,
+        run_dir: str | Path,
+        reporter: Reporter,
+        config_dict: dict[str, Any],
+        step_fn: Callable[[Any], dict[str, Any]],
+        make_loader: Callable[[int, int], Iterable[Any]],
+        batches_per_epoch: int,
+        val_fn: Callable[[int], dict[str, float]] | None = None,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
+        desc: str = "train",
+    ) -> None:
+        self.model, self.raw_model, self.opt, self.sched = model, raw_model, optimizer, scheduler
+        self.cfg, self.grad_clip, self.info, self.reporter = train_cfg, grad_clip, info, reporter
+        self.run_dir, self.config_dict = Path(run_dir), config_dict
+        self.step_fn, self.make_loader, self.val_fn, self.extra_state = step_fn, make_loader, val_fn, extra_state
+        self.batches_per_epoch, self.desc = batches_per_epoch, desc
+        self.amp_dtype = resolve_precision(train_cfg.precision, info.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=info.is_main)
+        self.state = LoopState()
+        self.total_steps = total_steps(train_cfg, batches_per_epoch)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.raw_model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "batch_in_epoch": self.state.batch_in_epoch,
+            "config": self.config_dict,
+            "extra": self.extra_state() if self.extra_state else {},
+        }
+
+    def save(self) -> Path | None:
+        """Checkpoint now (collective: every rank contributes its RNG state; rank 0 writes)."""
+        rngs = D.all_gather_object(ckpt.rng_state())
+        path = None
+        if self.info.is_main:
+            state = self.state_dict()
+            state["rng"] = rngs
+            path = ckpt.save_checkpoint(ckpt.checkpoint_path(self.run_dir, self.state.step), state)
+            ckpt.prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        D.barrier()
+        return path
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Restore everything from a checkpoint dict (from :func:`checkpoint.load_checkpoint`)."""
+        self.raw_model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.state = LoopState(int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
+        rngs = state.get("rng") or []
+        if len(rngs) == self.info.world_size:
+            ckpt.set_rng_state(rngs[self.info.rank])
+        elif rngs:
+            self.reporter.warn(f"checkpoint was written by {len(rngs)} processes, this run has {self.info.world_size}: random streams restart")
+            ckpt.set_rng_state(rngs[0])
+
+    # ------------------------------------------------------------------ loop
+    def _optimise(self, loss: torch.Tensor) -> float | None:
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        gnorm = None
+        if self.grad_clip and self.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return gnorm
+
+    def run(self) -> LoopState:
+        """Train until ``total_steps`` or this invocation's ``stop_after_steps``; always ends with a checkpoint."""
+        st = self.state
+        budget = getattr(self.cfg, "stop_after_steps", None)
+        stop_at = min(self.total_steps, st.step + budget) if budget else self.total_steps
+        last_saved = st.step
+        t0, s0 = time.monotonic(), st.step
+        ctx = self.reporter.progress(self.total_steps, self.desc, unit="step") if self.info.is_main else nullcontext()
+        with ctx as bar:
+            if bar is not None:
+                bar.update(st.step)
+            while st.step < stop_at and st.epoch < self.cfg.epochs:
+                self.model.train()
+                for batch in self.make_loader(st.epoch, st.batch_in_epoch):
+                    with autocast(self.info.device, self.amp_dtype):
+                        out = self.step_fn(batch)
+                    gnorm = self._optimise(out["loss"])
+                    st.step += 1
+                    st.batch_in_epoch += 1
+                    if st.step == 1 or st.step % max(self.cfg.log_every, 1) == 0 or st.step == stop_at:
+                        rate = (st.step - s0) / max(time.monotonic() - t0, 1e-9)
+                        rec = {"step": st.step, "epoch": st.epoch, "lr": self.opt.param_groups[0]["lr"]}
+                        rec.update({k: _scalar(v) for k, v in out.items()})
+                        rec.update({"grad_norm": gnorm, "steps_per_s": rate})
+                        self.metrics.write(rec)
+                        if self.info.is_main:
+                            self.reporter.event("step", **rec)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(f"loss {_scalar(out['loss']):.4f}")
+                    if st.step % max(self.cfg.ckpt_every, 1) == 0:
+                        self.save()
+                        last_saved = st.step
+                    if st.step >= stop_at:
+                        break
+                if st.batch_in_epoch >= self.batches_per_epoch:
+                    st.epoch += 1
+                    st.batch_in_epoch = 0
+                    if self.val_fn is not None and self.cfg.val_every > 0 and st.epoch % self.cfg.val_every == 0:
+                        self.validate(st.epoch)
+        if st.step != last_saved or st.step == 0:
+            self.save()
+        return st
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        assert self.val_fn is not None
+        self.model.eval()
+        with torch.no_grad(), autocast(self.info.device, self.amp_dtype):
+            res = self.val_fn(epoch)
+        self.model.train()
+        rec = {"event": "val", "step": self.state.step, "epoch": epoch, **{k: _scalar(v) for k, v in res.items()}}
+        self.metrics.write(rec)
+        if self.info.is_main:
+            self.reporter.event("val", **{k: v for k, v in rec.items() if k != "event"})
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in rec.items() if isinstance(v, float))
+            self.reporter.info(f"validation after epoch {epoch}: {shown}")
+        return res
+
+
+def total_steps(train_cfg: Any, batches_per_epoch: int) -> int:
+    """Steps of the whole run: epochs × batches per epoch, capped by ``max_steps``."""
+    n = train_cfg.epochs * batches_per_epoch
+    return min(n, train_cfg.max_steps) if train_cfg.max_steps else n

@@ -1,0 +1,97 @@
+"""Stage-1 training end to end on generated data (real HDF5 bags, a tiny BERT loaded through transformers'
+Auto classes): learning, exports, and exact stop/resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mstar_extract.console import Reporter
+from mstar_extract.pretrain import stage1
+from mstar_extract.pretrain.checkpoint import list_checkpoints
+from mstar_extract.pretrain.config import load_config
+from mstar_extract.pretrain.export import load_teacher, mstar_to_transmil_state
+from mstar_extract.pretrain.stage1_config import Stage1Config
+from mstar_extract.pretrain.toydata import make_toy_dataset, toy_overrides
+
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory):
+    return make_toy_dataset(tmp_path_factory.mktemp("toy"), n_slides=96, n_types=4, feature_dim=DIM, n_genes=24,
+                            patches=(20, 60), val_fraction=0.25, signal=2.0, seed=1)
+
+
+def metrics(run: Path) -> tuple[list[dict], list[dict]]:
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in recs if "event" not in r], [r for r in recs if r.get("event") == "val"]
+
+
+def run(toy, out: Path, *extra: str, resume: str | None = None) -> Path:
+    cfg = load_config(Stage1Config, None, toy_overrides(toy, out, DIM) + list(extra))
+    assert stage1.main(cfg, resume=resume, reporter=Reporter(verbosity=-1)) == 0
+    return out
+
+
+def test_learns_aligned_embeddings(toy, tmp_path: Path) -> None:
+    out = run(toy, tmp_path / "run", "train.epochs=30", "train.val_every=30")
+    steps, vals = metrics(out)
+    first = sum(s["loss"] for s in steps[:5]) / 5
+    last = sum(s["loss"] for s in steps[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    v = vals[-1]
+    # chance level of Recall@k is k / (number of validation pairs)
+    for other in ("report", "gene"):
+        n = v[f"val_n_slide_{other}"]
+        assert n >= 15
+        assert v[f"val_R@1_slide_{other}"] >= 3 / n, v
+        assert v[f"val_R@5_slide_{other}"] >= 2 * 5 / n, v
+    assert v["val_loss"] < vals[0]["val_loss"] if len(vals) > 1 else v["val_loss"] < first
+    # exports: the teacher reproduces the trained aggregator, the mSTAR layout has the same weights
+    teacher = load_teacher(out / "teacher.pt")
+    ck = torch.load(list_checkpoints(out)[-1][1], weights_only=False)
+    agg = {k[len("aggregator."):]: v for k, v in ck["model"].items() if k.startswith("aggregator.")}
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in agg.items())
+    mst = mstar_to_transmil_state(torch.load(out / "aggregator_mstar.pth", weights_only=True))
+    assert mst.keys() == agg.keys() and all(torch.equal(mst[k], agg[k]) for k in agg)
+    assert (out / "config.yaml").is_file()
+    assert load_config(Stage1Config, out / "config.yaml").aggregator.in_dim == DIM
+
+
+def test_stop_and_resume_matches_uninterrupted(toy, tmp_path: Path) -> None:
+    common = ["train.max_steps=4", "train.batch_size=8", "data.max_patches=16"]
+    full, _ = metrics(run(toy, tmp_path / "full", *common))
+    part = tmp_path / "part"
+    run(toy, part, *common, "train.stop_after_steps=2")
+    first, _ = metrics(part)
+    assert [s["step"] for s in first] == [1, 2]
+    assert [c[0] for c in list_checkpoints(part)] == [2]
+    run(toy, part, *common, resume="auto")
+    resumed, _ = metrics(part)
+    assert [s["step"] for s in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full, resumed):
+        assert a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+
+
+def test_resume_refuses_a_different_model(toy, tmp_path: Path) -> None:
+    from mstar_extract.errors import UsageError
+
+    out = run(toy, tmp_path / "r", "train.max_steps=1", "train.batch_size=8")
+    with pytest.raises(UsageError, match="different 'aggregator' config"):
+        run(toy, out, "train.max_steps=2", "train.batch_size=8", "aggregator.dim=16", resume="auto")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_steps(toy, tmp_path: Path) -> None:
+    out = run(toy, tmp_path / "gpu", "train.max_steps=3", "train.batch_size=8", "dist.device=cuda", "train.precision=bf16")
+    steps, _ = metrics(out)
+    assert len(steps) == 3 and all(s["loss"] == s["loss"] for s in steps)
+    run(toy, out, "train.max_steps=4", "train.batch_size=8", "dist.device=cuda", "train.precision=bf16", resume="auto")
+    assert [s["step"] for s in metrics(out)[0]] == [1, 2, 3, 4]

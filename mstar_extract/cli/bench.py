@@ -110,8 +110,11 @@ def _not_yet(name: str) -> click.Command:
     return cmd
 
 
-bench.add_command(_not_yet("model"))
-bench.add_command(_not_yet("extract"))
+# model-only and whole-pipeline throughput live in their own module (issue 4 item 8)
+from mstar_extract.cli.bench_pipeline import extract as _bench_extract, model as _bench_model  # noqa: E402
+
+bench.add_command(_bench_model)
+bench.add_command(_bench_extract)
 
 
 @bench.command("train")

@@ -204,7 +204,8 @@ def run_extract(
     reporter.info(f"model {encoder.name} ({encoder.weights.description}) on {encoder.device}, {encoder.precision}, "
                   f"batch {batch_size}, {settings.workers} reader worker(s)")
     out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
+    # temp files of other hosts' live jobs sharing OUT (cluster file system) are kept until they are older than the lock timeout
+    clean_stale_temps(out, older_than_s=settings.lock_timeout)
     runner = SlideRunner(out, reporter, total=len(entries), command="extract", lock_timeout=settings.lock_timeout)
     feeder = DeviceFeeder(encoder.device)
     pending = iter(entries)
@@ -269,8 +270,8 @@ def run_extract(
                 break
             planned = reading.popleft()
             record(_infer_slide(planned, next(streams), encoder, feeder, out, settings))
-    except KeyboardInterrupt:
-        runner.close()
+    except KeyboardInterrupt as exc:
+        runner.close(interrupted=exc)
         raise
     finally:
         pool.close()

@@ -37,15 +37,19 @@ def _device_main(entries: list[Any], out: str, settings: ExtractSettings, verbos
                  overwrite: bool, on_error: str) -> None:  # pragma: no cover - runs in a child process
     import sys
 
+    from mstar_extract.locks import sigterm_as_interrupt
+
     setup_logging(verbosity)
     reporter = Reporter(verbosity=verbosity, jsonl=jsonl)
     try:
-        code = run_extract(entries, out, settings, reporter, overwrite=overwrite, on_error=on_error)
+        with sigterm_as_interrupt():  # the parent's terminate(): release this process's locks, then exit
+            code = run_extract(entries, out, settings, reporter, overwrite=overwrite, on_error=on_error)
     except MstarError as exc:
         reporter.error(str(exc), exc)
         code = EXIT_FAILED
-    except KeyboardInterrupt:
-        code = 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", None)
+        code = 128 + int(signum) if signum else 130
     sys.exit(code)
 
 
@@ -83,8 +87,9 @@ def launch_extract(entries: Sequence[Any], out: str | os.PathLike[str], settings
         p.start()
         procs.append(p)
     try:
-        for p in procs:
-            p.join()
+        with sigterm_as_interrupt():  # SIGTERM to this parent stops the device processes too
+            for p in procs:
+                p.join()
     except KeyboardInterrupt:
         for p in procs:
             p.terminate()

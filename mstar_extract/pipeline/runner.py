@@ -12,7 +12,8 @@ Used by ``mstar tile`` and ``mstar extract``; the command owns the loop::
 
 JSONL events (stable field names; documented in the README): ``started`` {slide_id, path, command};
 ``done`` / ``skipped`` / ``no_tissue`` / ``failed`` {slide_id, path, status, n_patches, seconds, error, mpp,
-command}; ``summary`` {command, total, counts{done, skipped, no_tissue, failed}, seconds, exit_code, out_dir}.
+command}; ``summary`` {command, total, counts{done, skipped, no_tissue, failed}, seconds, exit_code, out_dir,
+and ``interrupted: true`` after Ctrl-C/SIGTERM}. Full schema: docs/cli-events.md.
 """
 
 from __future__ import annotations
@@ -154,8 +155,12 @@ class SlideRunner:
     def n_failed(self) -> int:
         return self.counts.get("failed", 0)
 
-    def close(self) -> int:
-        """Merge the manifest, emit the "summary" event and one human summary line; return the exit code."""
+    def close(self, interrupted: BaseException | None = None) -> int:
+        """Merge the manifest, emit the "summary" event and one human summary line; return the exit code.
+
+        ``interrupted``: the KeyboardInterrupt (Ctrl-C, or SIGTERM as :class:`mstar_extract.locks.Terminated`)
+        that ends the run early; the summary then carries ``"interrupted": true`` and the exit code the process
+        will have (130, or 128 + the signal number)."""
         if self._closed:
             return EXIT_FAILED if self.n_failed else EXIT_OK
         self._closed = True
@@ -166,10 +171,16 @@ class SlideRunner:
         if self._manifest is not None or self.outcomes:
             self.manifest.merge()
         code = EXIT_FAILED if self.n_failed else EXIT_OK
+        if interrupted is not None:
+            signum = getattr(interrupted, "signum", None)
+            code = 128 + int(signum) if signum else 130
         seconds = time.monotonic() - self._start
+        extra = {"interrupted": True} if interrupted is not None else {}
         self.reporter.event("summary", command=self.command, total=self.total, counts=dict(self.counts),
-                            seconds=round(seconds, 3), exit_code=code, out_dir=str(self.out_dir))
+                            seconds=round(seconds, 3), exit_code=code, out_dir=str(self.out_dir), **extra)
         done = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.counts.items() if v) or "nothing to do"
+        if interrupted is not None:
+            done = (done + ", " if self.counts and any(self.counts.values()) else "") + "interrupted"
         patches = sum(o.n_patches or 0 for o in self.outcomes)
         line = f"{self.command}: {len(self.outcomes)}/{self.total} slides ({done}); {patches} patches; {seconds:.1f} s; manifest: {self.out_dir / 'manifest.csv'}"
         if code:

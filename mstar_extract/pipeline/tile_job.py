@@ -190,19 +190,21 @@ def run_tile(
 ) -> int:
     """Tile ``entries`` into ``out_dir`` with up to ``workers`` processes; returns the exit code (0, or 1 when
     any slide failed). ``on_error="fail"`` stops starting new slides after the first failure."""
+    from mstar_extract.envdefaults import DEFAULT_LOCK_TIMEOUT_S
     from mstar_extract.store.atomic import clean_stale_temps
 
     reporter = reporter or Reporter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
+    clean_stale_temps(out, older_than_s=DEFAULT_LOCK_TIMEOUT_S)  # keep other hosts' live temp files
     runner = SlideRunner(out, reporter, total=len(entries), command="tile")
     n_workers = max(1, min(int(workers), len(entries)))
     stop = False
 
     def ready(entry: Any) -> bool:
         """begin + skip check; True when the slide must be computed."""
-        if not runner.begin(entry):
+        if not runner.begin(entry):  # another live process holds the slide's lock: it is accounted as skipped
+            runner.finish(SlideOutcome.skipped(entry, "taken by another process"))
             return False
         if not overwrite and not getattr(entry, "error", None):
             done = completed_outcome(entry, out)
@@ -226,8 +228,8 @@ def run_tile(
                     record(tile_slide(entry, out, settings))
         else:
             _run_pool(entries, out, settings, n_workers, ready, record, lambda: stop)
-    except KeyboardInterrupt:
-        runner.close()
+    except KeyboardInterrupt as exc:
+        runner.close(interrupted=exc)
         raise
     if stop:
         reporter.warn("stopped after the first failure (--on-error fail)")

@@ -59,7 +59,8 @@ def test_jsonl_events(fixture_slides):
     assert res.exit_code == 1
     events = [json.loads(line) for line in res.stdout.splitlines()]
     assert [e["event"] for e in events] == ["slide", "slide", "summary"]
-    assert events[-1] == {"event": "summary", "n_slides": 2, "n_ok": 1, "n_failed": 1}
+    assert events[-1] == {"event": "summary", "command": "info", "total": 2, "counts": {"ok": 1, "failed": 1},
+                          "exit_code": 1}
     assert {e["slide_id"]: e["error"] for e in events[:2]} == {"empty": "empty file (0 bytes)", "svs20": None}
 
 

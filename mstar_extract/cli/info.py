@@ -126,5 +126,7 @@ def info(slides: tuple[str, ...], as_json: bool, backend: str, mpp_override: flo
             click.echo(human_block(rec) + "\n")
     if as_json and not reporter.jsonl:
         sys.stdout.write(json.dumps(records, indent=2) + "\n")
-    reporter.event("summary", n_slides=len(records), n_ok=len(records) - failed, n_failed=failed)
-    return EXIT_FAILED if failed else EXIT_OK
+    code = EXIT_FAILED if failed else EXIT_OK
+    reporter.event("summary", command="info", total=len(records), counts={"ok": len(records) - failed, "failed": failed},
+                   exit_code=code)
+    return code

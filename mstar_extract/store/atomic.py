@@ -72,11 +72,12 @@ def write_text_atomic(final: str | os.PathLike[str], text: str) -> None:
     write_bytes_atomic(final, text.encode("utf-8"))
 
 
-def clean_stale_temps(folder: str | os.PathLike[str], older_than_s: float = 0.0) -> list[Path]:
+def clean_stale_temps(folder: str | os.PathLike[str], older_than_s: float = 600.0) -> list[Path]:
     """Remove temp files left by killed runs in ``folder`` (recursively).
 
     A temp file of a process that is still alive on this host is kept; one of a dead process on this host,
-    or of another host and older than ``older_than_s`` seconds, is removed. Returns the removed paths.
+    or of another host and not modified for ``older_than_s`` seconds (default 600, the lock timeout: another
+    node may still be writing it), is removed. Returns the removed paths.
     """
     folder = Path(folder)
     if not folder.is_dir():

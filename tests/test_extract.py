@@ -1,0 +1,334 @@
+"""`mstar extract` end to end on real slides, real timm networks and real HDF5 (issue 4 "Done when").
+
+* the reference test: features of a random ViT-L (LayerScale gammas ~0.5, saved as a state dict) from
+  ``mstar extract`` equal an independent openslide + PIL + timm reference, and the comparison can fail;
+* SIGKILL at a random moment, then rerun: every bag complete and valid, finished slides not recomputed;
+* good and broken inputs in one run: one-line reasons, exit 1, no traceback; ``--skip-bad-patches``;
+* no-tissue slides, ``--format both``, ``--dtype float16``, rerun / ``--overwrite``, a bag of other weights;
+* missing weights: exit 2 with one message, nothing written.
+
+Concurrency, shards, torchrun and stdin/JSONL inputs are tested in test_extract_scale.py / test_pipeline_cli.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from mstar_extract.cli import main as cli_main
+from mstar_extract.models.weights import sha256_file
+from mstar_extract.store.bags import read_bag, validate_bag
+from mstar_extract.testing.fixtures import make_svs
+from mstar_extract.testing.scene import Blob, Scene, Stroke
+
+TINY = "timm:vit_tiny_patch16_224"
+TINY_DIM = 192
+FAST = ["--model", TINY, "--weights", "random", "--device", "cpu", "--workers", "1", "--batch-size", "4", "--no-qc"]
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def cli(*args: str) -> Result:
+    """``mstar ARGS`` in this process (torch is already imported; reader workers are real processes)."""
+    return CliRunner().invoke(cli_main, list(args), catch_exceptions=False)
+
+
+def run_mstar(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``mstar ARGS`` as a real subprocess (real exit code, real stderr)."""
+    e = {**os.environ, "MSTAR_PROGRESS_INTERVAL": "3600", **(env or {})}
+    return subprocess.run(["mstar", *args], capture_output=True, text=True, env=e, timeout=timeout)
+
+
+def manifest(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "manifest.csv", newline="") as fh:
+        return {r["slide_id"]: r for r in csv.DictReader(fh)}
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def final_status(evts: list[dict]) -> dict[str, str]:
+    """slide_id -> the status of its final event (done/skipped/no_tissue/failed)."""
+    return {e["slide_id"]: e["event"] for e in evts if e.get("event") in ("done", "skipped", "no_tissue", "failed")}
+
+
+def temp_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("mstar: error:")]
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def reference_scene() -> Scene:
+    """Three visibly different tissue islands (normal with a hole, pale, darker with a pen stroke), placed so
+    that ``--min-tissue 0.7`` keeps exactly one 20x patch in each: three patches for the ViT-L to embed."""
+    blobs = (Blob(150, 160, 125, ((3, 0.06, 0.3),)), Blob(450, 160, 125, ((2, 0.06, 1.0),), pale=True),
+             Blob(750, 160, 125, ((5, 0.05, 2.0),), tint=0.9))
+    return Scene(900.0, 320.0, blobs, (Blob(170, 130, 28),), (Stroke(((650, 60), (850, 260)), 14.0, "blue"),), seed=5)
+
+
+def reference_input(osr, x: int, y: int, size0: int) -> torch.Tensor:
+    """The naive reference of one patch: openslide ``read_region`` of the level-0 footprint, PIL's bilinear
+    resize to 224 (antialiased when reducing), [0, 1], ImageNet mean/std — as torchvision's
+    ``Resize(224) + ToTensor() + Normalize`` would do it, written out."""
+    from PIL import Image
+
+    img = osr.read_region((int(x), int(y)), 0, (size0, size0)).convert("RGB").resize((224, 224), Image.BILINEAR)
+    arr = (np.asarray(img, dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+@pytest.mark.slow
+def test_vit_large_features_match_an_independent_reference(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    import openslide
+    import timm
+
+    slide = make_svs(tmp_path / "ref.svs", reference_scene(), mpp=0.25, magnification=40, levels=(1, 4),
+                     associated=False)
+    torch.manual_seed(0)
+    net = timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16,
+                            init_values=1e-5, num_classes=0, dynamic_img_size=True).eval()
+    with torch.no_grad():  # timm's LayerScale init (1e-5) makes every output almost the same: use ~0.5
+        for blk in net.blocks:
+            blk.ls1.gamma.copy_(0.5 + 0.02 * torch.randn_like(blk.ls1.gamma))
+            blk.ls2.gamma.copy_(0.5 + 0.02 * torch.randn_like(blk.ls2.gamma))
+    weights = tmp_path / "vitl_random.pth"
+    torch.save(net.state_dict(), weights)
+    request.addfinalizer(lambda: weights.unlink(missing_ok=True))  # 1.2 GB: do not keep it in pytest's tmp dirs
+
+    opts = ["--min-tissue", "0.7", "--no-qc"]
+    out = tmp_path / "out"
+    r = cli("extract", str(slide), str(out), "--weights", str(weights), "--device", "cpu", "--precision", "fp32",
+            "--workers", "1", "--batch-size", "4", *opts)
+    assert r.exit_code == 0, r.output
+    bag_path = out / "features" / "ref.h5"
+    assert validate_bag(bag_path, {"model": "mstar", "feature_dim": 1024, "precision": "fp32",
+                                   "weights_sha256": sha256_file(weights)}) is None
+    bag = read_bag(bag_path)
+    assert bag.features.dtype == np.float32 and bag.features.shape == (3, 1024)
+
+    # coords equal those of `mstar tile` with the same options
+    tiled = tmp_path / "tiled"
+    r = cli("tile", str(slide), str(tiled), "--workers", "1", *opts)
+    assert r.exit_code == 0, r.output
+    with h5py.File(tiled / "coords" / "ref.h5", "r") as f:
+        np.testing.assert_array_equal(bag.coords, f["coords"][()])
+
+    size0 = int(bag.attrs["patch_size_level0"])
+    assert size0 == 512  # 20x patch of 256 px on a 40x scan
+    osr = openslide.OpenSlide(str(slide))
+    inputs = [reference_input(osr, x, y, size0) for x, y in bag.coords]
+    # the patch with the most tissue (darkest) is also read 16 level-0 px to the right
+    darkest = int(np.argmin([float(t.mean()) for t in inputs]))
+    x0, y0 = bag.coords[darkest]
+    inputs.append(reference_input(osr, x0 + 16, y0, size0))
+    with torch.inference_mode():
+        ref = net(torch.stack(inputs)).numpy()
+
+    got = bag.features
+    per_patch = [cosine(got[i], ref[i]) for i in range(len(got))]
+    print(f"ViT-L vs reference: per-patch cosine {np.round(per_patch, 6).tolist()}")  # shown with pytest -s
+    assert min(per_patch) >= 0.9995, per_patch
+    # different patches give clearly different features (so the 0.9995 above means something) ...
+    pairs = [cosine(got[i], got[j]) for i in range(len(got)) for j in range(i + 1, len(got))]
+    assert max(pairs) < 0.98, pairs
+    # ... and the comparison can fail: a patch read 16 px off scores lower, and below the threshold
+    shifted = cosine(got[darkest], ref[-1])
+    print(f"between patches {np.round(pairs, 4).tolist()}; 16 px off {shifted:.5f} vs {per_patch[darkest]:.6f}")
+    assert shifted < per_patch[darkest] and shifted < 0.9995, (shifted, per_patch[darkest])
+
+
+# ------------------------------------------------------------------------------------------------ SIGKILL
+@pytest.fixture(scope="module")
+def four_slides(fixture_slides, tmp_path_factory) -> Path:
+    """Four small slides (the 20x fixture under four names, 9 patches each)."""
+    root = tmp_path_factory.mktemp("four")
+    for name in ("a", "b", "c", "d"):
+        shutil.copy(fixture_slides["svs20"].path, root / f"{name}.svs")
+    return root
+
+
+def test_sigkill_at_a_random_moment_then_rerun(four_slides: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    args = ["extract", str(four_slides), str(out), *FAST, "--batch-size", "2"]
+    env = {**os.environ, "MSTAR_PROGRESS_INTERVAL": "3600"}
+    proc = subprocess.Popen(["mstar", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((out / "features").glob("*.h5")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        still_running = proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()  # type: ignore[union-attr]
+        try:  # reader workers of the killed run exit on their own; make sure none outlives the test
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert still_running, f"the run ended before it could be killed (seed {seed}); the test proved nothing"
+
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "features").glob("*.h5")}
+    assert before, f"no bag before the kill (seed {seed})"
+    for name in before:  # whatever carries a final name is complete (written to a temp name, then renamed)
+        assert validate_bag(out / "features" / name) is None, name
+
+    r = cli(*args, "--jsonl")  # the rerun (in this process: no second torch start-up)
+    assert r.exit_code == 0, r.output
+    status = final_status(events(r.stdout))
+    for sid in "abcd":
+        bag = out / "features" / f"{sid}.h5"
+        assert validate_bag(bag, {"model": TINY, "feature_dim": TINY_DIM, "n_patches": 9}) is None, (sid, seed)
+        if bag.name in before:  # finished before the kill: not computed again
+            assert status[sid] == "skipped", (sid, status, seed)
+            assert (bag.stat().st_ino, bag.stat().st_mtime_ns) == before[bag.name], (sid, seed)
+        else:
+            assert status[sid] == "done", (sid, status, seed)
+    assert temp_files(out) == [], seed
+    assert not list(out.glob(".locks/*.lock")), "a lock was left behind"
+    assert {k: v["status"] for k, v in manifest(out).items()} == {s: "done" for s in "abcd"}
+
+
+# ------------------------------------------------------------------------------------------------ broken input
+def test_good_and_broken_inputs(fixture_slides, tmp_path: Path) -> None:
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("svs20", "broken_empty", "broken_text", "broken_truncated", "broken_corrupt_tile"):
+        shutil.copy(fixture_slides[name].path, folder / fixture_slides[name].path.name)
+    listing = tmp_path / "more.csv"
+    listing.write_text(f"path,slide_id\n{tmp_path / 'nowhere' / 'missing.svs'},missing\n")
+    out = tmp_path / "out"
+    r = run_mstar("extract", str(folder), str(listing), str(out), *FAST, "--mpp-override", "0.5")
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    rows = manifest(out)
+    bad = ("empty", "text", "truncated", "corrupt_tile", "missing")
+    assert {k: v["status"] for k, v in rows.items()} == {"svs20": "done", **{b: "failed" for b in bad}}
+    assert validate_bag(out / "features" / "svs20.h5", {"n_patches": int(rows["svs20"]["n_patches"])}) is None
+    for sid in bad:
+        reason = rows[sid]["error"]
+        assert reason and "\n" not in reason and len(reason) < 400, (sid, reason)
+        assert not (out / "features" / f"{sid}.h5").exists()
+        path = rows[sid]["path"]
+        lines = [ln for ln in error_lines(r.stderr) if path in ln]
+        assert len(lines) == 1, (sid, r.stderr)  # one line on stderr per failed slide, naming the file
+        assert reason in lines[0]
+    assert "not found" in rows["missing"]["error"]
+    # the corrupt tile's reason names a patch coordinate on that tile
+    tx, ty, tw, th = fixture_slides["broken_corrupt_tile"].extra["corrupt_tile"]
+    m = re.search(r"\(x=(\d+), y=(\d+)\)", rows["corrupt_tile"]["error"])
+    assert m, rows["corrupt_tile"]["error"]
+    px, py = int(m.group(1)), int(m.group(2))
+    assert px < tx + tw and tx < px + 256 and py < ty + th and ty < py + 256
+    assert temp_files(out) == []
+
+    # --skip-bad-patches: the slide is done without the patch, and the manifest counts it
+    out2 = tmp_path / "skip"
+    r = cli("extract", str(folder / "corrupt_tile.tiff"), str(out2), *FAST, "--mpp-override", "0.5", "--skip-bad-patches")
+    assert r.exit_code == 0, r.output
+    row = manifest(out2)["corrupt_tile"]
+    assert row["status"] == "done" and int(row["n_bad_patches"]) >= 1
+    bag = read_bag(out2 / "features" / "corrupt_tile.h5")
+    assert len(bag) == int(row["n_patches"]) > 0
+    assert not ((bag.coords[:, 0] == px) & (bag.coords[:, 1] == py)).any()  # the bad patch is not in the bag
+    assert bag.attrs["n_bad_patches"] == int(row["n_bad_patches"])
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def test_no_tissue_formats_dtype_rerun_overwrite_and_foreign_bags(fixture_slides, tmp_path: Path) -> None:
+    good, glass = str(fixture_slides["svs20"].path), str(fixture_slides["glass_only"].path)
+    out = tmp_path / "out"
+    r = cli("extract", good, glass, str(out), *FAST, "--format", "both")
+    assert r.exit_code == 0, r.output
+    rows = manifest(out)
+    assert rows["glass_only"]["status"] == "no_tissue" and rows["glass_only"]["n_patches"] == "0"
+    assert rows["svs20"]["status"] == "done" and int(rows["svs20"]["n_patches"]) == 9
+    empty = out / "features" / "glass_only.h5"
+    assert validate_bag(empty, {"n_patches": 0, "feature_dim": TINY_DIM}) is None
+    assert read_bag(empty).features.shape == (0, TINY_DIM)
+    bag = read_bag(out / "features" / "svs20.h5")
+    assert bag.features.dtype == np.float32 and bag.features.shape == (9, TINY_DIM)
+    assert bag.attrs["model"] == TINY and bag.attrs["weights_sha256"] == "random"
+    assert np.isfinite(bag.features).all() and np.abs(bag.features).sum() > 0
+    for sid, n in (("svs20", 9), ("glass_only", 0)):
+        t = torch.load(out / "pt_files" / f"{sid}.pt", weights_only=True)
+        assert t.dtype == torch.float32 and tuple(t.shape) == (n, TINY_DIM)
+    np.testing.assert_array_equal(torch.load(out / "pt_files" / "svs20.pt", weights_only=True).numpy(), bag.features)
+    with h5py.File(out / "coords" / "svs20.h5", "r") as f:  # the coordinates file of the same run
+        np.testing.assert_array_equal(f["coords"][()], bag.coords)
+
+    def stamp(sid: str) -> tuple[int, int]:
+        st = (out / "features" / f"{sid}.h5").stat()
+        return st.st_ino, st.st_mtime_ns
+
+    first = {sid: stamp(sid) for sid in ("svs20", "glass_only")}
+    r = cli("extract", good, glass, str(out), *FAST, "--format", "both", "--jsonl")
+    assert r.exit_code == 0, r.output
+    assert final_status(events(r.stdout)) == {"svs20": "skipped", "glass_only": "skipped"}
+    assert {sid: stamp(sid) for sid in first} == first
+
+    r = cli("extract", good, str(out), *FAST, "--overwrite", "--dtype", "float16", "--jsonl")
+    assert r.exit_code == 0, r.output
+    assert final_status(events(r.stdout)) == {"svs20": "done"}
+    assert stamp("svs20") != first["svs20"]
+    assert validate_bag(out / "features" / "svs20.h5", {"dtype": "float16", "n_patches": 9}) is None
+
+    # a bag of other weights in the way: failed with a clear reason, the bag untouched
+    from mstar_extract.models.registry import get_spec
+
+    torch.manual_seed(1)
+    other = tmp_path / "tiny.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(get_spec(TINY).build().state_dict(), str(other))
+    before = stamp("svs20")
+    args = [a if a != "random" else str(other) for a in FAST]
+    r = cli("extract", good, str(out), *args)
+    assert r.exit_code == 1, r.output
+    reason = manifest(out)["svs20"]["error"]
+    assert "another model or weights" in reason and "--overwrite" in reason, reason
+    assert stamp("svs20") == before
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def test_missing_weights_stop_before_any_work(fixture_slides, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MSTAR_WEIGHTS")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), MSTAR_CACHE=str(tmp_path / "cache"),
+               MSTAR_PROGRESS_INTERVAL="3600")
+    out = tmp_path / "out"
+    r = subprocess.run(["mstar", "extract", str(fixture_slides["svs20"].path), str(out), "--device", "cpu"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    errs = error_lines(r.stderr)
+    assert len(errs) == 1, r.stderr
+    assert ("HF_TOKEN" in errs[0] or "login" in errs[0]) and "--weights PATH" in errs[0], errs[0]
+    assert not (out / "features").exists() or not any((out / "features").iterdir())

@@ -317,6 +317,16 @@ def test_no_tissue_formats_dtype_rerun_overwrite_and_foreign_bags(fixture_slides
     assert "another model or weights" in reason and "--overwrite" in reason, reason
     assert stamp("svs20") == before
 
+    # a bag of the same weights but other tiling or storage settings: also failed, never silently mixed
+    for extra, word in ((["--dtype", "float16", "--patch-size", "224"], "patch_size"),
+                        (["--dtype", "float16", "--magnification", "10"], "target_mpp"),
+                        (["--dtype", "float32"], "float16")):
+        r = cli("extract", good, str(out), *FAST, *extra)
+        assert r.exit_code == 1, r.output
+        reason = manifest(out)["svs20"]["error"]
+        assert "other settings" in reason and word in reason, reason
+        assert stamp("svs20") == before
+
 
 # ------------------------------------------------------------------------------------------------ weights
 def test_missing_weights_stop_before_any_work(fixture_slides, tmp_path: Path) -> None:

@@ -89,6 +89,10 @@ def check_complete(entry: Any, out_dir: Path, settings: ExtractSettings, encoder
     if problem is not None:
         return SlideOutcome.failed(entry, f"{paths['bag']} exists from another model or weights ({problem}); "
                                           "use --overwrite or another OUT")
+    problem = validate_bag(paths["bag"], expected_settings(settings))
+    if problem is not None:
+        return SlideOutcome.failed(entry, f"{paths['bag']} exists with other settings ({problem}); "
+                                          "use --overwrite or another OUT")
     if wants_pt(settings) and not paths["pt"].exists():
         return None
     import h5py
@@ -96,6 +100,17 @@ def check_complete(entry: Any, out_dir: Path, settings: ExtractSettings, encoder
     with h5py.File(paths["bag"], "r") as f:
         n = int(f["features"].shape[0])
     return SlideOutcome.skipped(entry, "", n_patches=n, extra={"bag": str(paths["bag"])})
+
+
+def expected_settings(settings: ExtractSettings) -> dict[str, Any]:
+    """Bag attributes that a complete bag must share with this run's options to count as done (so one OUT never
+    silently mixes patch sizes, resolutions or stored dtypes). Coordinates from ``--coords-dir`` bring their own
+    geometry, so only the dtype is compared then."""
+    expect: dict[str, Any] = {"dtype": settings.dtype}
+    if not settings.coords_dir:
+        tiling = settings.tile.tiling
+        expect.update(patch_size=tiling.patch_size, overlap=tiling.overlap, target_mpp=tiling.target()[0])
+    return expect
 
 
 # ------------------------------------------------------------------------------------------------- planning

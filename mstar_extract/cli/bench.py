@@ -1,23 +1,18 @@
 """`mstar bench {read,model,extract}`: throughput in patches/s on this machine (design §3, issue 4 item 8).
 
 ``read`` times the reader alone: every model-ready 224-px uint8 patch of the given slides, tiled with the
-default options (or coordinates from ``--coords-dir``). ``model`` and ``extract`` are filled by the model and
-pipeline work.
+default options (or coordinates from ``--coords-dir``); ``model`` and ``extract`` (cli/bench_pipeline.py) the
+model alone and the whole pipeline; ``train`` the stage-2 training step.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any
 
 import click
 
-from mstar_extract.cli.common import env_default, output_options
-from mstar_extract.cli.options import resolution_options, segmentation_options, tile_settings_from
-
-BACKEND_CHOICES = ("auto", "openslide", "tiffslide", "image")
-
+from mstar_extract.cli.common import emit_result, env_default, output_options
+from mstar_extract.cli.options import BACKENDS, resolution_options, segmentation_options, tile_settings_from
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def bench() -> None:
@@ -66,7 +61,7 @@ def _plan_jobs(slides: tuple[str, ...], coords_dir: str | None, settings: Any, r
 @click.option("--dct/--no-dct", "dct", default=True, show_default=True,
               help="Decode JPEG tiles at reduced size when the patch is downscaled >= 2x (see docs/reader.md).")
 @click.option("--input-size", type=click.IntRange(min=1), default=224, show_default=True, help="Model input px.")
-@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default=lambda: env_default("MSTAR_BACKEND", "auto"),
+@click.option("--backend", type=click.Choice(BACKENDS), default=lambda: env_default("MSTAR_BACKEND", "auto"),
               show_default="auto, or $MSTAR_BACKEND")
 @click.option("--mpp-override", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MPP")
 @resolution_options
@@ -87,27 +82,11 @@ def read(slides: tuple[str, ...], coords_dir: str | None, workers: int, batch_si
     for row in res.slides:
         if row["error"]:
             reporter.error(row["error"])
-    doc = res.to_dict()
-    if reporter.jsonl:
-        reporter.event("bench", **doc)
-    elif as_json:
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-    else:
-        click.echo(f"read: {res.patches_per_s:.1f} patches/s ({res.n_patches} patches of {input_size} px in "
-                   f"{res.seconds:.2f} s; method {res.method}, workers {res.workers}, batch {res.batch_size}, "
-                   f"{len(res.slides)} slides; worker start-up {res.startup_seconds:.2f} s not counted)")
+    emit_result(res.to_dict(), as_json, reporter,
+                f"read: {res.patches_per_s:.1f} patches/s ({res.n_patches} patches of {input_size} px in "
+                f"{res.seconds:.2f} s; method {res.method}, workers {res.workers}, batch {res.batch_size}, "
+                f"{len(res.slides)} slides; worker start-up {res.startup_seconds:.2f} s not counted)")
     return EXIT_FAILED if failed else EXIT_OK
-
-
-def _not_yet(name: str) -> click.Command:
-    @click.command(name, context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def cmd(args: tuple[str, ...]) -> None:
-        click.echo(f"mstar: error: 'bench {name}' is not implemented yet", err=True)
-        sys.exit(2)
-
-    cmd.help = f"Not implemented yet ({name} throughput)."
-    return cmd
 
 
 # model-only and whole-pipeline throughput live in their own module (issue 4 item 8)
@@ -143,13 +122,8 @@ def train(model: str, batch_size: int | None, steps: int | None, warmup: int, de
     res = bench_train(model=model, batch_size=batch_size or (64 if cuda else 4), steps=steps or (20 if cuda else 2),
                       warmup=warmup if cuda else min(warmup, 1), device=device, precision=precision,
                       grad_checkpointing=grad_checkpointing, ema_weight=ema_weight)
-    doc = res.to_dict()
-    if reporter.jsonl:
-        reporter.event("bench", **doc)
-    elif as_json:
-        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
-    else:
-        mem = f", peak {res.peak_memory_gb:.1f} GiB" if res.peak_memory_gb is not None else ""
-        click.echo(f"train (stage 2): {res.patches_per_s:.1f} patches/s ({res.model}, batch {res.batch_size}, "
-                   f"{res.precision} on {res.device}, {res.steps} steps in {res.seconds:.2f} s{mem})")
+    mem = f", peak {res.peak_memory_gb:.1f} GiB" if res.peak_memory_gb is not None else ""
+    emit_result(res.to_dict(), as_json, reporter,
+                f"train (stage 2): {res.patches_per_s:.1f} patches/s ({res.model}, batch {res.batch_size}, "
+                f"{res.precision} on {res.device}, {res.steps} steps in {res.seconds:.2f} s{mem})")
     return 0

@@ -13,50 +13,20 @@ hub access is needed (a warning says the weights are random). Give ``--weights P
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any
 
 import click
 
-from mstar_extract.cli.common import output_options
+from mstar_extract.cli.common import emit_result, env_default, output_options
+from mstar_extract.cli.options import BACKENDS, model_options
 
-BACKEND_CHOICES = ("auto", "openslide", "tiffslide", "image")
-
-
-def _model_options(func: Any) -> Any:
-    """--model, --weights, --device, --batch-size, --precision, --compile shared by ``model`` and ``extract``."""
-    decorators = [
-        click.option("--model", default="mstar", show_default=True, metavar="NAME",
-                     help="Encoder: mstar (ViT-L/16), uni, or timm:<name>."),
-        click.option("--weights", default="random", show_default=True, metavar="random|hf|PATH",
-                     help="Weights to load; throughput does not depend on their values, so random needs no download."),
-        click.option("--device", default=None, metavar="auto|cuda|cuda:N|cpu",
-                     help="Where the model runs. [default: $MSTAR_DEVICE, else auto]"),
-        click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                     help="Patches per forward pass. [default: 256 on GPU, 32 on CPU]"),
-        click.option("--precision", type=click.Choice(("bf16", "fp16", "fp32")), default=None,
-                     help="Autocast precision. [default: bf16 on GPU, fp32 on CPU]"),
-        click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the model."),
-        click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout."),
-    ]
-    for d in reversed(decorators):
-        func = d(func)
-    return func
-
-
-def _emit(doc: dict[str, Any], as_json: bool, reporter: Any, line: str) -> None:
-    """One JSON object (--json), one ``bench`` event (--jsonl), or one human line."""
-    if reporter.jsonl:
-        reporter.event("bench", **doc)
-    elif as_json:
-        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
-    else:
-        click.echo(line)
+_WEIGHTS_HELP = "Weights to load; throughput does not depend on their values, so random needs no download."
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 
 
 @click.command("model", context_settings={"help_option_names": ["-h", "--help"]})
-@_model_options
+@model_options("random", _WEIGHTS_HELP)
+@_JSON
 @click.option("--seconds", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
               help="Timed duration (after warm-up).")
 @click.option("--iters", type=click.IntRange(min=1), default=None,
@@ -86,7 +56,7 @@ def model(model: str, weights: str, device: str | None, batch_size: int | None, 
     res = benchmark_model(enc, batch_size=bs, seconds=None if iters else seconds, iters=iters, warmup=warmup,
                           input_px=input_px)
     doc = {"benchmark": "model", **res, "workers": 0, "weights": enc.weights.description}
-    _emit(doc, as_json, reporter,
+    emit_result(doc, as_json, reporter,
           f"model: {res['patches_per_s']:.1f} patches/s ({enc.name}, {res['device_name']}, {res['precision']}, "
           f"batch {bs}, {res['input_px']} px input, {res['iters']} batches in {res['seconds']:.2f} s"
           f"{', compiled' if compile else ''}; warm-up {res['warmup_seconds']:.2f} s not counted)")
@@ -95,7 +65,8 @@ def model(model: str, weights: str, device: str | None, batch_size: int | None, 
 
 @click.command("extract", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("slides", nargs=-1, required=True)
-@_model_options
+@model_options("random", _WEIGHTS_HELP)
+@_JSON
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Write the outputs here and keep them. [default: a temporary folder, deleted afterwards]")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
@@ -104,7 +75,8 @@ def model(model: str, weights: str, device: str | None, batch_size: int | None, 
               help="Target magnification. [default: 20]")
 @click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, help="Target µm/px (instead of --magnification).")
 @click.option("--patch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Patch px at the target.")
-@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default=lambda: env_default("MSTAR_BACKEND", "auto"),
+              show_default="auto, or $MSTAR_BACKEND")
 @click.option("--mpp-override", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MPP",
               help="Level-0 µm/px for slides without resolution metadata.")
 @click.option("--coords-dir", type=click.Path(exists=True, file_okay=False), default=None,
@@ -140,7 +112,7 @@ def extract(slides: tuple[str, ...], model: str, weights: str, device: str | Non
         res = bench_extract(entries, settings, reporter, out=out)
     except WeightsError as exc:
         raise UsageError(str(exc)) from exc
-    _emit(res, as_json, reporter,
+    emit_result(res, as_json, reporter,
           f"extract: {res['patches_per_s']:.1f} patches/s ({res['n_patches']} patches of {res['n_slides']} slide(s) in "
           f"{res['seconds']:.2f} s; {res['model']} on {res['device_name']}, {res['precision']}, batch {res['batch_size']}, "
           f"{res['workers']} reader worker(s); model load {res['model_load_seconds']:.2f} s not counted)")

@@ -90,3 +90,15 @@ def env_default(name: str, fallback: Any = None) -> Any:
     """Value of environment variable ``name`` (an empty string counts as unset), else ``fallback``."""
     value = os.environ.get(name)
     return value if value not in (None, "") else fallback
+
+
+def emit_result(doc: dict[str, Any], as_json: bool, reporter: Reporter, line: str, event: str = "bench") -> None:
+    """Print a command's one result: a JSONL event (``--jsonl``), one JSON document (``--json``), or ``line``."""
+    import json
+
+    if reporter.jsonl:
+        reporter.event(event, **doc)
+    elif as_json:
+        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    else:
+        click.echo(line)

@@ -8,28 +8,16 @@ import click
 
 from mstar_extract.cli.common import output_options
 from mstar_extract.cli.options import (
-    resolution_options, segmentation_options, select_slides, slide_input_options, tile_settings_from,
+    model_options, resolution_options, segmentation_options, select_slides, slide_input_options, tile_settings_from,
 )
 
 
 def extract_options(func: Any) -> Any:
     """The model, weights, device and storage options of ``extract`` (also used by ``bench extract``)."""
     decorators = [
-        click.option("--model", default="mstar", show_default=True, metavar="NAME",
-                     help="Encoder: mstar (ViT-L/16, 1024-d), uni (MahmoodLab/UNI), or timm:<name> for any timm model."),
-        click.option("--weights", default=None, metavar="hf|random|PATH",
-                     help="hf: the Hugging Face hub (gated; HF_TOKEN or a saved login; cached); PATH: a local "
-                          ".pth/.bin/.safetensors state dict; random: random weights, smoke tests only. "
-                          "[default: $MSTAR_WEIGHTS, else hf]"),
-        click.option("--device", default=None, metavar="auto|cuda|cuda:N|cpu",
-                     help="Where the model runs. [default: $MSTAR_DEVICE, else auto = cuda if available]"),
+        model_options(),
         click.option("--devices", default=None, metavar="0,1,...",
                      help="Several GPUs on this node: one extraction process per GPU, each with its own readers. [default: one process]"),
-        click.option("--batch-size", type=click.IntRange(min=1), default=None,
-                     help="Patches per forward pass. [default: 256 on GPU, 32 on CPU]"),
-        click.option("--precision", type=click.Choice(("bf16", "fp16", "fp32")), default=None,
-                     help="Autocast precision of the model. [default: bf16 on GPU, fp32 on CPU]"),
-        click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the model."),
         click.option("--dtype", type=click.Choice(("float32", "float16")), default="float32", show_default=True,
                      help="dtype of the stored features."),
         click.option("--format", "fmt", type=click.Choice(("h5", "pt", "both")), default="h5", show_default=True,

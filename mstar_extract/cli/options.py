@@ -157,3 +157,27 @@ def select_slides(slides: tuple[str, ...], shard: str | None):
 
     entries = resolve_slides(list(slides), stdin=sys.stdin if "-" in slides else None)
     return work_share(entries, parse_shard(shard))
+
+
+def model_options(weights_default: str | None = None, weights_help: str | None = None) -> Callable[[F], F]:
+    """--model, --weights, --device, --batch-size, --precision, --compile/--no-compile (extract and bench)."""
+    weights_help = weights_help or (
+        "hf: the Hugging Face hub (gated; HF_TOKEN or a saved login; cached); PATH: a local .pth/.bin/.safetensors "
+        "state dict; random: random weights, smoke tests only. [default: $MSTAR_WEIGHTS, else hf]")
+
+    def decorate(func: F) -> F:
+        return _apply(func, [
+            click.option("--model", default="mstar", show_default=True, metavar="NAME",
+                         help="Encoder: mstar (ViT-L/16, 1024-d), uni (MahmoodLab/UNI), or timm:<name> for any timm model."),
+            click.option("--weights", default=weights_default, show_default=weights_default is not None,
+                         metavar="hf|random|PATH", help=weights_help),
+            click.option("--device", default=None, metavar="auto|cuda|cuda:N|cpu",
+                         help="Where the model runs. [default: $MSTAR_DEVICE, else auto = cuda if available]"),
+            click.option("--batch-size", type=click.IntRange(min=1), default=None,
+                         help="Patches per forward pass. [default: 256 on GPU, 32 on CPU]"),
+            click.option("--precision", type=click.Choice(("bf16", "fp16", "fp32")), default=None,
+                         help="Autocast precision of the model. [default: bf16 on GPU, fp32 on CPU]"),
+            click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the model."),
+        ])
+
+    return decorate

@@ -96,9 +96,11 @@ class Reporter:
         self.stderr.flush()
 
     @contextmanager
-    def progress(self, total: int | None, desc: str, unit: str = "it") -> Iterator["Progress"]:
-        """A progress bar (tqdm on a terminal) or periodic log lines (stderr is a file or pipe)."""
-        p = Progress(self, total, desc, unit)
+    def progress(self, total: int | None, desc: str, unit: str = "it", position: int = 0) -> Iterator["Progress"]:
+        """A progress bar (tqdm on a terminal) or periodic log lines (stderr is a file or pipe).
+
+        ``position`` stacks several bars on a terminal (0 = the top one)."""
+        p = Progress(self, total, desc, unit, position)
         try:
             yield p
         finally:
@@ -115,7 +117,7 @@ def _progress_interval() -> float:
 class Progress:
     """tqdm on a terminal; otherwise a line ``desc: n/total unit (rate/s, ETA)`` at most every interval seconds."""
 
-    def __init__(self, reporter: Reporter, total: int | None, desc: str, unit: str) -> None:
+    def __init__(self, reporter: Reporter, total: int | None, desc: str, unit: str, position: int = 0) -> None:
         self.reporter, self.total, self.desc, self.unit = reporter, total, desc, unit
         self.n = 0
         self.postfix = ""
@@ -128,7 +130,8 @@ class Progress:
         if isatty and not reporter.quiet:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit=unit, file=reporter.stderr, dynamic_ncols=True, leave=False)
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=reporter.stderr, dynamic_ncols=True, leave=False,
+                             position=position)
 
     def update(self, n: int = 1) -> None:
         self.n += n

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from mstar_extract.console import Reporter
+from mstar_extract.console import Progress, Reporter
 from mstar_extract.pipeline.runner import SlideOutcome, SlideRunner
 from mstar_extract.pipeline.tile_job import TileSettings, _reason, open_with_resolution, segment_and_plan, write_tile_outputs
 from mstar_extract.tiling import ReadPlan
@@ -262,6 +262,7 @@ def run_extract(
     pool = ReaderPool(workers=settings.workers, batch_size=batch_size, out_size=encoder.input_size,
                       skip_bad_patches=settings.skip_bad_patches, lookahead=settings.lookahead)
     streams = pool.results()
+    patches = Progress(reporter, None, "extract: patches", "patch", position=1)
     try:
         while True:
             while not stop and len(planning) + len(reading) < depth + 1 and not exhausted:
@@ -284,11 +285,12 @@ def run_extract(
                     continue
                 break
             planned = reading.popleft()
-            record(_infer_slide(planned, next(streams), encoder, feeder, out, settings))
+            record(_infer_slide(planned, next(streams), encoder, feeder, out, settings, patches))
     except KeyboardInterrupt as exc:
         runner.close(interrupted=exc)
         raise
     finally:
+        patches.close()
         pool.close()
         planner.shutdown(wait=True, cancel_futures=True)
     if stop:
@@ -310,7 +312,8 @@ def _finish_empty(planned: Planned, out: Path, encoder: Any, settings: ExtractSe
                         seconds=round(time.monotonic() - planned.t0, 3)))
 
 
-def _infer_slide(planned: Planned, stream: Any, encoder: Any, feeder: Any, out: Path, settings: ExtractSettings) -> SlideOutcome:
+def _infer_slide(planned: Planned, stream: Any, encoder: Any, feeder: Any, out: Path, settings: ExtractSettings,
+                 patches: Progress) -> SlideOutcome:
     """Run the model over one slide's batches and write its bag; any per-slide problem becomes ``failed``."""
     entry, plan = planned.entry, planned.plan
     assert plan is not None
@@ -322,6 +325,7 @@ def _infer_slide(planned: Planned, stream: Any, encoder: Any, feeder: Any, out: 
             if len(batch):
                 # the feeder gives (B, 3, S, S) on the device; the encoder takes the (B, S, S, 3) view of it
                 feats.add(batch.indices, encoder.embed(feeder(batch.pixels).permute(0, 2, 3, 1)))
+                patches.update(len(batch))
         feats.flush()
         bad = np.zeros(n, bool)
         if stream.n_bad:

@@ -137,9 +137,12 @@ def _expand(spec: str, stdin: TextIO | None) -> list[SlideEntry]:
         return parse_list(text, path.parent, spec, force_csv=path.suffix.lower() in (".csv", ".tsv"))
     if not path.exists() and _GLOB_CHARS & set(spec):
         out: list[SlideEntry] = []
-        for match in sorted(glob.glob(os.path.expanduser(spec), recursive=True)):
+        pattern = os.path.expanduser(spec)
+        # hidden names are skipped only below the pattern's literal folder (a path like /data/.cache/*.svs is fine)
+        root = Path(os.path.dirname(pattern[: min(pattern.find(c) for c in _GLOB_CHARS if c in pattern)]))
+        for match in sorted(glob.glob(pattern, recursive=True)):
             m = Path(match)
-            if any(part.startswith(".") and part not in (".", "..") for part in m.parts):
+            if _is_hidden(m, root):
                 continue
             if m.is_dir() and not is_slide_file(m):
                 out.extend(_entry(Path.cwd(), str(p), None, None) for p in _scan_dir(m))

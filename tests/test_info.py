@@ -54,6 +54,19 @@ def test_human_output_and_override(fixture_slides):
     assert (rec["mpp_x"], rec["mpp_source"]) == (0.5, "override")
 
 
+def test_mpp_override_only_fills_missing_resolution(fixture_slides, tmp_path):
+    """--mpp-override never replaces real metadata (a mixed folder stays right); a list's mpp column always wins."""
+    svs, nometa = fixture_slides["svs40"].path, fixture_slides["tiff_nometa"].path
+    res = run(str(svs), str(nometa), "--mpp-override", "0.5", "--json")
+    recs = {r["slide_id"]: r for r in json.loads(res.stdout)}
+    assert (recs["svs40"]["mpp_x"], recs["svs40"]["mpp_source"]) == (0.25, "metadata")
+    assert (recs["tiff_nometa"]["mpp_x"], recs["tiff_nometa"]["mpp_source"]) == (0.5, "override")
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"path,mpp\n{svs},0.2\n")
+    (rec,) = json.loads(run(str(listing), "--mpp-override", "0.5", "--json").stdout)
+    assert (rec["mpp_x"], rec["mpp_source"]) == (0.2, "override")
+
+
 def test_jsonl_events(fixture_slides):
     res = run(str(fixture_slides["svs20"].path), str(fixture_slides["broken_empty"].path), "--jsonl")
     assert res.exit_code == 1

@@ -107,3 +107,12 @@ def test_nothing_found_is_a_usage_error(tmp_path):
         resolve_slides([str(tmp_path)])
     with pytest.raises(UsageError, match="no slides given"):
         resolve_slides([])
+
+
+def test_glob_below_a_hidden_folder_still_matches(tmp_path):
+    base = tmp_path / ".data" / "slides"
+    touch(base / "s1.svs")
+    touch(base / ".s2.svs")
+    touch(base / ".cache" / "s3.svs")
+    assert ids(resolve_slides([str(base / "*.svs")])) == ["s1"]
+    assert ids(resolve_slides([str(base / "**" / "*.svs")])) == ["s1"]

@@ -24,11 +24,15 @@ BACKEND_CHOICES = ("auto", "openslide", "tiffslide", "image")
 VERIFY_CHUNK = 2048
 
 
-def slide_info(path: str, slide_id: str, backend: str = "auto", mpp: float | None = None, verify: bool = False) -> dict[str, Any]:
-    """The info record of one slide (keys as in ``mstar info --json``); raises ``SlideError`` subclasses."""
-    from mstar_extract.slides import open_slide
+def slide_info(path: str, slide_id: str, backend: str = "auto", mpp: float | None = None, verify: bool = False,
+               mpp_fallback: float | None = None) -> dict[str, Any]:
+    """The info record of one slide (keys as in ``mstar info --json``); raises ``SlideError`` subclasses.
 
-    with open_slide(path, backend=backend, mpp=mpp) as slide:
+    ``mpp``: a per-slide resolution (wins over metadata); ``mpp_fallback``: ``--mpp-override`` (only for slides
+    without resolution metadata), the same rules as ``mstar tile``/``extract``."""
+    from mstar_extract.slides import apply_mpp_fallback, open_slide
+
+    with apply_mpp_fallback(open_slide(path, backend=backend, mpp=mpp), mpp_fallback) as slide:
         record: dict[str, Any] = {
             "path": str(slide.path),
             "slide_id": slide_id,
@@ -95,7 +99,8 @@ def human_block(rec: dict[str, Any]) -> str:
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default=lambda: env_default("MSTAR_BACKEND", "auto"),
               show_default="auto, or $MSTAR_BACKEND", help="Slide reader.")
 @click.option("--mpp-override", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MPP",
-              help="Level-0 µm/px to use for every slide, overriding the file's metadata.")
+              help="Level-0 µm/px for slides whose files have no resolution metadata (a list's 'mpp' column sets it "
+                   "per slide and always wins).")
 @click.option("--verify", is_flag=True, help="Also decode every pixel of every level (finds corrupt tiles; slow).")
 @output_options()
 def info(slides: tuple[str, ...], as_json: bool, backend: str, mpp_override: float | None, verify: bool, reporter: Any) -> int:
@@ -113,8 +118,8 @@ def info(slides: tuple[str, ...], as_json: bool, backend: str, mpp_override: flo
         try:
             if entry.error:
                 raise SlideError(entry.path, entry.error)
-            mpp = entry.mpp if entry.mpp is not None else mpp_override
-            rec = slide_info(str(entry.path), entry.slide_id, backend=backend, mpp=mpp, verify=verify)
+            rec = slide_info(str(entry.path), entry.slide_id, backend=backend, mpp=entry.mpp, verify=verify,
+                             mpp_fallback=mpp_override)
         except SlideError as exc:
             failed += 1
             reporter.error(str(exc), exc)

@@ -1,16 +1,14 @@
 """`mstar pretrain --stage {1,2}`: a thin layer over ``mstar_extract.pretrain.stage1/stage2``.
 
-Contract with a stage module ``mstar_extract.pretrain.stage<N>``: either its ``main`` takes an ``overrides``
-parameter — ``main(config_path, overrides=..., out=..., resume=..., reporter=..., init=...) -> int`` — and loads
-its own config (stage 2), or it exposes ``CONFIG_CLASS`` (the root config dataclass; ``--out`` sets its
-``run.out_dir``) and ``main(config_object, resume=None, reporter=None) -> int`` (stage 1). A missing stage module is exit 2, "stage N is not implemented yet".
+Contract with a stage module ``mstar_extract.pretrain.stage<N>``: it exposes ``CONFIG_CLASS`` (the root config
+dataclass; ``--out`` sets its ``run.out_dir``, ``--init`` its ``student.init``) and ``main(config_object,
+resume=None, reporter=None) -> int``. A missing stage module is exit 2, "stage N is not implemented yet".
 Run it on several processes with ``torchrun --nproc_per_node=G $(which mstar) pretrain ...``.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
 from typing import Any
 
@@ -45,23 +43,18 @@ def pretrain(stage: str, config_path: str | None, overrides: tuple[str, ...], re
 
     \b
     Examples:
-      mstar pretrain --stage 1 --config examples/pretrain/stage1_tiny.yaml --out runs/tiny
+      mstar pretrain --stage 1 --config examples/pretrain/stage1_tiny.yaml --out runs/stage1_tiny
       mstar pretrain --stage 1 --config stage1.yaml --resume auto
       torchrun --nproc_per_node=8 $(which mstar) pretrain --stage 1 --config stage1.yaml
     """
     from mstar_extract.pretrain.config import dump_yaml, load_config
 
     module = _stage_module(int(stage))
-    config_class = getattr(module, "CONFIG_CLASS", None)
-    if config_class is None or "overrides" in inspect.signature(module.main).parameters:  # the stage loads its own config
-        if print_config:
-            raise UsageError(f"--print-config is not supported by stage {stage}")
-        return int(module.main(config_path, overrides=list(overrides), out=out_dir, resume=resume, reporter=reporter, init=init) or 0)
     if init is not None:
         if stage != "2":
             raise UsageError(f"--init is not an option of stage {stage}")
         overrides = (*overrides, f"student.init={init}")
-    cfg = load_config(config_class, config_path, overrides)
+    cfg = load_config(module.CONFIG_CLASS, config_path, overrides)
     if out_dir is not None:
         cfg.run.out_dir = out_dir
     if print_config:

@@ -120,10 +120,9 @@ def collect_status(
     report.locks = [locks[k] for k in sorted(locks)]
     seen: set[str] = set()
     for r in rows:
-        d = r.to_csv_dict()
         slide: dict[str, Any] = {
             "slide_id": r.slide_id, "path": r.path, "status": r.status, "n_patches": r.n_patches, "mpp": r.mpp,
-            "seconds": r.seconds, "error": r.error or None, "host": d.get("host") or None, "pid": r.pid or None,
+            "seconds": r.seconds, "error": r.error or None, "host": r.host or None, "pid": r.pid or None,
             "finished": r.finished or None, "lock": locks.get(r.slide_id),
         }
         report.slides.append(slide)

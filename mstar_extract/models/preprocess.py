@@ -16,6 +16,7 @@ The resize runs in float32 whatever the inference precision; autocast casts afte
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -36,6 +37,16 @@ def as_uint8_batch(batch: "torch.Tensor | np.ndarray", device: torch.device | st
     return batch
 
 
+@functools.lru_cache(maxsize=16)
+def _mean_std_255(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean * 255`` and ``std * 255`` as (1, 3, 1, 1) tensors on ``device``, made once: building them per batch
+    copies from pageable host memory, which synchronises the CUDA stream on every batch."""
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable inside and outside inference_mode
+        m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+        s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+    return m, s
+
+
 def preprocess(
     batch: "torch.Tensor | np.ndarray",
     input_size: int = 224,
@@ -48,7 +59,6 @@ def preprocess(
     x = x.permute(0, 3, 1, 2).float()
     if x.shape[-2] != input_size or x.shape[-1] != input_size:
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1) * 255.0
+    m, s = _mean_std_255(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
     x = (x - m) / s  # == (x / 255 - mean) / std, in one pass
     return x.contiguous(memory_format=torch.channels_last)

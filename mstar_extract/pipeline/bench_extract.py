@@ -8,7 +8,6 @@ for after the model is loaded: reader start-up, segmentation, tiling, reading, i
 
 from __future__ import annotations
 
-import csv
 import shutil
 import tempfile
 import time
@@ -19,22 +18,12 @@ from mstar_extract.console import Reporter
 from mstar_extract.pipeline.extract_job import ExtractSettings, default_batch_size, run_extract
 
 
-def _manifest_rows(out: Path) -> list[dict[str, Any]]:
-    """The rows of ``out/manifest.csv`` with numbers parsed (empty list when there is none)."""
-    path = out / "manifest.csv"
-    if not path.is_file():
-        return []
-    rows: list[dict[str, Any]] = []
-    with open(path, newline="") as fh:
-        for r in csv.DictReader(fh):
-            row: dict[str, Any] = {k: r.get(k, "") for k in ("slide_id", "status", "error")}
-            for key, cast in (("n_patches", int), ("seconds", float), ("patches_per_s", float), ("n_bad_patches", int)):
-                try:
-                    row[key] = cast(r[key]) if r.get(key) not in (None, "") else None
-                except ValueError:
-                    row[key] = None
-            rows.append(row)
-    return rows
+def _manifest_rows(out: Path, slide_ids: set[str]) -> list[dict[str, Any]]:
+    """This run's rows of ``out``'s manifest (slides of an earlier run in a kept ``--out`` are not counted)."""
+    from mstar_extract.manifest import latest_rows, read_parts
+
+    keys = ("slide_id", "status", "error", "n_patches", "seconds", "patches_per_s", "n_bad_patches")
+    return [{k: getattr(r, k) for k in keys} for r in latest_rows(read_parts(out)) if r.slide_id in slide_ids]
 
 
 def bench_extract(entries: Sequence[Any], settings: ExtractSettings, reporter: Reporter | None = None,
@@ -68,7 +57,7 @@ def bench_extract(entries: Sequence[Any], settings: ExtractSettings, reporter: R
         if encoder.device.type == "cuda":
             torch.cuda.synchronize(encoder.device)
         seconds = time.perf_counter() - t0
-        rows = _manifest_rows(out_dir)
+        rows = _manifest_rows(out_dir, {str(e.slide_id) for e in entries})
     finally:
         if tmp is not None and not keep:
             shutil.rmtree(tmp, ignore_errors=True)

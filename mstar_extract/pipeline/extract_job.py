@@ -293,6 +293,7 @@ def run_extract(
         patches.close()
         pool.close()
         planner.shutdown(wait=True, cancel_futures=True)
+        runner.release_all()  # an unexpected error must not leave this process's slide locks behind
     if stop:
         reporter.warn("stopped after the first failure (--on-error fail)")
     return runner.close()

@@ -50,6 +50,9 @@ def _device_main(entries: list[Any], out: str, settings: ExtractSettings, verbos
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", None)
         code = 128 + int(signum) if signum else 130
+    except Exception as exc:  # noqa: BLE001 - one line, as cli.common.run_guarded does, never a bare traceback
+        reporter.error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", exc)
+        code = EXIT_FAILED
     sys.exit(code)
 
 

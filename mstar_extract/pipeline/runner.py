@@ -123,6 +123,11 @@ class SlideRunner:
         if lock is not None:
             lock.release()
 
+    def release_all(self) -> None:
+        """Give up every slide this process still holds (the run ends early, by any exception)."""
+        for slide_id in list(self._active) + list(self._locks):
+            self.release(slide_id)
+
     def begin(self, entry: Any) -> bool:
         """Announce ``entry`` ("started" event) if this process may work on it; False means skip it silently
         (another process owns it — the caller may record it as skipped with :meth:`finish`)."""
@@ -166,8 +171,7 @@ class SlideRunner:
         self._closed = True
         if self._progress is not None:
             self._progress.close()
-        for slide_id in list(self._active) + list(self._locks):
-            self.release(slide_id)
+        self.release_all()
         if self._manifest is not None or self.outcomes:
             self.manifest.merge()
         code = EXIT_FAILED if self.n_failed else EXIT_OK

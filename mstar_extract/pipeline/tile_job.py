@@ -123,16 +123,14 @@ def open_with_resolution(entry: Any, settings: TileSettings):
     """Open ``entry``'s slide for tiling (``extract`` uses this too, so both get identical coordinates).
 
     A per-slide ``mpp`` (from a list) always wins; ``--mpp-override`` applies only when the file has no
-    resolution metadata of its own.
+    resolution metadata of its own (rules: :mod:`mstar_extract.slides.resolution`).
     """
+    from mstar_extract.slides import apply_mpp_fallback
+
     per_slide = getattr(entry, "mpp", None)
     if per_slide:
         return _open(entry.path, settings.backend, per_slide)
-    slide = _open(entry.path, settings.backend, None)
-    if settings.mpp_override and (slide.mpp_x is None or slide.mpp_y is None):
-        slide.close()
-        return _open(entry.path, settings.backend, settings.mpp_override)
-    return slide
+    return apply_mpp_fallback(_open(entry.path, settings.backend, None), settings.mpp_override)
 
 
 def tile_slide(entry: Any, out_dir: str | os.PathLike[str], settings: TileSettings) -> SlideOutcome:

@@ -103,12 +103,15 @@ def stage1_losses(
     and a cancer-type label. ``weights`` keys: slide_report, slide_gene, report_gene, triplet.
     """
     out: dict[str, torch.Tensor] = {}
-    for pair in Temperatures.PAIRS:
-        m1, m2 = pair.split("_")
-        out[pair] = info_nce(emb[m1], emb[m2], temps.scale(pair), masks[m1] & masks[m2])
-    full = masks["slide"] & masks["report"] & masks["gene"]
-    cat = torch.cat([F.normalize(emb[m].float(), dim=-1) for m in ("slide", "report", "gene")], dim=-1)
-    out["triplet"] = batch_hard_triplet(cat, labels, margin, full)
+    # float32 whatever the caller's autocast: under bf16 autocast the similarity matmuls would otherwise run in
+    # bf16 (logit errors ~0.4 at scale 100; cancellation in the triplet's |x|²+|y|²−2x·y distances)
+    with torch.autocast(device_type=labels.device.type, enabled=False):
+        for pair in Temperatures.PAIRS:
+            m1, m2 = pair.split("_")
+            out[pair] = info_nce(emb[m1], emb[m2], temps.scale(pair), masks[m1] & masks[m2])
+        full = masks["slide"] & masks["report"] & masks["gene"]
+        cat = torch.cat([F.normalize(emb[m].float(), dim=-1) for m in ("slide", "report", "gene")], dim=-1)
+        out["triplet"] = batch_hard_triplet(cat, labels, margin, full)
     total = sum((weights[k] * out[k] for k in ("slide_report", "slide_gene", "report_gene", "triplet")), torch.zeros((), device=cat.device))
     out["loss"] = total
     return out

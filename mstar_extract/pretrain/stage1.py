@@ -84,7 +84,8 @@ def masks_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, float]:
     """Cross-modal retrieval: row i of ``query`` should find row i of ``gallery`` (cosine similarity)."""
-    sims = F.normalize(query.float(), dim=-1) @ F.normalize(gallery.float(), dim=-1).t()
+    with torch.autocast(device_type=query.device.type, enabled=False):  # bf16 similarities would tie (and count as hits)
+        sims = F.normalize(query.float(), dim=-1) @ F.normalize(gallery.float(), dim=-1).t()
     rank = (sims > sims.diagonal()[:, None]).sum(1)
     return {k: float((rank < k).float().mean()) for k in ks}
 

@@ -131,6 +131,8 @@ class EmaModel(nn.Module):
         super().__init__()
         self.module = copy.deepcopy(source)
         self.module.requires_grad_(False)
+        if getattr(self.module, "grad_checkpointing", False):  # copied from a checkpointed student: no use without grads
+            self.module.set_grad_checkpointing(False)
         self.train(False)
 
     def train(self, mode: bool = True) -> "EmaModel":  # noqa: ARG002 - the EMA never trains

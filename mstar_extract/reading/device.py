@@ -15,8 +15,9 @@ class DeviceFeeder:
 
     On CUDA the batch is first copied into a pinned host buffer (reused, one per in-flight copy) and then sent
     with ``non_blocking=True`` on a side stream, so the next batch's copy overlaps the current batch's compute.
-    The returned tensor is safe to use on the current stream (the feeder makes it wait for the copy). On CPU it
-    is simply ``torch.from_numpy`` (no copy beyond taking ownership of the pixels).
+    The returned tensor is safe to use on the current stream (the feeder makes it wait for the copy). On CPU the
+    pixels are copied once (a reader pool's shared-memory slot is reused after the next batch) and wrapped with
+    ``torch.from_numpy``.
     """
 
     def __init__(self, device: Any = "cpu", buffers: int = 2) -> None:

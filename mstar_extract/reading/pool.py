@@ -174,6 +174,9 @@ class ReaderPool:
         """Fail the slide whose batch the dead worker was reading; hand its other tasks to a new worker."""
         w = self._workers[wid]
         w.proc.join(0.1)
+        if w.proc.is_alive():  # its pipe broke but it still runs: stop it before its slots are handed out again
+            w.proc.kill()
+            w.proc.join(1.0)
         code = w.proc.exitcode
         how = f"exit code {code}"
         if code is not None and code < 0:
@@ -181,6 +184,7 @@ class ReaderPool:
                 how = f"killed by signal {signal.Signals(-code).name}"
             except ValueError:
                 how = f"killed by signal {-code}"
+        retry: list[tuple[int, int]] = []
         for k, (seq, chunk, slot) in enumerate(w.inflight):
             self._free.append(slot)
             if k == 0:
@@ -188,7 +192,8 @@ class ReaderPool:
                                                                  f"patch batch {chunk} of this slide (out of memory? "
                                                                  f"a crash in the image decoder?)"))
             elif seq not in self._errors:
-                self._backlog.appendleft((seq, chunk))
+                retry.append((seq, chunk))
+        self._backlog.extendleft(reversed(retry))  # first in task order
         log.warning("reader worker pid %s died (%s); starting a new one", w.proc.pid, how)
         self._deaths += 1
         if self._deaths > 3 * self.workers + 3 and self._deaths > 2 * self._answers:

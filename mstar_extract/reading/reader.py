@@ -192,7 +192,7 @@ class PatchReader:
         """Read the patches of plan rows ``indices`` (best in grid order) into ``out`` (B, S, S, 3) uint8."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         coords = self.plan.coords[indices]
-        ok, msgs = self.read_coords(coords, out if out is not None else None, _keep=True)
+        ok, msgs = self.read_coords(coords, out, _keep=True)
         pixels = self._last_out
         if ok.all():
             return PatchBatch(indices, pixels[: len(indices)], coords)

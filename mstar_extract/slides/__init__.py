@@ -7,7 +7,8 @@
 for ``.tif``); for vendor TIFF variants whose geometry OpenSlide models better (ndpi, scn, bif) OpenSlide, then
 tiffslide; other OpenSlide formats (mrxs, vms, vmu, dcm) OpenSlide only; png/jpg the plain-image reader.
 Why tiffslide first for svs/tif: it decoded tiled JPEG regions 1-3x faster per CPU core than OpenSlide on
-this machine (``docs/backends.md``). ``mpp`` is an explicit resolution override in µm/px; it wins over the file's metadata
+this machine (``docs/backends.md``). ``mpp`` is an explicit per-slide resolution in µm/px; it wins over the file's
+metadata; :func:`apply_mpp_fallback` applies a run-wide ``--mpp-override`` only to slides without metadata
 (see :mod:`mstar_extract.slides.resolution` for the full precedence).
 
 Before any backend sees a file, :func:`open_slide` rejects missing, empty, unsupported and truncated files
@@ -37,7 +38,7 @@ from mstar_extract.slides.formats import (
 )
 
 __all__ = [
-    "BACKENDS", "Level", "MppSource", "SLIDE_EXTENSIONS", "Slide", "backend_order", "is_slide_file",
+    "BACKENDS", "Level", "MppSource", "SLIDE_EXTENSIONS", "Slide", "apply_mpp_fallback", "backend_order", "is_slide_file",
     "open_slide", "slide_extension", "slide_stem",
 ]
 
@@ -112,6 +113,15 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None
         _log_override(slide)
         return slide
     raise SlideOpenError(path, "; ".join(reasons) if reasons else "no backend can read it")
+
+
+def apply_mpp_fallback(slide: Slide, mpp: float | None) -> Slide:
+    """``--mpp-override``: give ``slide`` this level-0 µm/px when its file has no resolution metadata (none at
+    all, or only an estimate from the objective power); a slide with real metadata keeps it. Returns ``slide``."""
+    if mpp and (slide.mpp_x is None or slide.mpp_y is None or slide.mpp_source == "objective"):
+        slide.mpp_x = slide.mpp_y = float(mpp)
+        slide.mpp_source = "override"
+    return slide
 
 
 def _log_override(slide: Slide) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mstar_extract.errors import SlideOpenError
-from mstar_extract.slides._pixels import rgba_to_rgb_on_white, whiten_outside
+from mstar_extract.slides._pixels import rgba_to_rgb_on_white
 from mstar_extract.slides.base import Level, Slide
 from mstar_extract.slides.resolution import resolve
 
@@ -59,7 +59,7 @@ class ImageSlide(Slide):
         xa, ya, xb, yb = max(0, x), max(0, y), min(W, x + w), min(H, y + h)
         if xa < xb and ya < yb:
             out[ya - y : yb - y, xa - x : xb - x] = self._img[ya:yb, xa:xb]
-        return whiten_outside(out, x, y, W, H)
+        return out  # starts white, so areas outside the image stay white
 
     def close(self) -> None:
         self._img = np.zeros((0, 0, 3), np.uint8)

@@ -2,16 +2,19 @@
 
 Precedence (first that applies wins):
 
-1. an explicit override given by the user (``--mpp-override`` or a list file's ``mpp`` column) — it wins even
-   over metadata, because a user who states the resolution knows something the file does not (a wrong
-   scanner calibration, a re-scaled export); ``mpp_source = "override"``;
+1. a per-slide resolution given by the user (a list file's ``mpp`` column, or ``open_slide(mpp=...)``) — it
+   wins even over metadata, because a user who states one slide's resolution knows something the file does not
+   (a wrong scanner calibration, a re-scaled export); ``mpp_source = "override"``;
 2. metadata: the reader's normalised ``openslide.mpp-x/y`` / ``tiffslide.mpp-x/y``, then Aperio ``MPP``, then
    TIFF ``XResolution``/``YResolution`` with ``ResolutionUnit`` centimetre or inch (unit-less values and
    screen-like defaults — anything outside 0.01…50 µm/px, such as 72 dpi — are ignored);
    ``mpp_source = "metadata"``;
-3. objective power (``openslide.objective-power``, Aperio ``AppMag``, ...): mpp = 10 / magnification,
+3. ``--mpp-override`` (one value for a whole run, :func:`mstar_extract.slides.apply_mpp_fallback`): only for
+   slides whose file has no resolution of its own, so that a folder mixing calibrated and uncalibrated scans
+   is safe; ``mpp_source = "override"``;
+4. objective power (``openslide.objective-power``, Aperio ``AppMag``, ...): mpp = 10 / magnification,
    flagged ``mpp_source = "objective"`` (an estimate: 40x ≈ 0.25 µm/px);
-4. none: ``Slide.mpp_x`` is ``None`` and ``Slide.mpp`` raises ``ResolutionError`` saying how to provide it.
+5. none: ``Slide.mpp_x`` is ``None`` and ``Slide.mpp`` raises ``ResolutionError`` saying how to provide it.
 """
 
 from __future__ import annotations

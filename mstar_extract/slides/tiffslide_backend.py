@@ -35,21 +35,26 @@ class TiffSlideSlide(Slide):
 
         self.path = Path(path)
         self.backend = "tiffslide"
+        ts = None
         try:
             with warnings.catch_warnings(), quiet_tifffile():
                 warnings.simplefilter("ignore")
-                self._ts = tiffslide.TiffSlide(self.path)
-                props = dict(self._ts.properties)
-                dims, dss = self._ts.level_dimensions, self._ts.level_downsamples
+                ts = tiffslide.TiffSlide(self.path)
+                props = dict(ts.properties)
+                dims, dss = ts.level_dimensions, ts.level_downsamples
+                associated = tuple(sorted(ts.associated_images))
         except Exception as exc:  # noqa: BLE001 - tifffile/zarr raise many types for non-slides
+            if ts is not None:  # opened but unusable: do not leak the file handle
+                ts.close()
             raise SlideOpenError(self.path, f"tiffslide cannot open it ({type(exc).__name__}: {exc})") from exc
+        self._ts = ts
         self.properties = {str(k): str(v) for k, v in props.items() if v is not None}
         self.vendor = self.properties.get("tiffslide.vendor")
         self.levels = tuple(Level(int(w), int(h), float(ds)) for (w, h), ds in zip(dims, dss))
         res = resolve(self.properties, mpp)
         self.mpp_x, self.mpp_y, self.mpp_source = res.mpp_x, res.mpp_y, res.source  # type: ignore[assignment]
         self.objective_magnification = res.magnification
-        self.associated_images = tuple(sorted(self._ts.associated_images))
+        self.associated_images = associated
 
     def _read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         try:

@@ -87,8 +87,10 @@ def clean_stale_temps(folder: str | os.PathLike[str], older_than_s: float = 600.
     now = time.time()
     for p in folder.rglob(f".*{TMP_SUFFIX}"):
         parts = p.name[:-len(TMP_SUFFIX)].rsplit(".", 3)
+        if len(parts) != 4 or not parts[2].isdigit() or len(parts[3]) != 8:
+            continue  # not one of ours (``.<name>.<host>.<pid>.<8 hex>.tmp``): never touch foreign files
         alive = False
-        if len(parts) == 4 and parts[1] == host:
+        if parts[1] == host:
             try:
                 pid = int(parts[2])
                 os.kill(pid, 0)
@@ -97,7 +99,7 @@ def clean_stale_temps(folder: str | os.PathLike[str], older_than_s: float = 600.
                 alive = False
             except PermissionError:
                 alive = True
-        elif len(parts) == 4:
+        else:
             try:
                 alive = now - p.stat().st_mtime < older_than_s
             except FileNotFoundError:

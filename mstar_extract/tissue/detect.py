@@ -68,8 +68,6 @@ def detect_pixels(rgb: np.ndarray, mpp: float, params: SegmentationParams) -> Pi
 
     # dark pixels (black ink, slide borders, debris) are never tissue (on the blurred channels: single dark
     # nuclei at fine resolutions are not ink)
-    s3 = cv2.medianBlur(np.ascontiguousarray(s), 3)
-    v3 = cv2.medianBlur(np.ascontiguousarray(v), 3)
     dark = (v_blur <= params.dark_max_value) & (s_blur <= params.dark_max_sat)
 
     # glass background: bright, unsaturated pixels
@@ -95,12 +93,14 @@ def detect_pixels(rgb: np.ndarray, mpp: float, params: SegmentationParams) -> Pi
     colors = params.pen_color_set if params.pen else ()
     if colors:
         h3 = cv2.medianBlur(np.ascontiguousarray(h), 3)
+        s3 = cv2.medianBlur(np.ascontiguousarray(s), 3)
         ink = np.zeros(s.shape, bool)
         if "blue" in colors:
             ink |= _hue_in(h3, *params.hue_range("blue")) & (s3 >= params.pen_min_sat)
         if "green" in colors:
             ink |= _hue_in(h3, *params.hue_range("green")) & (s3 >= params.pen_min_sat)
         if "red" in colors:
+            v3 = cv2.medianBlur(np.ascontiguousarray(v), 3)
             ink |= ((h3 <= 8) | (h3 >= 172)) & (s3 >= params.red_min_sat) & (v3 >= 80)
         ink = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_OPEN, disk(3)).astype(bool)
         pen = remove_small(ink, min_pen_px)

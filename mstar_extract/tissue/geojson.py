@@ -41,32 +41,25 @@ def _ring(points: np.ndarray, clockwise: bool) -> list[list[float]]:
     return ring
 
 
+def _feature(c: TissueContour, fid: str, cls: str, color: list[int], **extra: Any) -> dict | None:
+    """One QuPath annotation Feature (outer ring, then hole rings) for ``c``; None when it is degenerate."""
+    if len(c.outer) < 3:
+        return None
+    rings = [_ring(c.outer, clockwise=False)] + [_ring(h, clockwise=True) for h in c.holes if len(h) >= 3]
+    return {
+        "type": "Feature",
+        "id": fid,
+        "geometry": {"type": "Polygon", "coordinates": rings},
+        "properties": {"objectType": "annotation", "classification": {"name": cls, "color": color},
+                       "isLocked": False, **extra},
+    }
+
+
 def contours_to_geojson(contours: Iterable[TissueContour], pen: Iterable[TissueContour] = (), slide_id: str = "") -> dict:
     """A GeoJSON FeatureCollection (dict) of tissue (and optional pen) contours in level-0 pixels."""
-    features = []
-    for i, c in enumerate(contours):
-        if len(c.outer) < 3:
-            continue
-        rings = [_ring(c.outer, clockwise=False)] + [_ring(h, clockwise=True) for h in c.holes if len(h) >= 3]
-        features.append({
-            "type": "Feature",
-            "id": f"tissue-{i}",
-            "geometry": {"type": "Polygon", "coordinates": rings},
-            "properties": {"objectType": "annotation", "classification": {"name": "Tissue", "color": TISSUE_COLOR},
-                           "isLocked": False, "tissue_id": i},
-        })
-    for i, c in enumerate(pen):
-        if len(c.outer) < 3:
-            continue
-        rings = [_ring(c.outer, clockwise=False)] + [_ring(h, clockwise=True) for h in c.holes if len(h) >= 3]
-        features.append({
-            "type": "Feature",
-            "id": f"pen-{i}",
-            "geometry": {"type": "Polygon", "coordinates": rings},
-            "properties": {"objectType": "annotation", "classification": {"name": "Pen", "color": PEN_COLOR},
-                           "isLocked": False},
-        })
-    out: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    features = [_feature(c, f"tissue-{i}", "Tissue", TISSUE_COLOR, tissue_id=i) for i, c in enumerate(contours)]
+    features += [_feature(c, f"pen-{i}", "Pen", PEN_COLOR) for i, c in enumerate(pen)]
+    out: dict[str, Any] = {"type": "FeatureCollection", "features": [f for f in features if f is not None]}
     if slide_id:
         out["properties"] = {"slide_id": slide_id, "coordinates": "level-0 pixels"}
     return out
@@ -104,6 +97,12 @@ def _polygons(geom: Any) -> list[list[Any]]:
     return []
 
 
+def _positions(ring: Any) -> np.ndarray:
+    """(K, 2) float64 x, y of a GeoJSON ring (a third coordinate, altitude, is allowed and dropped)."""
+    a = np.asarray(ring, dtype=np.float64)
+    return a[:, :2] if a.ndim == 2 and a.shape[1] >= 2 else a.reshape(-1, 2)
+
+
 def geojson_to_contours(doc: Any) -> list[TissueContour]:
     """Tissue contours (level-0 pixels) from a parsed GeoJSON document; skips pen/background classes."""
     if isinstance(doc, list):
@@ -126,7 +125,7 @@ def geojson_to_contours(doc: Any) -> list[TissueContour]:
         for poly in _polygons(feat.get("geometry")):
             if not poly:
                 continue
-            rings = [np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in poly if len(r) >= 3]
+            rings = [_positions(r) for r in poly if len(r) >= 3]
             if not rings:
                 continue
             out.append(TissueContour(rings[0], rings[1:]))

@@ -70,13 +70,13 @@ def segmentation_mpp(slide: Slide, params: SegmentationParams) -> float:
     """
     level0_mpp = slide.mpp
     longest_um = max(slide.dimensions) * level0_mpp
-    finest_allowed = longest_um / max(1, params.seg_min_side)  # coarser than this loses too much detail
-    upper = min(params.seg_max_mpp, finest_allowed)
+    coarsest_allowed = longest_um / max(1, params.seg_min_side)  # coarser than this loses too much detail
+    upper = min(params.seg_max_mpp, coarsest_allowed)
     stored = [level0_mpp * d for d in slide.level_downsamples]
     usable = [m for m in stored if params.seg_mpp * (1 - 1e-6) <= m <= upper * 1.05]  # 5%: level sizes are rounded
     if usable:
         return max(usable)
-    return max(level0_mpp, min(params.seg_mpp, finest_allowed))
+    return max(level0_mpp, min(params.seg_mpp, coarsest_allowed))
 
 
 def segment_slide(slide: Slide, params: SegmentationParams | None = None) -> TissueMask:

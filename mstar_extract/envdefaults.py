@@ -39,7 +39,7 @@ MAX_DEFAULT_WORKERS = 16
 DEFAULT_LOCK_TIMEOUT_S = 600.0
 """Default ``--lock-timeout`` (also used by :mod:`mstar_extract.locks`): heartbeats refresh a lock every 30 s."""
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|mps|cuda:\d+)$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -55,7 +55,7 @@ def default_weights(option: str | None = None, env: Mapping[str, str] = os.envir
     value = option if option not in (None, "") else _get(env, ENV_WEIGHTS)
     if value is None:
         return "hf"
-    if value in ("hf", "random") or value.startswith(("hf:", "timm:")):
+    if value in ("hf", "random"):
         return value
     return os.path.expanduser(value)
 
@@ -121,7 +121,7 @@ def default_device(option: str | None = None, env: Mapping[str, str] = os.enviro
             return "auto"
         value, source = raw.lower(), ENV_DEVICE
     if not _DEVICE_RE.match(value):
-        raise UsageError(f"{source}={value!r}: expected auto, cpu, cuda, cuda:N or mps")
+        raise UsageError(f"{source}={value!r}: expected auto, cpu, cuda or cuda:N")
     return value
 
 

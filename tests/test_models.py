@@ -185,3 +185,22 @@ def test_cuda_bf16_matches_cpu_fp32() -> None:
     a = cpu.embed(x)
     b = gpu.embed(torch.from_numpy(x).pin_memory()).cpu()
     assert F.cosine_similarity(a, b).min() > 0.99
+
+
+def test_random_weights_are_the_same_network_in_every_process():
+    """--weights random: every process (--devices, torchrun ranks, reruns) builds the same seeded network, so one
+    OUT never mixes features of different random networks; the global RNG is left as it was."""
+    import torch
+
+    from mstar_extract.models.weights import ResolvedWeights, build_with_weights
+
+    spec = get_spec("timm:vit_tiny_patch16_224")
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = build_with_weights(spec, ResolvedWeights("random", None, "random"))
+    after = torch.rand(3)
+    b = build_with_weights(spec, ResolvedWeights("random", None, "random"))
+    assert torch.equal(before, after)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name

@@ -405,7 +405,11 @@ def build_with_weights(spec: EncoderSpec, resolved: ResolvedWeights) -> "torch.n
     import torch
 
     if resolved.path is None:
-        return spec.build()
+        # random weights: the same seeded network in every process (--devices, torchrun ranks, reruns), so that
+        # one OUT of a smoke test never mixes features of different random networks
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return spec.build().eval()
     sd = load_state_dict_file(resolved.path, mmap=True)
     with torch.device("meta"):
         net = spec.build()

@@ -133,7 +133,7 @@ def write_qc(path: str | os.PathLike[str], slide, mask: TissueMask, plan: ReadPl
     """
     import cv2
 
-    from mstar_extract.tissue.thumbnail import read_max_side
+    from mstar_extract.slides.downsample import read_max_side
 
     thumb = mask.thumbnail
     if thumb is not None:

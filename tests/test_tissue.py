@@ -17,7 +17,7 @@ from mstar_extract.tissue import (
     segment_image, segment_slide, write_geojson,
 )
 from mstar_extract.tissue.contours import rasterize_level0
-from mstar_extract.tissue.thumbnail import read_downsampled
+from mstar_extract.slides.downsample import read_downsampled
 
 MPP = 8.0
 

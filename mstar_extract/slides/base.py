@@ -103,15 +103,16 @@ class Slide(ABC):
     def _read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray: ...
 
     def get_thumbnail(self, size: tuple[int, int]) -> np.ndarray:
-        """RGB uint8 thumbnail that fits in ``size`` (w, h), keeping the aspect ratio, from the best level."""
+        """RGB uint8 thumbnail that fits in ``size`` (w, h), keeping the aspect ratio. Memory stays bounded for
+        any slide: a large level is read in strips (:mod:`mstar_extract.slides.downsample`)."""
         import cv2
+
+        from mstar_extract.slides.downsample import read_downsampled
 
         w0, h0 = self.dimensions
         scale = max(w0 / size[0], h0 / size[1], 1.0)
         tw, th = max(1, round(w0 / scale)), max(1, round(h0 / scale))
-        level = self.get_best_level_for_downsample(scale)
-        lv = self.levels[level]
-        img = self.read_region((0, 0), level, (lv.width, lv.height))
+        img = read_downsampled(self, scale).image
         if (img.shape[1], img.shape[0]) != (tw, th):
             img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)
         return img

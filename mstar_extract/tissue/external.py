@@ -19,7 +19,7 @@ from mstar_extract.tissue.contours import find_contours, rasterize_level0, to_le
 from mstar_extract.tissue.geojson import read_geojson_contours
 from mstar_extract.tissue.params import SegmentationParams
 from mstar_extract.tissue.result import TissueMask
-from mstar_extract.tissue.thumbnail import read_downsampled
+from mstar_extract.slides.downsample import read_downsampled
 
 GEOJSON_EXT = (".geojson", ".json")
 IMAGE_EXT = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")

@@ -42,7 +42,7 @@ def read_downsampled(slide: Slide, downsample: float, max_bytes: int = STRIP_BYT
     out_w, out_h = max(1, round(w0 / downsample)), max(1, round(h0 / downsample))
     level = slide.get_best_level_for_downsample(downsample)
     lv = slide.levels[level]
-    fx, fy = lv.width / out_w, lv.height / out_h  # level px per output px (>= ~1)
+    fy = lv.height / out_h  # level px per output px (>= ~1)
     row_bytes = lv.width * 3
     if row_bytes * lv.height <= max_bytes:
         img = slide.read_region((0, 0), level, (lv.width, lv.height))

@@ -70,6 +70,9 @@ def test_stop_and_resume_matches_uninterrupted(toy, tmp_path: Path) -> None:
     first, _ = metrics(part)
     assert [s["step"] for s in first] == [1, 2]
     assert [c[0] for c in list_checkpoints(part)] == [2]
+    # a killed run logged a step after its last checkpoint, and died mid-line: resume logs every step once
+    with (part / "metrics.jsonl").open("a") as fh:
+        fh.write('{"step": 3, "epoch": 0, "lr": 0.0, "loss": 123.0}\n{"step": 4, "lo')
     run(toy, part, *common, resume="auto")
     resumed, _ = metrics(part)
     assert [s["step"] for s in resumed] == [1, 2, 3, 4]

@@ -96,6 +96,23 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    def truncate_after(self, step: int) -> None:
+        """On resume from ``step``: drop the records a killed run logged after its last checkpoint (they are
+        logged again), so every step appears once. A torn last line is dropped too. Atomic rewrite."""
+        if not self.enabled or not self.path.exists():
+            return
+        from mstar_extract.store.atomic import write_text_atomic
+
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if int(rec.get("step", 0)) <= step:
+                kept.append(line)
+        write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
+
 
 @dataclass
 class LoopState:
@@ -177,6 +194,7 @@ class TrainLoop:
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = LoopState(int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"]))
+        self.metrics.truncate_after(self.state.step)
         rngs = state.get("rng") or []
         if len(rngs) == self.info.world_size:
             ckpt.set_rng_state(rngs[self.info.rank])

@@ -114,6 +114,17 @@ def _progress_interval() -> float:
         return 30.0
 
 
+def _terminal_columns(stream: IO[str]) -> int:
+    """Width of the terminal behind ``stream``; 0 when it is a file, a pipe, or a pseudo-terminal without a size
+    (some batch systems give one), where a bar would draw nothing and periodic lines are used instead."""
+    try:
+        if not stream.isatty():
+            return 0
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 class Progress:
     """tqdm on a terminal; otherwise a line ``desc: n/total unit (rate/s, ETA)`` at most every interval seconds."""
 
@@ -126,8 +137,7 @@ class Progress:
         self._interval = _progress_interval()
         self._bar = None
         self._closed = False
-        isatty = getattr(reporter.stderr, "isatty", lambda: False)()
-        if isatty and not reporter.quiet:
+        if _terminal_columns(reporter.stderr) > 0 and not reporter.quiet:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit=unit, file=reporter.stderr, dynamic_ncols=True, leave=False,

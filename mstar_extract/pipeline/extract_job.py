@@ -262,7 +262,7 @@ def run_extract(
     pool = ReaderPool(workers=settings.workers, batch_size=batch_size, out_size=encoder.input_size,
                       skip_bad_patches=settings.skip_bad_patches, lookahead=settings.lookahead)
     streams = pool.results()
-    patches = Progress(reporter, None, "extract: patches", "patch", position=1)
+    patches = Progress(reporter, None, "extract: patches", "patches", position=1)
     try:
         while True:
             while not stop and len(planning) + len(reading) < depth + 1 and not exhausted:

@@ -332,3 +332,29 @@ def _alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_workers_never_rerun_the_callers_main(fixture_slides):
+    """Reader workers need only this package: an unguarded script's top level runs once (not once per worker), and
+    code piped to ``python -`` (no importable main file) works."""
+    import subprocess
+    import sys
+
+    path = fixture_slides["svs20"].path
+    code = (
+        "print('TOP-LEVEL', flush=True)\n"
+        "from mstar_extract.reading import ReaderPool, SlideJob\n"
+        "from mstar_extract.tiling import ReadPlan\n"
+        "import numpy as np\n"
+        f"plan = ReadPlan(coords=np.array([[0, 0], [256, 0], [0, 256]]), level=0, level_downsample=1.0, read_size=256,\n"
+        "                patch_size=256, patch_size_level0=256, target_mpp=0.5, target_magnification=20.0, level0_mpp=0.5,\n"
+        "                level0_magnification=20.0, level0_width=4096, level0_height=4096)\n"
+        "with ReaderPool(workers=2, batch_size=2) as pool:\n"
+        f"    pool.submit(SlideJob('s', {str(path)!r}, plan))\n"
+        "    n = sum(len(b) for s in pool.results() for b in s)\n"
+        "print('PATCHES', n, flush=True)\n"
+    )
+    r = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("TOP-LEVEL") == 1, r.stdout
+    assert "PATCHES 3" in r.stdout and "Traceback" not in r.stderr, r.stdout + r.stderr

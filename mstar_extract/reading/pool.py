@@ -31,6 +31,7 @@ import signal
 import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
 from typing import Any, Iterator
@@ -92,6 +93,25 @@ class SlideStream:
 
     def __iter__(self) -> Iterator[PatchBatch]:
         return self._pool._iterate(self)
+
+
+@contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start a worker without re-running the caller's ``__main__``: spawn/forkserver children re-import the main
+    script (running its unguarded top level again, and failing outright for code read from stdin), but reader
+    workers need only this package. Hides ``__main__.__file__``/``__spec__`` while the child is launched."""
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 class ReaderPool:
@@ -165,7 +185,8 @@ class ReaderPool:
         shm_name = self._shm.name if self._shm is not None and self.transport == "shm" else None
         proc = self._ctx.Process(target=worker_main, name="mstar-reader", daemon=True,
                                  args=(task_r, res_w, shm_name, self.n_slots, self.opts))
-        proc.start()
+        with _main_module_hidden():
+            proc.start()
         task_r.close()
         res_w.close()
         return _Worker(proc, task_w, res_r)

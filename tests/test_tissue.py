@@ -204,3 +204,33 @@ def test_params_are_validated() -> None:
     with pytest.raises(ValueError, match="LOW-HIGH"):
         SegmentationParams(blue_hue="blue")
     assert SegmentationParams().pen_color_set == ("blue", "green", "black", "red")
+
+
+@pytest.mark.parametrize("tint,color", [(0.75, "black"), (0.6, "blue"), (0.55, "black")])
+def test_dark_island_crossed_by_pen_is_kept(tmp_path, tint: float, color: str) -> None:
+    """A darkly stained island (value below --dark-max-value, saturation below --dark-max-sat) crossed by a
+    150-µm pen stroke, on a 40x SVS: the island is tissue (it used to be taken whole for black ink / dark debris),
+    the ink across it is still removed, and a second, normal island is unaffected."""
+    from mstar_extract.testing.fixtures import make_svs
+
+    dark = Blob(1200.0, 800.0, 500.0, ((2, 0.1, 0.3), (3, 0.05, 1.0)), tint=tint)
+    normal = Blob(2000.0, 330.0, 220.0)
+    stroke = Stroke(((450.0, 500.0), (1950.0, 1150.0)), 150.0, color)
+    scene = Scene(2400.0, 1600.0, (dark, normal), (), (stroke,), seed=5)
+    path = make_svs(tmp_path / "dark_island.svs", scene, mpp=0.25, magnification=40)
+    with open_slide(path) as slide:
+        res = segment_slide(slide)
+    mpp = res.mask_mpp
+    pen = _resize(render_truth(scene, mpp)["pen"], res.shape)
+    island = _resize(render_truth(Scene(2400.0, 1600.0, (dark,)), mpp)["tissue"], res.shape)
+    away = island & ~_dilate(pen, max(1, round(40 / mpp)))  # > 40 µm from ink (ink is removed with a margin)
+    recall = (res.tissue & away).sum() / away.sum()
+    assert recall >= 0.99, recall
+    assert (res.tissue & pen).sum() <= 0.01 * pen.sum()  # ink over the island is not tissue
+    assert (res.pen & pen).sum() / pen.sum() >= 0.7  # ... it is found as ink
+    second = _resize(render_truth(Scene(2400.0, 1600.0, (normal,)), mpp)["tissue"], res.shape)
+    assert (res.tissue & second).sum() / second.sum() >= 0.97
+    if tint <= 0.55:  # the rule that used to take the island for ink, switched back off: the whole island is lost
+        with open_slide(path) as slide:
+            old = segment_slide(slide, SegmentationParams(dark_max_chroma=255))
+        assert (old.tissue & away).sum() / away.sum() < 0.5

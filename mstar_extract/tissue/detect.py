@@ -68,7 +68,13 @@ def detect_pixels(rgb: np.ndarray, mpp: float, params: SegmentationParams) -> Pi
 
     # dark pixels (black ink, slide borders, debris) are never tissue (on the blurred channels: single dark
     # nuclei at fine resolutions are not ink)
+    # ... and ink, borders and debris are near-neutral: a dark pixel with clear chroma (max - min of RGB) is dense
+    # stained tissue (a darkly stained island), not an artefact (saturation alone cannot tell: it grows as value
+    # falls, so ink laid over tissue is as "saturated" as the tissue under it)
     dark = (v_blur <= params.dark_max_value) & (s_blur <= params.dark_max_sat)
+    if dark.any():
+        chroma = (rgb.max(axis=2) - rgb.min(axis=2)).astype(np.uint8)
+        dark &= cv2.medianBlur(np.ascontiguousarray(chroma), k) <= params.dark_max_chroma
 
     # glass background: bright, unsaturated pixels
     glass = (s_blur < params.sat_min) & ~dark

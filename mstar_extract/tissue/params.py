@@ -36,6 +36,7 @@ class SegmentationParams:
     min_hole_area_um2: float = _f(10000.0, "Holes (lumina, fat) at least this large (µm²) are excluded; smaller ones are filled.")
     dark_max_value: int = _f(85, "Pixels darker than this value (0-255) and not strongly saturated are ink/borders/debris, never tissue.")
     dark_max_sat: int = _f(120, "Dark pixels with saturation above this (0-255) are dense stained tissue, not ink.")
+    dark_max_chroma: int = _f(20, "Dark pixels with chroma (max - min of R, G, B; 0-255) above this are darkly stained tissue, not ink/borders/debris (near-neutral).")
     pen: bool = _f(True, "Detect pen marks and remove them from tissue (--no-pen to disable).")
     pen_colors: str = _f("blue,green,black,red", "Comma-separated ink colours to detect (blue, green, black, red).")
     pen_min_sat: int = _f(50, "Minimum saturation (0-255) of blue/green ink pixels.")

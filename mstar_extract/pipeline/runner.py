@@ -19,7 +19,7 @@ and ``interrupted: true`` after Ctrl-C/SIGTERM}. Full schema: docs/cli-events.md
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +53,9 @@ class SlideOutcome:
         self.error = " ".join(str(self.error or "").split())
 
     def to_row(self) -> ManifestRow:
-        return ManifestRow(
-            slide_id=self.slide_id, path=self.path, status=self.status, n_patches=self.n_patches, mpp=self.mpp,
-            seconds=self.seconds, error=self.error, patches_per_s=self.patches_per_s, n_bad_patches=self.n_bad_patches,
-        )
+        """The manifest row: every column this outcome shares with :class:`ManifestRow` (host, pid and the
+        finishing time are the row's own defaults)."""
+        return ManifestRow(**{f.name: getattr(self, f.name) for f in fields(ManifestRow) if hasattr(self, f.name)})
 
     @classmethod
     def failed(cls, entry: Any, error: str, seconds: float | None = None, **kw: Any) -> "SlideOutcome":

@@ -1,4 +1,5 @@
-"""Exceptions that carry one clear, user-facing line, and the exit codes of the command line (design §3)."""
+"""Exceptions that carry one clear, user-facing line, the exit codes of the command line, and the one helper
+that turns any exception into such a line (:func:`first_line`). Exit codes are documented in the README."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ EXIT_FAILED = 1
 """At least one slide failed (reported after every other slide was processed)."""
 EXIT_USAGE = 2
 """Bad command line or configuration; no work was done."""
+EXIT_RUN = 3
+"""A whole-run error stopped the run early (OUT full or read-only, the GPU out of memory at the chosen batch
+size, a failed compile, a sticky CUDA error): the slides not yet finished are left untouched for the next job."""
 
 
 class MstarError(Exception):
@@ -16,6 +20,11 @@ class MstarError(Exception):
 
 class UsageError(MstarError):
     """The command line or a configuration file is wrong; the run stops before any work (exit 2)."""
+
+
+class RunError(MstarError):
+    """A machine- or folder-wide problem that ends the whole run (exit 3), not one slide: out of disk space,
+    a read-only OUT, GPU out of memory at the configured batch size, a failed compile, a CUDA error."""
 
 
 class SlideError(MstarError):
@@ -44,3 +53,15 @@ class ReadError(SlideError):
 
 class WeightsError(MstarError):
     """Model weights could not be found, fetched, verified or loaded."""
+
+
+def first_line(exc: BaseException, with_type: bool = False) -> str:
+    """The first non-empty line of ``str(exc)`` (the exception's type name when the message is empty).
+
+    ``with_type=True`` prefixes ``TypeName: `` (for unexpected exceptions, whose type is part of the story).
+    Never raises, whatever the message (empty, only whitespace, many lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    name = type(exc).__name__
+    if not lines:
+        return name
+    return f"{name}: {lines[0]}" if with_type else lines[0]

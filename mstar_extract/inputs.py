@@ -5,6 +5,9 @@ A spec may be:
 - a slide file (any name; an unknown extension fails later, per slide, when it is opened);
 - a directory: searched recursively for known slide extensions (``slides.SLIDE_EXTENSIONS``), skipping hidden
   files and folders (names starting with ``.``, which includes this tool's own ``.<name>.*.tmp`` temp files);
+  multi-file formats are one slide each: the ``.dcm`` files of one DICOM WSI series (its label, overview and
+  thumbnail instances included) are one slide, and a MIRAX ``X.mrxs`` is one slide whose data folder ``X/`` is
+  not searched (:mod:`mstar_extract.slides.formats`);
 - a glob pattern (``*``, ``?``, ``[``; ``**`` recurses): matching slide files, and directories searched as above;
 - a list file ``*.csv`` / ``*.tsv`` / ``*.txt``: CSV with a header holding a ``path`` column and optional
   ``slide_id`` and ``mpp`` columns (tab-separated when the header has tabs), or — for ``.txt`` without a
@@ -12,7 +15,9 @@ A spec may be:
 - ``-``: the same list format read from stdin (paths relative to the current directory).
 
 In lists, blank lines and lines starting with ``#`` are ignored. The slide id is the file name without its
-slide extension (``a.ome.tif`` -> ``a``) unless the list gives one. A path that does not exist becomes an
+slide extension (``a.ome.tif`` -> ``a``) unless the list gives one; for DICOM, any file of a series (or a
+folder holding one series) names the series, whose id is the folder's name when the folder holds one series
+(rule for several: :mod:`mstar_extract.slides.dicom`). A path that does not exist becomes an
 entry with ``error`` set (a per-slide failure later, not a crash). The same file named twice is kept once;
 two different files with the same id raise :class:`UsageError` naming both, before any work.
 """
@@ -31,7 +36,7 @@ from pathlib import Path
 from typing import Iterable, Sequence, TextIO
 
 from mstar_extract.errors import UsageError
-from mstar_extract.slides.formats import is_slide_file, slide_stem
+from mstar_extract.slides.formats import group_slide_files, is_mrxs_data_dir, is_slide_file, slide_identity
 
 log = logging.getLogger("mstar")
 
@@ -58,13 +63,13 @@ def _is_hidden(path: Path, root: Path) -> bool:
 
 
 def _scan_dir(root: Path) -> list[Path]:
-    """Slide files under ``root`` (recursive), hidden files/folders skipped, sorted."""
+    """Slides under ``root`` (recursive), hidden files/folders and MIRAX data folders skipped, one file per
+    DICOM series, sorted."""
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and is_slide_file(name):
-                found.append(Path(dirpath) / name)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not is_mrxs_data_dir(d, filenames))
+        names = [n for n in filenames if not n.startswith(".") and is_slide_file(n)]
+        found.extend(group_slide_files(Path(dirpath), names))
     return sorted(found)
 
 
@@ -115,8 +120,10 @@ def _entry(base: Path, raw: str, slide_id: str | None, mpp: float | None) -> Sli
     if not path.is_absolute():
         path = base / path
     path = Path(os.path.normpath(path))
-    error = None if path.exists() else "file not found"
-    return SlideEntry(slide_id or slide_stem(path), path, mpp, error)
+    if not path.exists():
+        return SlideEntry(slide_id or slide_identity(path).slide_id, path, mpp, "file not found")
+    ident = slide_identity(path)  # a DICOM series: its level-0 file and the series' id
+    return SlideEntry(slide_id or ident.slide_id, ident.path, mpp, ident.error)
 
 
 def _expand(spec: str, stdin: TextIO | None) -> list[SlideEntry]:

@@ -5,7 +5,8 @@
 decoded at most once per batch (in practice once per slide: the tile cache spans a few rows of patches):
 
 * ``tiles`` — the level is a plain tiled TIFF page (Aperio SVS, generic pyramidal TIFF): decode the file's own
-  tiles with tifffile/imagecodecs (:mod:`.tiles`), assemble each patch from cached tiles;
+  tiles with tifffile/imagecodecs (:mod:`.tiles`), assemble each patch from cached tiles; DICOM WSI frames and
+  OME-TIFF levels too (:mod:`.format_sources`);
 * ``regions`` — anything else: one ``read_region`` through the slide backend per run of neighbouring patches
   in a row (bounded width), then cut the patches out.
 
@@ -115,6 +116,10 @@ class PatchReader:
         if method in ("auto", "tiles"):
             size = self._level_size()
             self._tiles = TiffTileSource.open(self.path, size, cache_mb=tile_cache_mb)
+            if self._tiles is None:  # DICOM frames, OME-TIFF levels
+                from mstar_extract.reading.format_sources import open_format_source
+
+                self._tiles = open_format_source(self.slide, plan.level, tile_cache_mb)
             if self._tiles is None and method == "tiles":
                 raise ValueError(f"{self.path}: level {plan.level} is not a tiled TIFF page that tifffile can decode")
         self.method: str = "tiles" if self._tiles is not None else "regions"

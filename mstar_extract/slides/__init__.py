@@ -4,13 +4,15 @@
 ...     patch = slide.read_region((x, y), 0, (256, 256))   # uint8 RGB (256, 256, 3)
 
 ``backend="auto"`` tries, per file: for svs/tif/tiff tiffslide, then OpenSlide (then the plain-image reader
-for ``.tif``); for vendor TIFF variants whose geometry OpenSlide models better (ndpi, scn, bif) OpenSlide, then
+for ``.tif``); for OME-TIFF (``.ome.tif(f)``, or a ``.tif`` whose description is OME-XML) tiffslide only (then the
+plain-image reader), because OpenSlide does not see an OME pyramid's SubIFD levels; for vendor TIFF variants whose geometry OpenSlide models better (ndpi, scn, bif) OpenSlide, then
 tiffslide; other OpenSlide formats (mrxs, vms, vmu, dcm) OpenSlide only; png/jpg the plain-image reader.
 Why tiffslide first for svs/tif: it decoded tiled JPEG regions 1-3x faster per CPU core than OpenSlide on
 this machine (``docs/backends.md``). ``mpp`` is an explicit per-slide resolution in µm/px; it wins over the file's
 metadata; :func:`apply_mpp_fallback` applies a run-wide ``--mpp-override`` only to slides without metadata
 (see :mod:`mstar_extract.slides.resolution` for the full precedence).
 
+A folder that holds one DICOM WSI series opens as that series (:mod:`mstar_extract.slides.dicom`).
 Before any backend sees a file, :func:`open_slide` rejects missing, empty, unsupported and truncated files
 with one clear :class:`~mstar_extract.errors.SlideOpenError` line.
 """
@@ -31,15 +33,17 @@ from mstar_extract.slides.formats import (
     SLIDE_EXTENSIONS,
     check_file,
     check_tiff_structure,
+    is_ome_tiff,
     is_slide_file,
     is_tiff,
     slide_extension,
+    slide_identity,
     slide_stem,
 )
 
 __all__ = [
     "BACKENDS", "Level", "MppSource", "SLIDE_EXTENSIONS", "Slide", "apply_mpp_fallback", "backend_order", "is_slide_file",
-    "open_slide", "slide_extension", "slide_stem",
+    "open_slide", "slide_extension", "slide_identity", "slide_stem",
 ]
 
 log = logging.getLogger("mstar")
@@ -79,6 +83,8 @@ def backend_order(path: str | os.PathLike, backend: str = "auto") -> tuple[str, 
         return ("image",)
     if ext in _OPENSLIDE_FIRST:
         return ("openslide", "tiffslide")
+    if is_ome_tiff(path):
+        return ("tiffslide", "image")
     if ext in _TIFF_BASED:
         return AUTO_TIFF_ORDER + (("image",) if ext in IMAGE_EXTENSIONS or ext.startswith(".ome") else ())
     if ext in OPENSLIDE_EXTENSIONS:
@@ -93,6 +99,9 @@ def open_slide(path: str | os.PathLike, backend: str = "auto", mpp: float | None
     :class:`UsageError` for a bad ``backend``/``mpp`` argument.
     """
     path = Path(path)
+    if path.is_dir() and slide_extension(path) != ".mrxs":
+        ident = slide_identity(path)  # a folder holding one DICOM WSI series: its level-0 file
+        path = ident.path if ident.error is None else path
     if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
         raise UsageError(f"mpp override must be a positive number of µm per pixel, got {mpp!r}")
     order = backend_order(path, backend)

@@ -1,11 +1,18 @@
-"""Which files are slides, what their id is, and a cheap structural check that catches empty/truncated files."""
+"""Which files are slides, what their id is, and a cheap structural check that catches empty/truncated files.
+
+Multi-file formats are one slide each: a DICOM WSI series (many ``.dcm`` files, see
+:mod:`mstar_extract.slides.dicom`) is represented by its level-0 file, and a MIRAX ``X.mrxs`` by that file (its
+data folder ``X/`` beside it is never searched for slides). :func:`slide_identity` gives the file that stands for
+a slide and its default id; :func:`group_slide_files` turns the slide-named files of one folder into slides.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mstar_extract.errors import SlideOpenError
@@ -48,6 +55,67 @@ def slide_stem(path: str | os.PathLike) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class SlideIdentity:
+    """The file that stands for a slide, its default id, and why it cannot be one (``error``) if so."""
+
+    path: Path
+    slide_id: str
+    error: str | None = None
+
+
+def slide_identity(path: str | os.PathLike) -> SlideIdentity:
+    """Default id (and representative file) of the slide at ``path``.
+
+    A plain file: itself and :func:`slide_stem`. Any file of a DICOM WSI series: the series' level-0 file and the
+    series' id (:mod:`mstar_extract.slides.dicom`), so all files of one series are one slide. A folder holding one
+    DICOM series: the same; a folder holding several gives ``error`` (name one of its files instead).
+    """
+    path = Path(path)
+    if path.is_dir() and slide_extension(path) != ".mrxs":
+        return _folder_identity(path)
+    if slide_extension(path) == ".dcm" and path.is_file():
+        from mstar_extract.slides.dicom import series_of
+
+        series = series_of(path)
+        if series is not None:
+            return SlideIdentity(series.path, series.slide_id)
+    return SlideIdentity(path, slide_stem(path))
+
+
+def _folder_identity(folder: Path) -> SlideIdentity:
+    from mstar_extract.slides.dicom import scan_folder
+
+    series = scan_folder(folder).series
+    if len(series) == 1:
+        return SlideIdentity(series[0].path, series[0].slide_id)
+    if not series:
+        return SlideIdentity(folder, folder.name, "is a directory, not a slide file (and holds no DICOM WSI series)")
+    ids = ", ".join(s.slide_id for s in series)
+    return SlideIdentity(folder, folder.name, f"the folder holds {len(series)} DICOM WSI series ({ids}); "
+                         "name one file of the wanted series instead")
+
+
+def is_mrxs_data_dir(name: str, sibling_files: Sequence[str]) -> bool:
+    """True when folder ``name`` is the data folder of a MIRAX slide (``name.mrxs`` lies beside it)."""
+    want = f"{name}.mrxs".lower()
+    return any(f.lower() == want for f in sibling_files)
+
+
+def group_slide_files(folder: Path, names: Sequence[str]) -> list[Path]:
+    """The slides among the slide-named files ``names`` directly in ``folder``: every non-DICOM file as it is,
+    and one level-0 file per DICOM WSI series (plus ``.dcm`` files that are not WSI instances, which then fail
+    with their reason when opened). Sorted."""
+    out = [folder / n for n in names if slide_extension(n) != ".dcm"]
+    if len(out) < len(names):
+        from mstar_extract.slides.dicom import scan_folder
+
+        scan = scan_folder(folder)
+        out.extend(s.path for s in scan.series)
+        out.extend(scan.unreadable)
+    return sorted(out)
+
+
 def is_tiff(path: str | os.PathLike) -> bool:
     """True if the file starts with a TIFF/BigTIFF header."""
     try:
@@ -57,12 +125,27 @@ def is_tiff(path: str | os.PathLike) -> bool:
         return False
 
 
+def is_ome_tiff(path: str | os.PathLike) -> bool:
+    """True for an OME-TIFF: a ``.ome.tif(f)`` name, or a TIFF whose first ImageDescription is OME-XML."""
+    if slide_extension(path) in MULTI_SUFFIXES:
+        return True
+    if slide_extension(path) not in (".tif", ".tiff") or not is_tiff(path):
+        return False
+    import tifffile
+
+    try:
+        with quiet_tifffile(), tifffile.TiffFile(path) as tf:
+            return bool(tf.is_ome)
+    except Exception:  # noqa: BLE001 - a broken TIFF is reported by check_tiff_structure
+        return False
+
+
 def check_file(path: Path) -> int:
     """Raise :class:`SlideOpenError` for a missing, unreadable, empty or unsupported file; return its size."""
     if not path.exists():
         raise SlideOpenError(path, "file not found")
     if path.is_dir() and slide_extension(path) != ".mrxs":
-        raise SlideOpenError(path, "is a directory, not a slide file")
+        raise SlideOpenError(path, _folder_identity(path).error or "is a directory, not a slide file")
     ext = slide_extension(path)
     if not is_slide_file(path):
         known = " ".join(sorted(e.lstrip(".") for e in SLIDE_EXTENSIONS))

@@ -15,6 +15,10 @@ resolutions. Writers:
 - broken inputs: :func:`make_empty`, :func:`make_text_as_svs`, :func:`make_truncated_svs`,
   :func:`make_corrupt_tile_tiff`.
 - :func:`make_large_svs` — a big SVS (default 30000x20000) written tile by tile with bounded memory.
+- conversions of an SVS by real writers, for the format tests: :func:`make_dicom` (a DICOM WSI series written by
+  wsidicomizer, the ``dev`` extra) and :func:`make_ome_tiff` (a pyramidal OME-TIFF written by tifffile with OME
+  metadata, levels in SubIFDs). Both keep the SVS's JPEG tiles byte for byte (unless DICOM is asked for JPEG
+  2000), so their pixels are the SVS's pixels.
 
 Ground truth (``<slide stem>.truth.npz`` beside each slide, ``np.savez_compressed``) holds boolean masks of the
 whole scene at a low resolution: ``tissue`` (stained tissue incl. faint, holes excluded, tissue under ink
@@ -243,6 +247,76 @@ def make_large_svs(path: str | os.PathLike, width: int = 30000, height: int = 20
     scene = random_scene(width * mpp, height * mpp, seed=seed, n_blobs=9)
     return make_svs(path, scene, mpp=mpp, magnification=round(10 / mpp), levels=(1, 4, 16, 64), quality=quality,
                     stream=True)
+
+
+# ------------------------------------------------------------------------------------------ conversions
+def make_dicom(svs: str | os.PathLike, folder: str | os.PathLike, *, jpeg2000: bool = False,
+               container_id: str | None = None, objective_power: float | None = None,
+               associated: bool = True) -> list[Path]:
+    """Convert the SVS ``svs`` into a DICOM WSI series in ``folder`` with wsidicomizer; returns the files written.
+
+    What the converter does (wsidicomizer's opentile source for Aperio SVS): one instance per pyramid level
+    (``ImageType`` ``VOLUME``; ``ORIGINAL`` for level 0, ``DERIVED``/``RESAMPLED`` for the others) whose frames are
+    the SVS's JPEG tiles copied byte for byte (each padded to an even length, as DICOM requires), plus
+    ``LABEL``, ``OVERVIEW`` (the SVS macro) and ``THUMBNAIL`` instances, all in one series; ``PixelSpacing`` from
+    the SVS ``MPP``; ``ContainerIdentifier`` ``Unknown`` unless ``container_id`` is given; no objective power
+    unless ``objective_power`` is given. Files are named ``<SOPInstanceUID>.dcm``. ``jpeg2000=True`` transcodes
+    every tile to lossless JPEG 2000 (``YBR_RCT``) instead, so pixels still equal the SVS's decoded pixels.
+    """
+    from wsidicomizer import WsiDicomizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def post(ds, _meta):  # noqa: ANN001, ANN202 - wsidicomizer's metadata post-processor callback
+        if container_id is not None:
+            ds.ContainerIdentifier = container_id
+        if objective_power is not None and "OpticalPathSequence" in ds:
+            ds.OpticalPathSequence[0].ObjectiveLensPower = objective_power
+        return ds
+
+    kw: dict = {}
+    if jpeg2000:
+        from wsidicom.codec.settings import Jpeg2kSettings
+
+        kw = {"encoding": Jpeg2kSettings(levels=0), "force_transcoding": True}
+    files = WsiDicomizer.convert(Path(svs), folder, workers=1, metadata_post_processor=post,
+                                 include_label=associated, include_overview=associated, **kw)
+    return sorted(Path(f) if Path(f).is_absolute() else Path.cwd() / f for f in files)
+
+
+def make_ome_tiff(svs: str | os.PathLike, path: str | os.PathLike, *, unit: str = "µm") -> Path:
+    """Rewrite the SVS ``svs`` as a pyramidal OME-TIFF with tifffile: level 0 as the first page with OME-XML
+    (``PhysicalSizeX/Y`` = the SVS's MPP, expressed in ``unit``: ``µm``, ``nm`` or ``mm``), the reduced levels
+    as its SubIFDs (as bioformats2raw/raw2ometiff and QuPath write them), every JPEG tile copied byte for byte
+    (same photometric and subsampling). No resolution tags (XResolution 1/1, unit NONE): the OME-XML is the only
+    source of the resolution. The SVS thumbnail, label and macro are not copied."""
+    import tifffile
+
+    path = Path(path)
+    per_um = {"µm": 1.0, "nm": 1000.0, "mm": 0.001}[unit]
+    with tifffile.TiffFile(svs) as src:
+        mpp = float(src.pages[0].description.split("MPP = ")[1].split("|")[0])
+        levels = [p for p in src.pages if p.is_tiled]
+        fh = src.filehandle
+
+        def tiles(page):  # noqa: ANN001, ANN202
+            for off, cnt in zip(page.dataoffsets, page.databytecounts):
+                fh.seek(off)
+                yield fh.read(cnt)
+
+        with tifffile.TiffWriter(path, ome=True) as tw:
+            for i, page in enumerate(levels):
+                kw = dict(tile=(page.tilelength, page.tilewidth), compression="jpeg", photometric=page.photometric,
+                          subsampling=getattr(page, "subsampling", None), dtype=np.uint8,
+                          shape=(page.imagelength, page.imagewidth, 3))
+                if i == 0:
+                    meta = {"axes": "YXS", "Name": path.name.split(".")[0], "PhysicalSizeX": mpp * per_um,
+                            "PhysicalSizeXUnit": unit, "PhysicalSizeY": mpp * per_um, "PhysicalSizeYUnit": unit}
+                    tw.write(tiles(page), subifds=len(levels) - 1, metadata=meta, **kw)
+                else:
+                    tw.write(tiles(page), subfiletype=1, metadata=None, **kw)
+    return path
 
 
 # ------------------------------------------------------------------------------------------ the set

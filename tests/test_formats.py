@@ -30,8 +30,6 @@ from mstar_extract.slides.dicom import scan_folder
 from mstar_extract.testing.fixtures import make_dicom, make_ome_tiff
 from mstar_extract.tiling import TilingParams
 
-pytest.importorskip("wsidicomizer", reason="the dev extra (wsidicomizer) writes the DICOM fixtures")
-
 
 @pytest.fixture(scope="session")
 def formats(fixture_slides, tmp_path_factory) -> dict[str, Path]:
@@ -252,6 +250,21 @@ def test_info_shows_the_series_once(formats):
     human = _cli("info", str(formats["dicom40"])).output
     assert [ln.split()[0] for ln in human.splitlines() if ln and not ln.startswith(" ")] == ["case_svs40"]
     assert "vendor dicom" in human and "0.25 x 0.25 µm/px" in human and "levels:        3" in human
+
+
+def test_broken_dcm_beside_a_series_fails_alone(formats, tmp_path):
+    """A .dcm that is not DICOM (or not a slide) in a series' folder: one clear line for it, the series is
+    still one slide named after the folder, exit code 1."""
+    case = tmp_path / "case9"
+    shutil.copytree(formats["dicom40"], case)
+    (case / "notes.dcm").write_text("not a DICOM file\n")
+    r = CliRunner().invoke(cli_main, ["info", str(case), "--json"])
+    assert r.exit_code == 1
+    recs = {rec["slide_id"]: rec for rec in json.loads(r.stdout)}
+    assert set(recs) == {"case9", "notes"}
+    assert recs["case9"]["error"] is None and recs["case9"]["vendor"] == "dicom"
+    assert "notes.dcm" in r.stderr and "OpenSlide" in recs["notes"]["error"]
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
 
 
 @pytest.mark.slow

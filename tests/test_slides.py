@@ -181,3 +181,49 @@ def test_rgba_composite_and_stem():
     out = rgba_to_rgb_on_white(rgba)
     assert out.tolist() == [[[10, 20, 30], [255, 255, 255], [127, 127, 127]]]
     assert slide_stem("/x/a.b.ome.tiff") == "a.b" and slide_stem("case.SVS") == "case" and slide_stem("x.h5") == "x.h5"
+
+
+OME_HEAD = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+            '<Instrument ID="Instrument:0"><Objective ID="Objective:0" NominalMagnification="40.0"/></Instrument>'
+            '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" Type="uint8" SizeX="10" SizeY="10" '
+            'SizeC="3" SizeZ="1" SizeT="1" {attrs}/></Image></OME>')
+
+
+@pytest.mark.parametrize("attrs,expected", [
+    ('PhysicalSizeX="0.25" PhysicalSizeY="0.26"', (0.25, 0.26)),  # no unit: the OME default, µm
+    ('PhysicalSizeX="0.5" PhysicalSizeXUnit="µm" PhysicalSizeY="0.5" PhysicalSizeYUnit="μm"', (0.5, 0.5)),  # micro / mu
+    ('PhysicalSizeX="250" PhysicalSizeXUnit="nm" PhysicalSizeY="250" PhysicalSizeYUnit="nm"', (0.25, 0.25)),
+    ('PhysicalSizeX="0.00025" PhysicalSizeXUnit="mm" PhysicalSizeY="0.00025" PhysicalSizeYUnit="mm"', (0.25, 0.25)),
+    ('PhysicalSizeX="2.5E-7" PhysicalSizeXUnit="m"', (0.25, 0.25)),  # only X: used for both
+    ('PhysicalSizeX="1" PhysicalSizeXUnit="pixel" PhysicalSizeY="1" PhysicalSizeYUnit="pixel"', None),  # not physical
+    ('PhysicalSizeX="1" PhysicalSizeXUnit="mm"', None),  # 1000 µm/px: outside the plausible range
+    ("", None),
+])
+def test_ome_xml_resolution_units(attrs, expected):
+    from mstar_extract.slides.resolution import mpp_from_ome_xml
+
+    got = mpp_from_ome_xml(OME_HEAD.format(attrs=attrs))
+    assert got == (pytest.approx(expected) if expected else None)
+    res = resolve({"tiff.ImageDescription": OME_HEAD.format(attrs=attrs), "tiff.ResolutionUnit": "NONE"})
+    assert res.magnification == 40.0  # Objective NominalMagnification
+    assert res.source == ("metadata" if expected else "objective")
+    assert resolve({"tiff.ImageDescription": "Aperio Image Library |MPP = 0.5"}).source is None  # not OME-XML
+
+
+def test_ome_tiff_named_tif_is_found_by_its_content(fixture_slides, tmp_path):
+    """An OME-TIFF without the .ome suffix: auto still picks tiffslide (OpenSlide would see one level), and the
+    resolution comes from its OME-XML."""
+    from mstar_extract.testing.fixtures import make_ome_tiff
+
+    path = make_ome_tiff(fixture_slides["svs20"].path, tmp_path / "export.tif")
+    assert backend_order(path) == ("tiffslide", "image")
+    assert backend_order(fixture_slides["tiff_nometa"].path) == ("tiffslide", "openslide", "image")
+    with open_slide(path) as s:
+        assert s.backend == "tiffslide" and len(s.levels) == 2
+        assert s.mpp_x == pytest.approx(0.5) and s.mpp_source == "metadata"
+
+
+def test_dicom_objective_power_key():
+    props = {"openslide.mpp-x": "0.25", "openslide.mpp-y": "0.25", "dicom.OpticalPathSequence[0].ObjectiveLensPower": "40.0"}
+    res = resolve(props)
+    assert (res.mpp_x, res.source, res.magnification) == (0.25, "metadata", 40.0)

@@ -6,8 +6,9 @@ A spec may be:
 - a directory: searched recursively for known slide extensions (``slides.SLIDE_EXTENSIONS``), skipping hidden
   files and folders (names starting with ``.``, which includes this tool's own ``.<name>.*.tmp`` temp files);
   multi-file formats are one slide each: the ``.dcm`` files of one DICOM WSI series (its label, overview and
-  thumbnail instances included) are one slide, and a MIRAX ``X.mrxs`` is one slide whose data folder ``X/`` is
-  not searched (:mod:`mstar_extract.slides.formats`);
+  thumbnail instances included) are one slide, a MIRAX ``X.mrxs`` is one slide whose data folder ``X/`` is
+  not searched, and the JPEG files that a Hamamatsu ``X.vms`` lists are its parts, not slides
+  (:mod:`mstar_extract.slides.formats`);
 - a glob pattern (``*``, ``?``, ``[``; ``**`` recurses): matching slide files, and directories searched as above;
 - a list file ``*.csv`` / ``*.tsv`` / ``*.txt``: CSV with a header holding a ``path`` column and optional
   ``slide_id`` and ``mpp`` columns (tab-separated when the header has tabs), or — for ``.txt`` without a

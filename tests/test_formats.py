@@ -119,6 +119,15 @@ def test_mrxs_data_folder_is_not_searched(tmp_path):
     assert sorted(e.slide_id for e in resolve_slides([str(tmp_path)])) == ["X", "b"]
 
 
+def test_vms_jpeg_parts_are_not_slides(tmp_path):
+    """A Hamamatsu VMS slide: the index file is the slide, the JPEG files it lists are its parts."""
+    (tmp_path / "scan.vms").write_text("[Virtual Microscope Specimen]\nNoLayers=1\nImageFile=scan.jpg\n"
+                                       "ImageFile(1,0)=scan_1.jpg\nMapFile=scan_map.jpg\n")
+    for name in ("scan.jpg", "scan_1.jpg", "scan_map.jpg", "photo.jpg"):
+        (tmp_path / name).write_bytes(b"\xff\xd8")
+    assert sorted(e.slide_id for e in resolve_slides([str(tmp_path)])) == ["photo", "scan"]
+
+
 # --------------------------------------------------------------------------------------------- metadata
 def test_dicom_metadata_levels_mpp_associated(formats):
     with open_slide(formats["svs40"], backend="openslide") as svs, open_slide(formats["dicom40"]) as d:

@@ -2,7 +2,8 @@
 
 Multi-file formats are one slide each: a DICOM WSI series (many ``.dcm`` files, see
 :mod:`mstar_extract.slides.dicom`) is represented by its level-0 file, and a MIRAX ``X.mrxs`` by that file (its
-data folder ``X/`` beside it is never searched for slides). :func:`slide_identity` gives the file that stands for
+data folder ``X/`` beside it is never searched for slides), and a Hamamatsu ``X.vms`` by that file (the JPEG files
+it lists are not slides). :func:`slide_identity` gives the file that stands for
 a slide and its default id; :func:`group_slide_files` turns the slide-named files of one folder into slides.
 """
 
@@ -102,12 +103,31 @@ def is_mrxs_data_dir(name: str, sibling_files: Sequence[str]) -> bool:
     return any(f.lower() == want for f in sibling_files)
 
 
+def hamamatsu_parts(index: Path) -> set[str]:
+    """The image files (lower-case names) that a Hamamatsu ``.vms``/``.vmu`` index file lists (``ImageFile``,
+    ``ImageFile(x,y)``, ``MapFile``): parts of that slide, not slides of their own."""
+    try:
+        text = index.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    parts = set()
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip().split("(")[0] in ("ImageFile", "MapFile") and value.strip():
+            parts.add(Path(value.strip()).name.lower())
+    return parts
+
+
 def group_slide_files(folder: Path, names: Sequence[str]) -> list[Path]:
     """The slides among the slide-named files ``names`` directly in ``folder``: every non-DICOM file as it is,
-    and one level-0 file per DICOM WSI series (plus ``.dcm`` files that are not WSI instances, which then fail
-    with their reason when opened). Sorted."""
-    out = [folder / n for n in names if slide_extension(n) != ".dcm"]
-    if len(out) < len(names):
+    except the JPEG parts of a Hamamatsu VMS slide; one level-0 file per DICOM WSI series (plus ``.dcm`` files
+    that are not WSI instances, which then fail with their reason when opened). Sorted."""
+    parts: set[str] = set()
+    for n in names:
+        if slide_extension(n) in (".vms", ".vmu"):
+            parts |= hamamatsu_parts(folder / n)
+    out = [folder / n for n in names if slide_extension(n) != ".dcm" and n.lower() not in parts]
+    if any(slide_extension(n) == ".dcm" for n in names):
         from mstar_extract.slides.dicom import scan_folder
 
         scan = scan_folder(folder)

@@ -4,9 +4,10 @@
 ...     patch = slide.read_region((x, y), 0, (256, 256))   # uint8 RGB (256, 256, 3)
 
 ``backend="auto"`` tries, per file: for svs/tif/tiff tiffslide, then OpenSlide (then the plain-image reader
-for ``.tif``); for OME-TIFF (``.ome.tif(f)``, or a ``.tif`` whose description is OME-XML) tiffslide only (then the
-plain-image reader), because OpenSlide does not see an OME pyramid's SubIFD levels; for vendor TIFF variants whose geometry OpenSlide models better (ndpi, scn, bif) OpenSlide, then
-tiffslide; other OpenSlide formats (mrxs, vms, vmu, dcm) OpenSlide only; png/jpg the plain-image reader.
+for ``.tif``); for OME-TIFF (``.ome.tif(f)``, or a ``.tif`` whose description is OME-XML) tiffslide only (then
+the plain-image reader), because OpenSlide does not see an OME pyramid's SubIFD levels; for vendor TIFF variants
+whose geometry OpenSlide models better (ndpi, scn, bif) OpenSlide, then tiffslide; other OpenSlide formats
+(mrxs, vms, vmu, dcm) OpenSlide only; png/jpg the plain-image reader.
 Why tiffslide first for svs/tif: it decoded tiled JPEG regions 1-3x faster per CPU core than OpenSlide on
 this machine (``docs/backends.md``). ``mpp`` is an explicit per-slide resolution in µm/px; it wins over the file's
 metadata; :func:`apply_mpp_fallback` applies a run-wide ``--mpp-override`` only to slides without metadata

@@ -1,0 +1,159 @@
+"""Issue 16 ("ready for the first GPU node"): what would break, stall or mislead on a real cluster node.
+
+* a small ``/dev/shm`` (Docker's 64 MB default): the reader ring is sized to it (fewer slots, or pipes), never a
+  worker killed by SIGBUS — run for real in a private mount namespace with a 64 MB tmpfs on ``/dev/shm``
+  (needs root and ``unshare``; skipped with the reason otherwise);
+* the automatic precision: bf16 only on GPUs with bf16 hardware, fp16 (and one line) on older ones;
+* reader workers per torchrun rank: the node's CPUs divided by ``LOCAL_WORLD_SIZE`` (a real ``torchrun``);
+* the CUDA device of each process is set once (``torch.cuda.set_device``) and every timing synchronises it.
+
+Tests marked ``gpu`` run only where CUDA is available (``pytest -m gpu``; ``benchmarks/gpu.sh`` runs them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mstar_extract.reading.pool import ReaderPool, ring_slots
+from mstar_extract.testing.fixtures import make_svs
+from mstar_extract.testing.scene import random_scene
+
+SMALL_MODEL = "timm:regnetx_002"
+"""A 224-px timm model cheap enough on the CPU for a few hundred patches (batches are 224 px, 38.5 MB per 256)."""
+_SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MSTAR_WEIGHTS",
+          "MSTAR_DEVICE", "MSTAR_WORKERS", "MSTAR_LOCK_TIMEOUT")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith("SLURM_")}
+    return {**env, "MSTAR_PROGRESS_INTERVAL": "3600", "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture(scope="module")
+def big_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 20x SVS with one large tissue island: about 450 patches of 128 px, i.e. two batches of 256."""
+    d = tmp_path_factory.mktemp("shm_slide")
+    scene = random_scene(4000.0, 3200.0, seed=7, n_blobs=1, holes=False, pen=False, dust=False, faint=False)
+    return make_svs(d / "big.svs", scene, mpp=0.5, magnification=20, levels=(1, 4, 16), associated=False)
+
+
+# --------------------------------------------------------------------------------------- item 2: /dev/shm
+def test_ring_slots_fit_the_free_space() -> None:
+    mb = 1 << 20
+    slot = 256 * 224 * 224 * 3  # one batch of 256 model-ready patches: 36.75 MiB
+    assert ring_slots(18, 9, slot, None) == 18  # nothing to ask: as wanted
+    assert ring_slots(18, 9, slot, 64 * 1024 * mb) == 18  # a roomy /dev/shm
+    assert ring_slots(18, 9, slot, 512 * mb) == 10  # 512 MB less 25 % headroom: 10 slots
+    assert ring_slots(18, 9, slot, 64 * mb) == 0  # Docker's default: not even workers + 1 -> pipes
+    assert ring_slots(18, 9, slot, 300 * mb) == 0
+    assert ring_slots(4, 9, mb, 40 * mb) == 4  # a caller's own small ring is kept when it fits
+    assert ring_slots(4, 3, 10 * mb, 20 * mb) == 0  # headroom is at least 16 MB
+
+
+def _small_shm_ok() -> str | None:
+    """None when a private mount namespace with a tmpfs on /dev/shm can be made here, else why not."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "needs root to mount a small tmpfs on /dev/shm in a private mount namespace"
+    if shutil.which("unshare") is None:
+        return "needs util-linux unshare"
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot mount a tmpfs in a private mount namespace here: {probe.stderr.strip()[:200]}"
+    return None
+
+
+def in_small_shm(size: str, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``cmd`` with a fresh ``size`` tmpfs on /dev/shm, in a private mount namespace (the host's is untouched)."""
+    why = _small_shm_ok()
+    if why is not None:
+        pytest.skip(why)
+    script = f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"'
+    return subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", *cmd], capture_output=True, text=True,
+                          env=_env(), timeout=timeout)
+
+
+@pytest.mark.slow
+def test_extract_with_8_workers_on_a_64mb_dev_shm_completes(big_slide: Path, tmp_path: Path) -> None:
+    """Before: 18 slots x 38.5 MB were 'created' in 64 MB; the second batch written -> worker killed by SIGBUS."""
+    out = tmp_path / "out"
+    r = in_small_shm("64m", sys.executable, "-m", "mstar_extract", "extract", str(big_slide), str(out),
+                     "--model", SMALL_MODEL, "--weights", "random", "--device", "cpu", "--workers", "8",
+                     "--batch-size", "256", "--patch-size", "128", "--jsonl")
+    assert "SIGBUS" not in r.stderr and "died" not in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    done = [e for e in events if e["event"] == "done"]
+    assert len(done) == 1 and done[0]["n_patches"] > 256, events[-3:]  # more than one batch went through
+    assert (out / "features" / "big.h5").is_file()
+    lines = [ln for ln in r.stderr.splitlines() if "/dev/shm" in ln]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert re.search(r"/dev/shm has \d+\.\d MB free: too small .* travel through pipes", lines[0]), lines[0]
+
+
+_POOL_SCRIPT = r"""
+import json, pickle, sys
+from multiprocessing import shared_memory
+from mstar_extract.reading import ReaderPool, SlideJob
+from mstar_extract.reading.pool import _reserve
+
+def read_all(pool, job):
+    pool.submit(job)
+    n = 0
+    for stream in pool.results():
+        for batch in stream:
+            n += batch.pixels.shape[0]
+    return n
+
+job = SlideJob("big", sys.argv[1], pickle.loads(bytes.fromhex(sys.argv[2])))
+res = {}
+with ReaderPool(workers=8, batch_size=256) as a:
+    res["a"] = [a.n_slots, a.transport, read_all(a, job)]
+    with ReaderPool(workers=8, batch_size=256) as b:  # sized to what the first one left
+        res["b"] = [b.n_slots, b.transport, read_all(b, job)]
+seg = shared_memory.SharedMemory(create=True, size=600 << 20)  # more than the tmpfs: created without complaint
+try:
+    _reserve(seg, 600 << 20)
+    res["reserve"] = "ok"
+except OSError as exc:
+    res["reserve"] = exc.errno
+finally:
+    seg.close(); seg.unlink()
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.slow
+def test_reader_ring_is_cut_to_a_512mb_dev_shm(big_slide: Path, tmp_path: Path) -> None:
+    """512 MB: the ring gets the 10 slots that fit (of 18); a second pool sees what the first reserved."""
+    import errno
+    import pickle
+
+    from mstar_extract.pipeline.tile_job import TileSettings, open_with_resolution, segment_and_plan
+    from mstar_extract.inputs import resolve_slides
+    from mstar_extract.tiling import TilingParams
+
+    settings = TileSettings(tiling=TilingParams(magnification=20.0, patch_size=128))
+    entry = resolve_slides([str(big_slide)])[0]
+    with open_with_resolution(entry, settings) as slide:
+        _, plan = segment_and_plan(slide, entry.slide_id, settings)
+    r = in_small_shm("512m", sys.executable, "-c", _POOL_SCRIPT, str(big_slide), pickle.dumps(plan).hex())
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["a"] == [10, "shm", len(plan)], res
+    assert res["b"] == [18, "queue", len(plan)], res  # ~130 MB left: not 9 slots -> pipes, and still complete
+    assert res["reserve"] == errno.ENOSPC  # the reservation fails up front instead of a SIGBUS on write
+    assert "SIGBUS" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "/dev/shm" in ln]
+    assert len(lines) == 2, r.stderr  # one line per pool
+    assert "reader ring cut to 10 of 18 slots" in lines[0] and "travel through pipes" in lines[1]

@@ -157,3 +157,165 @@ def test_reader_ring_is_cut_to_a_512mb_dev_shm(big_slide: Path, tmp_path: Path) 
     lines = [ln for ln in r.stderr.splitlines() if "/dev/shm" in ln]
     assert len(lines) == 2, r.stderr  # one line per pool
     assert "reader ring cut to 10 of 18 slots" in lines[0] and "travel through pipes" in lines[1]
+
+
+# ----------------------------------------------------------------------- item 4: reader workers per rank
+@pytest.fixture(scope="module")
+def two_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small 20x SVS slides, one in each torchrun rank's share (3-5 patches each)."""
+    from mstar_extract.sharding import RANK_SALT, share_of
+
+    d = tmp_path_factory.mktemp("two")
+    names = [next(f"r{k}_{i}" for i in range(100) if share_of(f"r{k}_{i}", 2, RANK_SALT) == k) for k in range(2)]
+    for i, sid in enumerate(names):
+        scene = random_scene(800.0, 640.0, seed=20 + i, n_blobs=1, pen=False, dust=False, faint=False)
+        make_svs(d / f"{sid}.svs", scene, mpp=0.5, magnification=20, levels=(1, 4), associated=False)
+    return d
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_the_node_cpus_between_their_reader_workers(two_slides: Path, tmp_path: Path) -> None:
+    """A real ``torchrun --nproc_per_node=2``: each rank starts cpus // 2 - 1 reader workers (at least 1), not a
+    whole node's worth, and says how it counted (``LOCAL_WORLD_SIZE`` local ranks)."""
+    from mstar_extract.envdefaults import available_cpus
+
+    cpus = available_cpus({})
+    per_rank = max(1, min(16, cpus // 2 - 1))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mstar_extract",
+           "extract", str(two_slides), str(out), "--model", SMALL_MODEL, "--weights", "random", "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = re.findall(r"torchrun rank (\d)/2: 1 slide\(s\) on cpu, (\d+) reader worker\(s\) \((\d+) CPUs shared by "
+                       r"(\d+) local rank\(s\)\)", r.stderr)
+    assert sorted(r_[0] for r_ in ranks) == ["0", "1"], r.stderr[-3000:]
+    assert all((int(w), int(c), int(n)) == (per_rank, cpus, 2) for _, w, c, n in ranks), ranks
+    started = re.findall(r"on cpu, fp32, batch \d+, (\d+) reader worker\(s\)", r.stderr)  # what each rank's run used
+    assert [int(w) for w in started] == [per_rank, per_rank], r.stderr[-3000:]
+    assert len(list((out / "features").glob("*.h5"))) == 2
+
+
+# ------------------------------------------------------------------------------ item 3: auto precision
+def test_precision_rule_bf16_only_with_bf16_hardware(caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    from mstar_extract.models.encoder import resolve_precision
+    from mstar_extract.models.precision import auto_precision, native_bf16, precision_for
+
+    assert precision_for("cuda", True) == "bf16"  # A100, H100, H200, L4, RTX 30xx+
+    assert precision_for("cuda", False) == "fp16"  # V100, T4: bf16 only emulated, several times slower
+    assert precision_for("cpu", True) == precision_for("cpu", False) == "fp32"
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu) is False and auto_precision(cpu) == "fp32"
+    with caplog.at_level(logging.WARNING, logger="mstar"):
+        assert resolve_precision(None, cpu) == "fp32" and resolve_precision("auto", cpu) == "fp32"
+        assert resolve_precision("fp16", cpu) == "fp16"  # an explicit choice is kept as given
+    assert not [r for r in caplog.records if "bf16" in r.getMessage()]  # nothing to say on the CPU
+
+
+def _importable(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - missing, or its native library is
+        return False
+    return True
+
+
+def _cuda_index() -> int:
+    import torch
+
+    return torch.cuda.device_count() - 1  # the last GPU: not the default cuda:0 when there are several
+
+
+@pytest.mark.gpu
+def test_cuda_auto_precision_follows_the_gpu_hardware(caplog: pytest.LogCaptureFixture) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from mstar_extract.models import Encoder
+    from mstar_extract.models.precision import auto_precision
+
+    dev = torch.device("cuda", _cuda_index())
+    expected = "bf16" if torch.cuda.get_device_capability(dev) >= (8, 0) else "fp16"
+    assert auto_precision(dev) == expected
+    with caplog.at_level(logging.WARNING, logger="mstar"):
+        enc = Encoder.create("timm:vit_tiny_patch16_224", weights="random", device=str(dev), precision=None)
+    assert enc.precision == expected
+    fallback = [r for r in caplog.records if "no bf16 hardware" in r.getMessage()]
+    assert len(fallback) == (1 if expected == "fp16" else 0)
+    feats = enc.embed(np.random.default_rng(0).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8))
+    assert feats.dtype == torch.float32 and bool(torch.isfinite(feats).all())
+
+
+# ----------------------------------------------------------------------------- item 5: the process's GPU
+def test_cpu_encoder_and_binding_leave_cuda_alone() -> None:
+    """On the CPU nothing initialises CUDA: no context (and no memory) on any GPU of a shared node."""
+    import torch
+
+    from mstar_extract.models import Encoder, benchmark_model
+    from mstar_extract.models.encoder import synchronize, use_device
+    from mstar_extract.pipeline.launch import bind_device
+
+    was = torch.cuda.is_initialized()
+    assert use_device("cpu") == torch.device("cpu")
+    bind_device("cpu")
+    bind_device("auto")
+    enc = Encoder.create("timm:vit_tiny_patch16_224", weights="random", device="cpu")
+    res = benchmark_model(enc, batch_size=2, seconds=None, iters=1, warmup=0)
+    synchronize(enc.device)
+    assert res["device"] == "cpu" and res["device_name"] == "cpu"
+    assert torch.cuda.is_initialized() == was
+
+
+_DEVICE_SCRIPT = r"""
+import json, sys, torch
+from mstar_extract.models import Encoder, benchmark_model
+i = int(sys.argv[1])
+several = torch.cuda.device_count() > 1  # Inductor's allocations matter (and cost the compile) only then
+enc = Encoder.create("timm:vit_tiny_patch16_224", weights="random", device=f"cuda:{i}", compile=several)
+res = benchmark_model(enc, batch_size=32, seconds=None, iters=2, warmup=1)
+print(json.dumps({"current": torch.cuda.current_device(), "device": res["device"], "name": res["device_name"],
+                  "others": {j: torch.cuda.memory_allocated(j) for j in range(torch.cuda.device_count()) if j != i}}))
+"""
+
+
+@pytest.mark.gpu
+def test_encoder_makes_its_gpu_the_current_device() -> None:
+    """A fresh process given cuda:N (the last GPU): current device N, the benchmark times and names GPU N, and the
+    compiled model allocates nothing on the other GPUs (before: Inductor and bare synchronize() used cuda:0)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    i = _cuda_index()
+    r = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, str(i)], capture_output=True, text=True, env=_env(),
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["current"] == i and res["device"] == f"cuda:{i}"
+    assert res["name"] == torch.cuda.get_device_name(i)
+    assert all(v == 0 for v in res["others"].values()), res
+
+
+@pytest.mark.gpu
+def test_torchrun_rank_extracts_on_its_gpu(two_slides: Path, tmp_path: Path) -> None:
+    """torchrun on CUDA: ``--device auto`` becomes cuda:LOCAL_RANK, set as the rank's device; the slides are done."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if not any(_importable(m) for m in ("openslide", "tiffslide")):
+        pytest.skip("needs openslide-python or tiffslide to read SVS slides (carry their wheels in .whl/)")
+    n = min(2, torch.cuda.device_count())
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
+           "mstar_extract", "extract", str(two_slides), str(out), "--model", "timm:vit_tiny_patch16_224",
+           "--weights", "random", "--workers", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for k in range(n):
+        assert re.search(rf"torchrun rank {k}/{n}: \d slide\(s\) on cuda:{k},", r.stderr), r.stderr[-3000:]
+    assert len(list((out / "features").glob("*.h5"))) == 2

@@ -98,7 +98,7 @@ def test_extract_with_8_workers_on_a_64mb_dev_shm_completes(big_slide: Path, tmp
     assert (out / "features" / "big.h5").is_file()
     lines = [ln for ln in r.stderr.splitlines() if "/dev/shm" in ln]
     assert len(lines) == 1, r.stderr[-3000:]
-    assert re.search(r"/dev/shm has \d+\.\d MB free: too small .* travel through pipes", lines[0]), lines[0]
+    assert re.search(r"/dev/shm has \d+\.\d MiB free: too small .* travel through pipes", lines[0]), lines[0]
 
 
 _POOL_SCRIPT = r"""

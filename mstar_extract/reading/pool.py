@@ -104,7 +104,7 @@ def _discard(shm: Any) -> None:
 
 
 def _mb(nbytes: int | None) -> str:
-    return f"{nbytes / 2**20:.1f} MB" if nbytes is not None else "? MB"
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes is not None else "? MiB"
 
 
 def _shm_text(free: int | None) -> str:

@@ -249,8 +249,9 @@ class ReaderPool:
                     _discard(shm)
                     shm = None
         if shm is None:
-            log.warning("%s: %s for the reader ring (%d slots of %s, --workers %d, --batch-size %d); reader batches "
-                        "travel through pipes instead (slower; give the container more, e.g. docker --shm-size=8g)",
+            log.warning("%s: %s for the reader ring (at least %d slots of %s: --workers %d, --batch-size %d); "
+                        "reader batches travel through pipes instead (slower; give the container more, e.g. "
+                        "docker --shm-size=8g)",
                         _shm_text(free), why, self.workers + 1, _mb(slot_bytes), self.workers, self.opts.batch_size)
             self.transport = "queue"
             return

@@ -9,8 +9,10 @@ Variable              Option it sets the default of    Default when neither is g
                                                        else the Hugging Face hub cache
 ``MSTAR_DEVICE``      ``--device``                      ``auto`` (CUDA if available, else CPU)
 ``MSTAR_WORKERS``     ``--workers`` (reader processes)  CPUs available to this job (affinity / SLURM),
-                                                       minus one for the GPU feeder, at most 16,
-                                                       divided between ``--devices`` worker processes
+                                                       divided between the extraction processes of the
+                                                       node (``--devices`` processes x torchrun's
+                                                       ``LOCAL_WORLD_SIZE`` ranks), minus one for the
+                                                       GPU feeder, at most 16, at least 1
 ``MSTAR_LOCK_TIMEOUT`` ``--lock-timeout`` (seconds)     600 (see :mod:`mstar_extract.locks`)
 ===================== ================================ ==================================================
 
@@ -138,12 +140,30 @@ def available_cpus(env: Mapping[str, str] = os.environ) -> int:
     return max(1, n)
 
 
-def default_workers(option: int | None = None, env: Mapping[str, str] = os.environ, n_procs: int = 1) -> int:
+def local_ranks(env: Mapping[str, str] = os.environ) -> int:
+    """Processes of this torchrun job on this node (``LOCAL_WORLD_SIZE``, set by torchrun); 1 when not under it."""
+    raw = _get(env, "LOCAL_WORLD_SIZE")
+    if raw is None or _get(env, "WORLD_SIZE") is None:
+        return 1
+    try:
+        return max(1, int(raw))
+    except ValueError:
+        raise UsageError(f"bad torchrun environment: LOCAL_WORLD_SIZE={raw!r} is not an integer") from None
+
+
+def node_processes(n_procs: int = 1, env: Mapping[str, str] = os.environ) -> int:
+    """Extraction processes sharing this node's CPUs: ``n_procs`` (``--devices``) x torchrun's local ranks."""
+    return max(1, int(n_procs)) * local_ranks(env)
+
+
+def default_workers(option: int | None = None, env: Mapping[str, str] = os.environ, n_procs: int = 1,
+                    cpus: int | None = None) -> int:
     """Reader worker processes per extraction process: the option, else ``$MSTAR_WORKERS``, else a CPU rule.
 
-    The rule: ``min(16, available_cpus // n_procs - 1)``, at least 1, where ``n_procs`` is the number of
-    extraction processes sharing this node's CPUs (``--devices`` workers). ``0`` (option or variable) means
-    reading in the main process.
+    The rule: ``min(16, cpus // procs - 1)``, at least 1, where ``cpus`` is :func:`available_cpus` and ``procs``
+    is :func:`node_processes`: the extraction processes sharing this node's CPUs (``n_procs`` ``--devices``
+    processes, times ``LOCAL_WORLD_SIZE`` under torchrun, whose ranks all inherit the same CPUs). ``0`` (option or
+    variable) means reading in the main process.
     """
     if option is not None:
         if int(option) < 0:
@@ -158,7 +178,7 @@ def default_workers(option: int | None = None, env: Mapping[str, str] = os.envir
         if value < 0:
             raise UsageError(f"{ENV_WORKERS}={raw!r}: must be >= 0")
         return value
-    per_proc = available_cpus(env) // max(1, n_procs)
+    per_proc = (available_cpus(env) if cpus is None else int(cpus)) // node_processes(n_procs, env)
     return max(1, min(MAX_DEFAULT_WORKERS, per_proc - 1))
 
 

@@ -19,6 +19,8 @@ from mstar_extract.envdefaults import (
     default_lock_timeout,
     default_weights,
     default_workers,
+    local_ranks,
+    node_processes,
     hf_hub_cache,
     weights_cache,
 )
@@ -96,6 +98,22 @@ def test_workers_env_option_and_rule() -> None:
     assert available_cpus({"SLURM_CPUS_PER_TASK": "1"}) == 1  # SLURM's allocation caps the count
     assert default_workers(None, env={"SLURM_CPUS_PER_TASK": "1"}) == 1
     assert default_workers(None, env={}, n_procs=64) == 1  # shared between --devices workers, never 0
+
+
+def test_workers_are_divided_between_torchrun_ranks_of_the_node() -> None:
+    """torchrun ranks inherit the node's CPUs: a 64-core node with 8 local ranks gives each 64 // 8 - 1 = 7."""
+    rank = {"RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8"}
+    assert local_ranks(rank) == 8 and local_ranks({}) == 1
+    assert local_ranks({"LOCAL_WORLD_SIZE": "8"}) == 1  # not under torchrun (no WORLD_SIZE): not counted
+    assert default_workers(None, env={}, cpus=64) == 16
+    assert default_workers(None, env=rank, cpus=64) == 7
+    assert default_workers(None, env=rank, cpus=64, n_procs=2) == 3  # --devices inside a rank: both count
+    assert node_processes(2, rank) == 16
+    assert default_workers(None, env=rank, cpus=4) == 1  # never 0
+    assert default_workers(5, env=rank, cpus=64) == 5  # the option still wins
+    assert default_workers(None, env={**rank, "MSTAR_WORKERS": "12"}, cpus=64) == 12
+    with pytest.raises(UsageError, match="LOCAL_WORLD_SIZE"):
+        default_workers(None, env={**rank, "LOCAL_WORLD_SIZE": "eight"}, cpus=64)
 
 
 def test_lock_timeout_env_and_option() -> None:

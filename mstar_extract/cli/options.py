@@ -176,7 +176,8 @@ def model_options(weights_default: str | None = None, weights_help: str | None =
             click.option("--batch-size", type=click.IntRange(min=1), default=None,
                          help="Patches per forward pass. [default: 256 on GPU, 32 on CPU]"),
             click.option("--precision", type=click.Choice(("bf16", "fp16", "fp32")), default=None,
-                         help="Autocast precision of the model. [default: bf16 on GPU, fp32 on CPU]"),
+                         help="Autocast precision of the model. [default: bf16 on a GPU with bf16 hardware "
+                              "(compute capability >= 8.0), fp16 on older GPUs (V100, T4), fp32 on CPU]"),
             click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the model."),
         ])
 

@@ -14,6 +14,7 @@ _LAZY = {
     "benchmark_model": "mstar_extract.models.encoder",
     "resolve_device": "mstar_extract.models.encoder",
     "resolve_precision": "mstar_extract.models.encoder",
+    "use_device": "mstar_extract.models.encoder",
     "preprocess": "mstar_extract.models.preprocess",
     "ResolvedWeights": "mstar_extract.models.weights",
     "resolve_weights": "mstar_extract.models.weights",

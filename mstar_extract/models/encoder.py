@@ -44,22 +44,48 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise UsageError(f"--device {text}: no CUDA device is available here (use --device cpu or auto)")
         n = torch.cuda.device_count()
-        index = 0 if dev.index is None else dev.index
+        index = torch.cuda.current_device() if dev.index is None else dev.index  # "cuda": the current device
         if index >= n:
             raise UsageError(f"--device {text}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
         return torch.device("cuda", index)
     raise UsageError(f"--device {text}: unsupported device type (use auto, cpu, cuda or cuda:N)")
 
 
+def use_device(device: str | torch.device | None = "auto") -> torch.device:
+    """:func:`resolve_device`, then make a CUDA device this process's current one (``torch.cuda.set_device``).
+
+    Without it, Inductor's compiled kernels, pinned host buffers and a bare ``torch.cuda.synchronize()`` use
+    cuda:0 whatever device the model is on (a ``--devices`` process or torchrun rank given cuda:3 would also
+    hold memory on GPU 0).
+    """
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (that GPU's, not the current one's); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def resolve_precision(precision: str | None, device: torch.device) -> str:
-    """``None``/``auto`` -> ``bf16`` on CUDA (``fp16`` if the GPU lacks bf16), ``fp32`` on the CPU."""
+    """``None``/``auto`` -> :func:`~mstar_extract.models.precision.auto_precision`: ``bf16`` on a GPU with bf16
+    hardware, ``fp16`` on an older GPU (V100, T4: bf16 only emulated; one warning line says so), ``fp32`` on the
+    CPU. An explicit value is kept as given."""
+    from mstar_extract.models.precision import auto_precision
+
     p = (precision or "auto").strip().lower()
     aliases = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "32": "fp32"}
     p = aliases.get(p, p)
     if p == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "fp32"
+        chosen = auto_precision(device)
+        if chosen == "fp16":
+            log.warning("%s (%s) has no bf16 hardware (compute capability %s < 8.0): running fp16 instead of bf16",
+                        device, torch.cuda.get_device_name(device),
+                        ".".join(map(str, torch.cuda.get_device_capability(device))))
+        return chosen
     if p not in PRECISIONS:
         raise UsageError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     return p
@@ -116,8 +142,9 @@ class Encoder:
         return cls(spec, net, resolved, dev, prec, compile=compile, compile_backend=compile_backend)
 
     def to(self, device: str | torch.device) -> "Encoder":
-        """Move the network to ``device`` (channels-last); a compiled graph is rebuilt lazily."""
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        """Move the network to ``device`` (channels-last; a CUDA device becomes this process's current device,
+        :func:`use_device`); a compiled graph is rebuilt lazily."""
+        self.device = use_device(device)
         self.model.to(self.device, memory_format=torch.channels_last)
         self._forward = self.model
         self._compiled_batch = None
@@ -194,7 +221,9 @@ def benchmark_model(
     px = int(input_px or encoder.input_size)
     gen = torch.Generator(device="cpu").manual_seed(0)
     batch = torch.randint(0, 256, (batch_size, px, px, 3), dtype=torch.uint8, generator=gen).to(encoder.device)
-    sync = torch.cuda.synchronize if encoder.device.type == "cuda" else (lambda *a: None)
+    def sync() -> None:  # the encoder's GPU, not the current one (bench model --device cuda:1)
+        synchronize(encoder.device)
+
     t_warm = time.perf_counter()
     for _ in range(max(0, warmup)):
         encoder.embed(batch)

@@ -24,8 +24,14 @@ def native_bf16(device: Any) -> bool:
             return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
+def precision_for(device_type: str, bf16_hardware: bool) -> str:
+    """The rule: ``fp32`` off CUDA; on CUDA ``bf16`` with bf16 hardware, else ``fp16``."""
+    if device_type != "cuda":
+        return "fp32"
+    return "bf16" if bf16_hardware else "fp16"
+
+
 def auto_precision(device: Any) -> str:
     """``bf16`` on a CUDA GPU with bf16 hardware, ``fp16`` on an older GPU, ``fp32`` on the CPU."""
-    if getattr(device, "type", None) != "cuda":
-        return "fp32"
-    return "bf16" if native_bf16(device) else "fp16"
+    device_type = getattr(device, "type", None) or "cpu"
+    return precision_for(device_type, device_type == "cuda" and native_bf16(device))

@@ -4,7 +4,11 @@
   ranks (:func:`mstar_extract.sharding.device_share`); one extraction process per device, each with its own
   reader workers. Weights are resolved once, in the parent, before any process starts.
 * under ``torchrun --nproc_per_node=K``: each rank already took its share in ``select_slides``
-  (:func:`mstar_extract.sharding.work_share`); ``--device auto``/``cuda`` becomes ``cuda:LOCAL_RANK``.
+  (:func:`mstar_extract.sharding.work_share`); ``--device auto``/``cuda`` becomes ``cuda:LOCAL_RANK``; the
+  default reader workers are the node's CPUs divided by ``LOCAL_WORLD_SIZE``
+  (:func:`mstar_extract.envdefaults.default_workers`).
+
+Every extraction process sets its own CUDA device once (:func:`bind_device`), so nothing lands on cuda:0.
 
 Per-slide locks keep every slide to one process even when these are combined with ``--shard`` and other jobs.
 """
@@ -33,6 +37,17 @@ def _resolve_weights_once(settings: ExtractSettings) -> ExtractSettings:
     return replace(settings, weights=str(resolved.path)) if resolved.path is not None else settings
 
 
+def bind_device(device: str) -> None:
+    """Make a ``cuda``/``cuda:N`` device this process's current CUDA device (``torch.cuda.set_device``) before
+    anything touches the GPU: pinned host buffers, Inductor's compiled kernels and a bare
+    ``torch.cuda.synchronize()`` otherwise use cuda:0, whichever GPU the process was given. ``cpu``/``auto``:
+    nothing to do here (the encoder sets the device it resolves, :meth:`mstar_extract.models.Encoder.to`)."""
+    if str(device).startswith("cuda"):
+        from mstar_extract.models.encoder import use_device
+
+        use_device(device)
+
+
 def _device_main(entries: list[Any], out: str, settings: ExtractSettings, verbosity: int, jsonl: bool,
                  overwrite: bool, on_error: str) -> None:  # pragma: no cover - runs in a child process
     import sys
@@ -42,6 +57,7 @@ def _device_main(entries: list[Any], out: str, settings: ExtractSettings, verbos
     setup_logging(verbosity)
     reporter = Reporter(verbosity=verbosity, jsonl=jsonl)
     try:
+        bind_device(settings.device)
         with sigterm_as_interrupt():  # the parent's terminate(): release this process's locks, then exit
             code = run_extract(entries, out, settings, reporter, overwrite=overwrite, on_error=on_error)
     except MstarError as exc:
@@ -68,8 +84,13 @@ def launch_extract(entries: Sequence[Any], out: str | os.PathLike[str], settings
 
         from mstar_extract.sharding import rank_device
 
+        from mstar_extract.envdefaults import available_cpus, local_ranks
+
         settings = replace(settings, device=rank_device(settings.device, info, torch.cuda.is_available()))
-        reporter.info(f"torchrun rank {info.rank}/{info.world_size}: {len(entries)} slide(s) on {settings.device}")
+        bind_device(settings.device)
+        reporter.info(f"torchrun rank {info.rank}/{info.world_size}: {len(entries)} slide(s) on {settings.device}, "
+                      f"{settings.workers} reader worker(s) ({available_cpus()} CPUs shared by {local_ranks()} "
+                      f"local rank(s))")
     if not devices or len(devices) == 1:
         if devices:
             settings = replace(settings, device=devices[0])

@@ -11,8 +11,11 @@ How work flows:
   the workers already read slide k+1;
 * the main process gives each worker up to ``depth`` tasks at a time, each with a *slot* of a shared-memory ring
   (one block of ``slots`` x batch x S x S x 3 uint8); the worker decodes the batch straight into its slot and
-  answers with a few bytes (rows kept, rows dropped). Slots bound the memory in flight. Without usable shared
-  memory (``transport="queue"``) pixels travel pickled through the worker's pipe;
+  answers with a few bytes (rows kept, rows dropped). Slots bound the memory in flight. The ring is sized to the
+  free space of ``/dev/shm`` (less a headroom) and its pages are reserved before any worker starts, so a small
+  ``/dev/shm`` (Docker's 64 MB default) means fewer slots, never a worker killed by SIGBUS. Without usable shared
+  memory (``transport="queue"``, or fewer than ``workers + 1`` slots fit) pixels travel pickled through the
+  worker's pipe; one warning line says which;
 * one pipe per direction per worker (no lock shared between workers), so a worker killed at any moment cannot
   block the others; the main process watches each worker's process sentinel: a dead worker fails the slide
   whose batch it was reading (clear reason), its other tasks are handed to a fresh worker;
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import signal
 import sys
 import time
@@ -55,6 +59,56 @@ class SlideJob:
     plan: ReadPlan
     backend: str = "auto"
 
+
+
+# ------------------------------------------------------------------------------------------- shared memory
+SHM_DIR = "/dev/shm"
+SHM_HEADROOM = 0.25
+"""Fraction of the free ``/dev/shm`` left to others (NCCL, data loaders, the other ranks of the node)."""
+SHM_MIN_HEADROOM = 16 << 20
+"""... and never less than this many bytes."""
+
+
+def shm_free_bytes(path: str = SHM_DIR) -> int | None:
+    """Free bytes of the shared-memory file system (``statvfs``), or ``None`` where there is none to ask."""
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+def ring_slots(wanted: int, minimum: int, slot_bytes: int, free: int | None) -> int:
+    """How many ring slots to create: ``wanted``, cut to what fits in ``free`` bytes less the headroom;
+    ``0`` (use pipes) when fewer than ``minimum`` fit. ``free=None`` (unknown) keeps ``wanted``."""
+    if free is None:
+        return wanted
+    budget = free - max(SHM_MIN_HEADROOM, int(free * SHM_HEADROOM))
+    fit = min(wanted, max(0, budget) // max(1, slot_bytes))
+    return fit if fit >= min(minimum, wanted) else 0
+
+
+def _reserve(shm: Any, nbytes: int) -> None:
+    """Allocate the segment's pages now (ENOSPC here instead of SIGBUS in a worker later)."""
+    fd = getattr(shm, "_fd", -1)
+    if fd >= 0 and hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, nbytes)
+
+
+def _discard(shm: Any) -> None:
+    for step in (shm.close, shm.unlink):
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+
+
+def _mb(nbytes: int | None) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes is not None else "? MiB"
+
+
+def _shm_text(free: int | None) -> str:
+    return f"{SHM_DIR} has {_mb(free)} free" if free is not None else "shared memory"
 
 
 # ------------------------------------------------------------------------------------------------ main side
@@ -166,17 +220,48 @@ class ReaderPool:
             return
         self._ctx = mp.get_context(mp_context or ("forkserver" if sys.platform.startswith("linux") else "spawn"))
         if transport == "shm":
-            try:
-                from multiprocessing import shared_memory
-
-                nbytes = self.n_slots * self.opts.batch_size * out_size * out_size * 3
-                self._shm = shared_memory.SharedMemory(create=True, size=max(1, nbytes))
-                self._slots = np.ndarray((self.n_slots, self.opts.batch_size, out_size, out_size, 3), np.uint8,
-                                         buffer=self._shm.buf)
-            except OSError as exc:
-                log.warning("shared memory unavailable (%s); reader batches travel through pipes", exc)
-                self.transport = "queue"
+            self._open_ring(out_size)
         self._workers = [self._start_worker() for _ in range(self.workers)]
+
+    def _open_ring(self, out_size: int) -> None:
+        """Create the shared-memory ring, sized to the free space of ``/dev/shm`` and reserved up front.
+
+        A shared-memory segment larger than the free space is created without complaint and fails only when a
+        worker writes into it (SIGBUS), so the ring is cut to what fits (at least ``workers + 1`` slots) and its
+        pages are reserved with ``posix_fallocate`` before any worker starts; when even that fails, reader
+        batches travel through pipes. Either way one warning line says so.
+        """
+        from multiprocessing import shared_memory
+
+        slot_bytes = self.opts.batch_size * out_size * out_size * 3
+        wanted, free = self.n_slots, shm_free_bytes()
+        n = ring_slots(wanted, self.workers + 1, slot_bytes, free)
+        shm, why = None, None
+        if n == 0:
+            why = "too small"
+        else:
+            try:
+                shm = shared_memory.SharedMemory(create=True, size=n * slot_bytes)
+                _reserve(shm, n * slot_bytes)
+            except OSError as exc:
+                why = f"cannot hold it ({exc})"
+                if shm is not None:
+                    _discard(shm)
+                    shm = None
+        if shm is None:
+            log.warning("%s: %s for the reader ring (at least %d slots of %s: --workers %d, --batch-size %d); "
+                        "reader batches travel through pipes instead (slower; give the container more, e.g. "
+                        "docker --shm-size=8g)",
+                        _shm_text(free), why, self.workers + 1, _mb(slot_bytes), self.workers, self.opts.batch_size)
+            self.transport = "queue"
+            return
+        if n < wanted:
+            log.warning("%s: reader ring cut to %d of %d slots of %s (--workers %d, --batch-size %d) so that it fits",
+                        _shm_text(free), n, wanted, _mb(slot_bytes), self.workers, self.opts.batch_size)
+        self._shm = shm
+        self.n_slots = n
+        self._free = list(range(n))
+        self._slots = np.ndarray((n, self.opts.batch_size, out_size, out_size, 3), np.uint8, buffer=shm.buf)
 
     # -- workers ----------------------------------------------------------------------------------------------
     def _start_worker(self) -> _Worker:

@@ -53,6 +53,20 @@ def test_unknown_models_are_usage_errors() -> None:
         get_spec("timm:no_such_net_xyz")
 
 
+def test_timm_spec_feature_dim_is_the_output_size_of_models_with_a_conv_head() -> None:
+    """MobileNetV3 pools, then applies a 1x1 conv head: its features are head_hidden_size (1024), not the
+    num_features (288) before that head (the bag's shape check failed on every slide before this)."""
+    import torch
+
+    from mstar_extract.models import Encoder
+
+    spec = get_spec("timm:mobilenetv3_small_050")
+    enc = Encoder.create("timm:mobilenetv3_small_050", weights="random", device="cpu")
+    out = enc.embed(np.zeros((2, 224, 224, 3), np.uint8))
+    assert spec.feature_dim == enc.feature_dim == out.shape[1] == 1024
+    assert isinstance(out, torch.Tensor)
+
+
 def test_timm_spec_uses_its_own_config() -> None:
     spec = get_spec(TINY)
     assert spec.architecture == "vit_tiny_patch16_224" and spec.feature_dim == 192

@@ -156,7 +156,9 @@ def _timm_spec(name: str) -> EncoderSpec:
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     input_size = cfg.get("input_size", (3, 224, 224))
     side = int(input_size[-1])
-    feature_dim = int(getattr(model, "num_features", 0) or 0)
+    # the pooled output size: models with a conv head after pooling (MobileNetV3, ...) report it as
+    # head_hidden_size; num_features is the size *before* that head
+    feature_dim = int(getattr(model, "head_hidden_size", None) or getattr(model, "num_features", 0) or 0)
     classifier = cfg.get("classifier")
     ignore = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
     hub_id = cfg.get("hf_hub_id")

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from mstar_extract.report.cache import input_signature, key_of, load_cache, save_cache
-from mstar_extract.report.layout import run_path
+from mstar_extract.report.cache import Listing, input_signature, key_of, load_cache, save_cache
+from mstar_extract.report.layout import PageLinks, run_path
 
 
 @dataclass
@@ -41,14 +41,14 @@ def _manifest_rows(out: Path) -> list[Any]:
     return latest_rows(read_parts(out))
 
 
-def _collect(out: Path, rows: list[Any], cache: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _collect(out: Path, rows: list[Any], cache: dict[str, Any], listing: Listing) -> tuple[dict[str, Any], dict[str, Any]]:
     """Cache entries (with fresh facts where the inputs changed) and the run's settings variants."""
     from mstar_extract.report.facts import slide_facts
 
     variants = dict(cache["variants"])
     entries: dict[str, Any] = {}
     for row in rows:
-        sig = input_signature(out, row)
+        sig = input_signature(listing, row)
         old = cache["slides"].get(row.slide_id)
         if old and old.get("sig") == sig and old.get("facts", {}).get("settings_id", "") in (*variants, ""):
             entries[row.slide_id] = old
@@ -82,7 +82,8 @@ def _basis(out: Path, entries: dict[str, Any], rebuild: bool) -> tuple[Any, str]
     return basis, f"fitted on {basis.n_bags} bags, {basis.n_sample} patches"
 
 
-def _render_slide(out: Path, entry: dict[str, Any], basis: Any, counts: Counter) -> None:
+def _render_slide(out: Path, entry: dict[str, Any], basis: Any, counts: Counter, listing: Listing,
+                  links: PageLinks) -> None:
     """Thumbnail, feature map and page of one slide, each only when its key changed or its file is missing."""
     from mstar_extract.errors import first_line
     from mstar_extract.report import images
@@ -92,7 +93,7 @@ def _render_slide(out: Path, entry: dict[str, Any], basis: Any, counts: Counter)
     notes = []
     if f.get("has_qc"):
         key = key_of(entry["sig"]["qc"], f.get("w0"), f.get("h0"))
-        if entry.get("thumb") != key or not run_path(out, "thumb", sid).is_file():
+        if entry.get("thumb") != key or not listing.exists("thumb", sid):
             try:
                 entry["qcdim"] = images.write_thumb(run_path(out, "qc", sid), run_path(out, "thumb", sid), f)
                 entry["thumb"] = key
@@ -104,7 +105,7 @@ def _render_slide(out: Path, entry: dict[str, Any], basis: Any, counts: Counter)
     has_map = False
     if basis is not None and _fingerprint(f) == basis.fingerprint and f.get("step"):
         key = key_of(entry["sig"]["bag"], basis.key)
-        has_map = entry.get("map") == key and run_path(out, "map", sid).is_file()
+        has_map = entry.get("map") == key and listing.exists("map", sid)
         if not has_map:
             try:
                 images.write_feature_map(run_path(out, "bag", sid), run_path(out, "map", sid), f, basis)
@@ -115,10 +116,10 @@ def _render_slide(out: Path, entry: dict[str, Any], basis: Any, counts: Counter)
                 notes.append(f"feature map failed: {first_line(exc)}")
     shown = {**f, **(entry.get("qcdim") or {}), "has_qc": bool(entry.get("thumb")), "notes": notes}
     key = key_of(shown, has_map)
-    if entry.get("page") != key or not run_path(out, "page", sid).is_file():
+    if entry.get("page") != key or not listing.exists("page", sid):
         from mstar_extract.report.files import write_text
 
-        write_text(run_path(out, "page", sid), render_slide_page(out, shown, has_map))
+        write_text(run_path(out, "page", sid), render_slide_page(links, shown, has_map))
         entry["page"] = key
         counts["pages"] += 1
 
@@ -155,7 +156,8 @@ def build_report(out_dir: str | Path, rebuild: bool = False,
     rows = _manifest_rows(out)
     with report_lock(out) as lock:
         cache = {"slides": {}, "variants": {}} if rebuild else load_cache(out)
-        entries, variants = _collect(out, rows, cache)
+        listing, links = Listing(out), PageLinks(out)
+        entries, variants = _collect(out, rows, cache, listing)
         basis, basis_note = _basis(out, entries, rebuild)
         facts = [e["facts"] for e in entries.values()]
         median = median_patches(facts)
@@ -163,7 +165,7 @@ def build_report(out_dir: str | Path, rebuild: bool = False,
             f["flags"] = slide_flags(f, median)
         counts: Counter = Counter()
         for i, entry in enumerate(entries.values()):
-            _render_slide(out, entry, basis, counts)
+            _render_slide(out, entry, basis, counts, listing, links)
             lock.touch()
             if progress is not None:
                 progress(i + 1, len(entries))

@@ -23,15 +23,6 @@ PER_SLIDE_SETTINGS = ("mask", "coords_file", "written_as", "mpp_source")
 """Keys of the recorded ``settings`` that describe one slide rather than the run."""
 
 
-def file_signature(path: Path) -> list[int] | None:
-    """``[mtime_ns, size]`` of ``path``, or None when it does not exist."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [int(st.st_mtime_ns), int(st.st_size)]
-
-
 def finite(value: Any) -> Any:
     """``value`` with NaN/inf floats as None (JSON has no NaN)."""
     return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -12,13 +12,22 @@ from pathlib import Path
 
 from mstar_extract.store.atomic import temp_path_for
 
+_made: set[Path] = set()
+"""Folders this process has created (or found), so a 10,000-page build does not ask 10,000 times."""
+
 
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp sibling and ``os.replace`` (parents created)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent not in _made:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _made.add(path.parent)
     tmp = temp_path_for(path)
     try:
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except FileNotFoundError:  # the folder was removed since this process made it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

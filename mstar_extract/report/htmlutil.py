@@ -10,8 +10,7 @@ from typing import Any
 
 from mstar_extract.report.summary import FLAGS
 
-_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028",
-                              "\u2029": "\\u2029"})
+_SCRIPT_SAFE = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 
 
 def esc(value: Any) -> str:
@@ -24,7 +23,9 @@ def json_for_script(obj: Any) -> str:
     as ``\\u003c``-style escapes (valid JSON, same value), so no string can close the element (``</script>``)
     or open a comment; U+2028/2029 are escaped too."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str, allow_nan=False)
-    return text.translate(_SCRIPT_SAFE)
+    for ch, escaped in _SCRIPT_SAFE:
+        text = text.replace(ch, escaped)
+    return text
 
 
 def num(value: Any, fmt: str = "{:,.0f}", none: str = "–") -> str:

@@ -6,6 +6,7 @@ of an output folder moves, one function changes here.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -14,10 +15,15 @@ from pathlib import Path
 REPORT_NAME = "report.html"
 ASSETS_DIR = "report_assets"
 
+_FIXED = {"manifest": "manifest.csv", "report": REPORT_NAME, "assets": ASSETS_DIR,
+          "cache": f"{ASSETS_DIR}/cache.json", "pca": f"{ASSETS_DIR}/pca.npz", "lock": f"{ASSETS_DIR}/.lock",
+          "css": f"{ASSETS_DIR}/report.css", "js": f"{ASSETS_DIR}/report.js"}
 _SLIDE_FILES = {"bag": ("features", ".h5"), "coords": ("coords", ".h5"), "qc": ("qc", ".jpg")}
-_ASSET_FILES = {"thumb": ("thumbs", ".jpg"), "map": ("maps", ".png"), "page": ("slides", ".html")}
+_ASSET_FILES = {"thumb": (f"{ASSETS_DIR}/thumbs", ".jpg"), "map": (f"{ASSETS_DIR}/maps", ".png"),
+                "page": (f"{ASSETS_DIR}/slides", ".html")}
 
 
+@functools.lru_cache(maxsize=65536)
 def asset_name(slide_id: str) -> str:
     """A file-name- and URL-safe name for a slide's report assets: ASCII letters, digits, ``._-`` of the id
     (at most 60) plus 10 hex digits of its SHA-1, so distinct ids never collide and no id needs URL escaping."""
@@ -34,27 +40,45 @@ def run_path(out_dir: str | os.PathLike[str], kind: str, slide_id: str | None = 
     (``features/<id>.h5``), ``coords`` (``coords/<id>.h5``), ``qc`` (``qc/<id>.jpg``), and the report's own
     ``thumb`` / ``map`` / ``page`` (``report_assets/{thumbs,maps,slides}/<asset name>``).
     """
-    out = Path(out_dir)
-    assets = out / ASSETS_DIR
-    fixed = {"manifest": out / "manifest.csv", "report": out / REPORT_NAME, "assets": assets,
-             "cache": assets / "cache.json", "pca": assets / "pca.npz", "lock": assets / ".lock",
-             "css": assets / "report.css", "js": assets / "report.js"}
-    if kind in fixed:
-        return fixed[kind]
+    out = out_dir if isinstance(out_dir, Path) else Path(out_dir)
+    if kind in _FIXED:
+        return out / _FIXED[kind]
+    folder = _SLIDE_FILES.get(kind, _ASSET_FILES.get(kind, ("",)))[0]
+    return out / f"{folder}/{file_name(kind, slide_id)}"
+
+
+def file_name(kind: str, slide_id: str | None) -> str:
+    """The name (without folder) of a per-slide file of :func:`run_path`."""
+    spec = _SLIDE_FILES.get(kind) or _ASSET_FILES.get(kind)
+    if spec is None:
+        raise ValueError(f"unknown path kind {kind!r}")
     if slide_id is None:
         raise ValueError(f"path kind {kind!r} needs a slide id")
-    if kind in _SLIDE_FILES:
-        folder, ext = _SLIDE_FILES[kind]
-        return out / folder / f"{slide_id}{ext}"
-    if kind in _ASSET_FILES:
-        folder, ext = _ASSET_FILES[kind]
-        return assets / folder / f"{asset_name(slide_id)}{ext}"
-    raise ValueError(f"unknown path kind {kind!r}")
+    return f"{asset_name(slide_id) if kind in _ASSET_FILES else slide_id}{spec[1]}"
 
 
-def relative_url(target: Path, start_dir: Path) -> str:
-    """``target`` as a relative URL from the folder ``start_dir`` (forward slashes; each part percent-escaped)."""
-    from urllib.parse import quote
+class PageLinks:
+    """Relative URLs from a slide page (``report_assets/slides/``) to files of the run: each path component
+    percent-escaped, so any slide id is a valid link. Built once per report (a page needs four links)."""
 
-    rel = os.path.relpath(target, start_dir)
-    return "/".join(quote(part) for part in Path(rel).parts)
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.out = Path(out_dir)
+        here = run_path(self.out, "page", "_").parent
+        self._up = "/".join(".." for _ in here.relative_to(self.out).parts)
+        self._folders: dict[str, str] = {}
+
+    def _rel(self, path: Path) -> str:
+        from urllib.parse import quote
+
+        return "/".join(quote(part) for part in path.relative_to(self.out).parts)
+
+    def url(self, kind: str, slide_id: str | None = None) -> str:
+        from urllib.parse import quote
+
+        if slide_id is None:
+            if kind not in self._folders:
+                self._folders[kind] = self._rel(run_path(self.out, kind))
+            return f"{self._up}/{self._folders[kind]}"
+        if kind + "/" not in self._folders:
+            self._folders[kind + "/"] = self._rel(run_path(self.out, kind, "_").parent)
+        return f"{self._up}/{self._folders[kind + '/']}/{quote(file_name(kind, slide_id))}"

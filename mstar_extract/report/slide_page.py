@@ -4,12 +4,11 @@ slide picture, and the QC picture at full size. Static HTML (works without JavaS
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from mstar_extract.report.htmlutil import badges, duration, esc, num, status_badge
 from mstar_extract.report.images import grid_shape
-from mstar_extract.report.layout import relative_url, run_path
+from mstar_extract.report.layout import PageLinks
 
 MPP_SOURCES = {"metadata": "from the file's metadata", "override": "given by the user",
                "objective": "estimated from the objective power (10 / magnification)"}
@@ -58,24 +57,23 @@ def _overlay(s: dict[str, Any], qc_url: str | None, map_url: str) -> str:
             "oninput=\"document.querySelector('.fmap').style.opacity=this.value/100\"></label></p>")
 
 
-def render_slide_page(out: Path, s: dict[str, Any], has_map: bool) -> str:
+def render_slide_page(links: PageLinks, s: dict[str, Any], has_map: bool) -> str:
     """The HTML of one slide's page (``s``: its facts with ``flags``, and ``qc_w``/``qc_h``/``qc_img_h`` when
     the QC picture was read)."""
-    here = run_path(out, "page", s["id"]).parent
-    qc_url = relative_url(run_path(out, "qc", s["id"]), here) if s.get("has_qc") else None
+    qc_url = links.url("qc", s["id"]) if s.get("has_qc") else None
     facts = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in _fact_rows(s))
     parts = [
         "<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{esc(s['id'])} · mstar report</title>",
-        f'<link rel="stylesheet" href="{esc(relative_url(run_path(out, "css"), here))}"></head>',
+        f'<link rel="stylesheet" href="{esc(links.url("css"))}"></head>',
         '<body class="slide-page">',
-        f'<nav><a href="{esc(relative_url(run_path(out, "report"), here))}">← run report</a></nav>',
+        f'<nav><a href="{esc(links.url("report"))}">← run report</a></nav>',
         f"<h1>{esc(s['id'])}</h1>", f'<p class="flags">{status_badge(s["status"])} {badges(s.get("flags", []))}</p>',
         f'<table class="facts">{facts}</table>',
     ]
     if has_map:
-        map_url = relative_url(run_path(out, "map", s["id"]), here)
+        map_url = links.url("map", s["id"])
         parts += ["<h2>Feature map</h2>",
                   '<p class="note">Each patch painted with its features\' first three principal components over the '
                   "whole run (red, green, blue): patches of similar tissue get similar colours. Noise-like colours "

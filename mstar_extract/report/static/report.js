@@ -13,6 +13,7 @@
               ["ink", "ink"], ["mpp", "mpp"], ["mpp_src", "mpp source"], ["sec", "seconds"],
               ["flags", "flags"], ["err", "error"]];
   var NUMERIC = { n: 1, tissue_mm2: 1, ink: 1, mpp: 1, sec: 1 };
+  var COLLATE = new Intl.Collator("en", { numeric: true }).compare;
   var state = { view: "table", q: "", status: "", flag: "", sort: "id", dir: 1, page: 1 };
 
   function readHash() {
@@ -67,7 +68,7 @@
       var nx = x === null || x === undefined || x === "", ny = y === null || y === undefined || y === "";
       if (nx || ny) { return nx === ny ? 0 : (nx ? 1 : -1); }  /* empty values last, both directions */
       if (numeric || state.sort === "flags") { return dir * (x - y); }
-      return dir * String(x).localeCompare(String(y), "en", { numeric: true });
+      return dir * COLLATE(String(x), String(y));
     });
     return list;
   }
@@ -138,15 +139,14 @@
   }
 
   function render() {
-    var list = filtered(), per = PAGE[state.view];
+    var t0 = performance.now(), list = filtered(), per = PAGE[state.view];
     drawPager(list.length);
     var start = (state.page - 1) * per, shown = list.slice(start, start + per);
     var view = document.getElementById("view");
     view.textContent = "";
     view.appendChild(state.view === "sheet" ? drawSheet(shown) : drawTable(shown));
-    document.getElementById("count").textContent = list.length === ROWS.length ?
-      ROWS.length.toLocaleString("en") + " slides" :
-      list.length.toLocaleString("en") + " of " + ROWS.length.toLocaleString("en") + " slides";
+    document.getElementById("count").textContent = (list.length === ROWS.length ? "" :
+      list.length.toLocaleString("en") + " of ") + ROWS.length.toLocaleString("en") + (ROWS.length === 1 ? " slide" : " slides");
     document.querySelectorAll(".tabs button").forEach(function (b) {
       b.classList.toggle("on", b.dataset.view === state.view);
     });
@@ -154,6 +154,7 @@
     document.getElementById("status").value = state.status;
     document.getElementById("flag").value = state.flag;
     writeHash();
+    document.documentElement.dataset.renderMs = (performance.now() - t0).toFixed(1);  /* read by the tests */
   }
 
   function set(changes) {

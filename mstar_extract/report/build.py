@@ -53,7 +53,8 @@ def _collect(out: Path, rows: list[Any], cache: dict[str, Any], listing: Listing
         if old and old.get("sig") == sig and old.get("facts", {}).get("settings_id", "") in (*variants, ""):
             entries[row.slide_id] = old
             continue
-        entries[row.slide_id] = {"sig": sig, "facts": slide_facts(out, row, sig, variants)}
+        # new facts; the render keys of the old entry stay, so unchanged assets are not rendered again
+        entries[row.slide_id] = {**(old or {}), "sig": sig, "facts": slide_facts(out, row, sig, variants)}
     return entries, variants
 
 

@@ -172,7 +172,7 @@ def resolve_links(page: Path, links: list[str]) -> list[Path]:
     return files
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium: install Debian's chromium (.ci/run does it with apt-get)")
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not found on PATH (Debian package chromium; .ci/run installs it with apt-get where it can)")
 def test_report_in_a_real_browser(run_out: Path, tmp_path: Path) -> None:
     rows = manifest(run_out)
     report = run_path(run_out, "report")

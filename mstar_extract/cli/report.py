@@ -44,8 +44,8 @@ def report_after_run(out: str | Path, code: int, reporter: Any, no_report: bool)
 
 def _rendered(result: Any) -> str:
     r = result.rendered
-    return (f"{result.n_slides} slides; rendered {r['pages']} pages, {r['thumbs']} thumbnails, {r['maps']} feature maps "
-            f"in {result.seconds:.1f} s; PCA basis {result.basis}")
+    return (f"{result.n_slides} slide{'s' if result.n_slides != 1 else ''}; rendered {r['pages']} pages, "
+            f"{r['thumbs']} thumbnails, {r['maps']} feature maps in {result.seconds:.1f} s; PCA basis {result.basis}")
 
 
 @click.command(context_settings={"max_content_width": 110})

@@ -158,7 +158,8 @@ class Dom(html.parser.HTMLParser):
             self.rows[-1][self._cell] += data
 
     def links(self) -> list[str]:
-        return [a[k] for tag, a in self.elements for k in ("src", "href") if k in a and tag in ("a", "img", "link", "script")]
+        tags = ("a", "img", "link", "script")
+        return [a[k] for tag, a in self.elements for k in ("src", "href") if k in a and tag in tags]
 
 
 def resolve_links(page: Path, links: list[str]) -> list[Path]:
@@ -172,7 +173,8 @@ def resolve_links(page: Path, links: list[str]) -> list[Path]:
     return files
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not found on PATH (Debian package chromium; .ci/run installs it with apt-get where it can)")
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not found on PATH (Debian package chromium; "
+                                              ".ci/run installs it with apt-get where it can)")
 def test_report_in_a_real_browser(run_out: Path, tmp_path: Path) -> None:
     rows = manifest(run_out)
     report = run_path(run_out, "report")
@@ -180,7 +182,8 @@ def test_report_in_a_real_browser(run_out: Path, tmp_path: Path) -> None:
     dom = Dom(dump_dom(profile, report.as_uri()))
     # every slide id and status is rendered by the page's script (one page: 9 slides < 100 per page)
     assert {r["c-id"]: r["_status"] for r in dom.rows} == {sid: r["status"] for sid, r in rows.items()}
-    assert {r["c-id"]: r["c-status"] for r in dom.rows} == {sid: r["status"].replace("_", " ") for sid, r in rows.items()}
+    shown = {sid: r["status"].replace("_", " ") for sid, r in rows.items()}  # "no tissue"
+    assert {r["c-id"]: r["c-status"] for r in dom.rows} == shown
     assert [r["c-err"] for r in dom.rows if r["c-id"] == "hostile_error"] == [HOSTILE_ERROR]  # shown as text
     # nothing hostile became markup or ran: no element from the id or the error text, the title untouched
     assert dom.title.startswith("mstar report")

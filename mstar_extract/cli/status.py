@@ -178,7 +178,8 @@ def _print_human(report: StatusReport, failed_only: bool) -> None:
             echo(f"  {s['slide_id']}: {s['error'] or '(no reason recorded)'}")
     if report.expected is not None:
         echo(f"finished {report.n_finished_ok} of {report.expected} expected slides")
-    echo(f"report: {run_path(report.out_dir, 'report')}" + ("" if run_path(report.out_dir, "report").is_file() else " (not written yet: mstar report OUT)"))
+    page = run_path(report.out_dir, "report")  # OUT/report.html (mstar report)
+    echo(f"report: {page}" + ("" if page.is_file() else " (not written yet: mstar report OUT)"))
     echo("complete" if report.complete else "not complete")
 
 

@@ -41,7 +41,8 @@ def _manifest_rows(out: Path) -> list[Any]:
     return latest_rows(read_parts(out))
 
 
-def _collect(out: Path, rows: list[Any], cache: dict[str, Any], listing: Listing) -> tuple[dict[str, Any], dict[str, Any]]:
+def _collect(out: Path, rows: list[Any], cache: dict[str, Any],
+             listing: Listing) -> tuple[dict[str, Any], dict[str, Any]]:
     """Cache entries (with fresh facts where the inputs changed) and the run's settings variants."""
     from mstar_extract.report.facts import slide_facts
 
@@ -176,5 +177,5 @@ def build_report(out_dir: str | Path, rebuild: bool = False,
         write_text(run_path(out, "report"), render_index(out, summary, table_rows(facts, thumbs), __version__))
         _remove_orphans(out, cache["slides"], entries)
         save_cache(out, entries, variants)
-    return ReportResult(run_path(out, "report"), len(entries), {k: counts.get(k, 0) for k in ("pages", "thumbs", "maps")},
-                        round(time.perf_counter() - t0, 3), basis_note)
+    rendered = {k: counts.get(k, 0) for k in ("pages", "thumbs", "maps")}
+    return ReportResult(run_path(out, "report"), len(entries), rendered, round(time.perf_counter() - t0, 3), basis_note)

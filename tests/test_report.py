@@ -309,6 +309,11 @@ def test_rebuild_renders_only_what_changed(run_out: Path, tmp_path: Path) -> Non
         w.writerows(rows)
     assert build_report(out).n_slides == 8
     assert not run_path(out, "page", "pale").exists() and not run_path(out, "map", "pale").exists()
+    # a damaged QC picture is a note on that slide's page, not a failed report
+    run_path(out, "qc", "dark").write_bytes(b"\xff\xd8 not a jpeg")
+    result = build_report(out)
+    assert result.rendered == {"pages": 1, "thumbs": 0, "maps": 0}
+    assert "QC picture unreadable" in run_path(out, "page", "dark").read_text(encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------ the CLI

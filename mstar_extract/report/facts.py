@@ -98,7 +98,8 @@ def mask_facts(settings: dict[str, Any]) -> dict[str, Any]:
     pen = mask.get("pen_fraction")
     if ink is None and pen is not None and frac is not None:
         ink = float(pen) / (float(pen) + float(frac)) if float(pen) + float(frac) > 0 else 0.0
-    return {"tissue_mm2": area, "ink": ink, "mpp_src": settings.get("mpp_source")}
+    as_float = lambda v: finite(float(v)) if isinstance(v, (int, float)) else None  # noqa: E731
+    return {"tissue_mm2": as_float(area), "ink": as_float(ink), "mpp_src": settings.get("mpp_source")}
 
 
 def run_settings(settings: dict[str, Any]) -> dict[str, Any]:

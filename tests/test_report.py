@@ -175,6 +175,7 @@ def resolve_links(page: Path, links: list[str]) -> list[Path]:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not found on PATH (Debian package chromium; "
                                               ".ci/run installs it with apt-get where it can)")
+@pytest.mark.slow
 def test_report_in_a_real_browser(run_out: Path, tmp_path: Path) -> None:
     rows = manifest(run_out)
     report = run_path(run_out, "report")
@@ -211,6 +212,7 @@ def test_report_in_a_real_browser(run_out: Path, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the facts
+@pytest.mark.slow
 def test_facts_match_the_outputs_and_the_truth(run_out: Path, fixture_slides) -> None:
     data = embedded_data(run_path(run_out, "report"))
     cols = data["columns"]
@@ -249,6 +251,7 @@ def painted(grid_png: Path) -> tuple[np.ndarray, np.ndarray]:
     return on, rgba[..., :3][on].astype(np.float64)
 
 
+@pytest.mark.slow
 def test_feature_maps_paint_every_patch_and_separate_textures(run_out: Path) -> None:
     for sid in ("pale", "dark", "svs20"):
         bag = read_bag(run_path(run_out, "bag", sid))
@@ -261,11 +264,13 @@ def test_feature_maps_paint_every_patch_and_separate_textures(run_out: Path) -> 
     assert len(pale) >= 10 and len(dark) >= 10
     gap = np.linalg.norm(pale.mean(0) - dark.mean(0))
     spread = max(np.linalg.norm(pale.std(0)), np.linalg.norm(dark.std(0)))
+    print(f"\nfeature maps: pale vs dark mean colour distance {gap:.0f}, largest within-slide spread {spread:.0f}")
     assert gap > 60 and gap > spread, (gap, spread)  # the two textures get clearly different colours
     assert not run_path(run_out, "map", "glass_only").exists()  # no patches, no map
 
 
 # ------------------------------------------------------------------------------------------------ escaping
+@pytest.mark.slow
 def test_hostile_id_and_error_text_are_escaped(run_out: Path) -> None:
     text = run_path(run_out, "report").read_text(encoding="utf-8")
     assert text.count("<script") == 2 and "</script><script>" not in text and "<img" not in text
@@ -283,6 +288,7 @@ def test_hostile_id_and_error_text_are_escaped(run_out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ incremental
+@pytest.mark.slow
 def test_rebuild_renders_only_what_changed(run_out: Path, tmp_path: Path) -> None:
     out = tmp_path / "copy"
     shutil.copytree(run_out, out)
@@ -317,6 +323,7 @@ def test_rebuild_renders_only_what_changed(run_out: Path, tmp_path: Path) -> Non
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
+@pytest.mark.slow
 def test_tile_hook_no_report_status_and_open(fixture_slides, tmp_path: Path) -> None:
     slide = str(fixture_slides["svs20"].path)
     quiet = tmp_path / "quiet"
@@ -378,6 +385,7 @@ def synthetic_run(out: Path, n: int = 10_000) -> None:
                                    finished=t).to_csv_dict())
 
 
+@pytest.mark.slow
 def test_ten_thousand_slides(tmp_path: Path) -> None:
     out = tmp_path / "big"
     synthetic_run(out)

@@ -40,7 +40,7 @@ def throughput_svg(series: Sequence[Sequence[float]]) -> str:
         f'<polyline points="{" ".join(pts)}" fill="none" stroke="#1f6fb8" stroke-width="1.5"/>'
         f'<line x1="{PAD_L}" y1="{base}" x2="{W - PAD_R}" y2="{base}" stroke="#888"/>'
         f'<line x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" y2="{base}" stroke="#888"/>'
-        f'<text x="{PAD_L - 4}" y="{PAD_T + 8}" text-anchor="end">{y_max:.0f}</text>'
+        f'<text x="{PAD_L - 4}" y="{PAD_T + 8}" text-anchor="end">{y_max:.3g}</text>'
         f'<text x="{PAD_L - 4}" y="{base}" text-anchor="end">0</text>'
         f'<text x="{PAD_L - 4}" y="{PAD_T + ph / 2 + 4:.0f}" text-anchor="end">patches/s</text>'
         f'<text x="{PAD_L}" y="{H - 8}">0</text>'

@@ -241,7 +241,8 @@ def plan_tiles(slide, mask_result, params: TilingParams | None = None) -> ReadPl
     keep = frac >= max(params.min_tissue, 1e-9)
     if mask_result.holes.any():
         keep &= ~centres_in(coords, geo.patch_size_level0, mask_result.holes, mask_result.scale_x, mask_result.scale_y)
-    settings = {"tiling": params.to_dict(), "snapped": geo.snapped, "downsample": geo.downsample}
+    settings = {"tiling": params.to_dict(), "snapped": geo.snapped, "downsample": geo.downsample,
+                "mpp_source": getattr(slide, "mpp_source", None)}  # metadata / override / objective (estimate)
     return ReadPlan(
         coords=coords[keep],
         level=level,

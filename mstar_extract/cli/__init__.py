@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "tile": ("mstar_extract.cli.tile", "tile", "Segment tissue and write patch coordinates (+ QC, manifest)."),
     "extract": ("mstar_extract.cli.extract", "extract", "Tile and extract mSTAR patch features into HDF5 bags."),
     "status": ("mstar_extract.cli.status", "status", "Summarise an output folder's manifest (counts, failures)."),
+    "report": ("mstar_extract.cli.report", "report", "Write OUT/report.html: the whole run in one offline HTML page."),
     "bench": ("mstar_extract.cli.bench", "bench", "Measure reader, model and pipeline throughput (patches/s)."),
     "weights": ("mstar_extract.cli.weights", "weights", "List, download and verify model weights."),
     "pretrain": ("mstar_extract.cli.pretrain", "pretrain", "Run mSTAR pretraining stage 1 or 2 from a YAML config."),

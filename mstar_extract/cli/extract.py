@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from mstar_extract.cli.common import output_options
+from mstar_extract.cli.report import no_report_option, report_after_run
 from mstar_extract.cli.options import (
     model_options, resolution_options, segmentation_options, select_slides, slide_input_options, tile_settings_from,
 )
@@ -39,6 +40,7 @@ def extract_options(func: Any) -> Any:
 @resolution_options
 @segmentation_options
 @extract_options
+@no_report_option
 @output_options()
 def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
     """Tile every slide and write its mSTAR patch features to OUT/features/<slide_id>.h5.
@@ -73,7 +75,8 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
         lock_timeout=default_lock_timeout(kw.pop("lock_timeout")),
     )
     try:
-        return launch_extract(entries, out, settings, reporter, devices=devices, overwrite=kw.pop("overwrite"),
+        code = launch_extract(entries, out, settings, reporter, devices=devices, overwrite=kw.pop("overwrite"),
                               on_error=kw.pop("on_error"))
     except WeightsError as exc:  # nothing was done: a set-up problem like a usage error (exit 2)
         raise UsageError(str(exc)) from exc
+    return report_after_run(out, code, reporter, kw.pop("no_report"))

@@ -20,6 +20,7 @@ from mstar_extract.cli.common import output_options
 from mstar_extract.console import Reporter
 from mstar_extract.envdefaults import default_lock_timeout
 from mstar_extract.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from mstar_extract.report.layout import run_path
 
 OK_STATUSES = ("done", "skipped", "no_tissue")
 COUNT_KEYS = ("done", "skipped", "no_tissue", "failed", "running", "stale")
@@ -177,6 +178,8 @@ def _print_human(report: StatusReport, failed_only: bool) -> None:
             echo(f"  {s['slide_id']}: {s['error'] or '(no reason recorded)'}")
     if report.expected is not None:
         echo(f"finished {report.n_finished_ok} of {report.expected} expected slides")
+    page = run_path(report.out_dir, "report")  # OUT/report.html (mstar report)
+    echo(f"report: {page}" + ("" if page.is_file() else " (not written yet: mstar report OUT)"))
     echo("complete" if report.complete else "not complete")
 
 

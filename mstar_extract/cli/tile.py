@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from mstar_extract.cli.common import output_options
+from mstar_extract.cli.report import no_report_option, report_after_run
 from mstar_extract.cli.options import (
     resolution_options, segmentation_options, select_slides, slide_input_options, tile_settings_from,
 )
@@ -16,6 +17,7 @@ from mstar_extract.cli.options import (
 @slide_input_options
 @resolution_options
 @segmentation_options
+@no_report_option
 @output_options()
 def tile(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
     """Segment tissue and write patch coordinates for every slide.
@@ -36,5 +38,6 @@ def tile(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
     settings = tile_settings_from(kw, debug=reporter.debug)
     entries = select_slides(slides, kw.pop("shard", None))
     workers = max(1, default_workers(kw.pop("workers", None)))
-    return run_tile(entries, out, settings, workers=workers, reporter=reporter, overwrite=kw.pop("overwrite", False),
+    code = run_tile(entries, out, settings, workers=workers, reporter=reporter, overwrite=kw.pop("overwrite", False),
                     on_error=kw.pop("on_error", "skip"))
+    return report_after_run(out, code, reporter, kw.pop("no_report"))

@@ -46,6 +46,12 @@ class TissueMask:
             return None
         return float(self.tissue.sum()) * self.mask_mpp * self.mask_mpp
 
+    @property
+    def ink_fraction(self) -> float:
+        """Share of the specimen area (tissue + pen ink; the tissue mask excludes ink) that is covered by ink."""
+        ink, tissue = int(self.pen.sum()), int(self.tissue.sum())
+        return ink / (ink + tissue) if ink + tissue else 0.0
+
     def summary(self) -> dict:
         """Small JSON-able facts for logs and QC captions."""
         return {
@@ -56,5 +62,7 @@ class TissueMask:
             "n_holes": int(sum(len(c.holes) for c in self.contours)),
             "tissue_fraction": float(self.tissue.mean()) if self.tissue.size else 0.0,
             "pen_fraction": float(self.pen.mean()) if self.pen.size else 0.0,
+            "tissue_area_mm2": None if self.tissue_area_um2 is None else self.tissue_area_um2 / 1e6,
+            "ink_fraction": self.ink_fraction,
             **{k: v for k, v in self.stats.items() if isinstance(v, (int, float, str))},
         }

@@ -1,0 +1,84 @@
+"""Where the report finds a run's outputs and where it writes its own files: the one path function of the report.
+
+Every path the report reads or writes under ``OUT`` goes through :func:`run_path`, so that the day the layout
+of an output folder moves, one function changes here.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+from pathlib import Path
+
+REPORT_NAME = "report.html"
+ASSETS_DIR = "report_assets"
+
+_FIXED = {"manifest": "manifest.csv", "report": REPORT_NAME, "assets": ASSETS_DIR,
+          "cache": f"{ASSETS_DIR}/cache.json", "pca": f"{ASSETS_DIR}/pca.npz", "lock": f"{ASSETS_DIR}/.lock",
+          "css": f"{ASSETS_DIR}/report.css", "js": f"{ASSETS_DIR}/report.js"}
+_SLIDE_FILES = {"bag": ("features", ".h5"), "coords": ("coords", ".h5"), "qc": ("qc", ".jpg")}
+_ASSET_FILES = {"thumb": (f"{ASSETS_DIR}/thumbs", ".jpg"), "map": (f"{ASSETS_DIR}/maps", ".png"),
+                "page": (f"{ASSETS_DIR}/slides", ".html")}
+
+
+@functools.lru_cache(maxsize=65536)
+def asset_name(slide_id: str) -> str:
+    """A file-name- and URL-safe name for a slide's report assets: ASCII letters, digits, ``._-`` of the id
+    (at most 60) plus 10 hex digits of its SHA-1, so distinct ids never collide and no id needs URL escaping."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", slide_id)[:60].lstrip(".") or "slide"
+    return f"{safe}-{hashlib.sha1(slide_id.encode('utf-8')).hexdigest()[:10]}"
+
+
+def run_path(out_dir: str | os.PathLike[str], kind: str, slide_id: str | None = None) -> Path:
+    """The path of one file of the run in ``out_dir``.
+
+    ``kind``: ``manifest`` (``OUT/manifest.csv``), ``report`` (``OUT/report.html``), ``assets``
+    (``OUT/report_assets``), ``cache`` / ``pca`` / ``lock`` (the report's bookkeeping in the assets folder),
+    ``css`` / ``js`` (the page's style and script); per slide (``slide_id`` given): ``bag``
+    (``features/<id>.h5``), ``coords`` (``coords/<id>.h5``), ``qc`` (``qc/<id>.jpg``), and the report's own
+    ``thumb`` / ``map`` / ``page`` (``report_assets/{thumbs,maps,slides}/<asset name>``).
+    """
+    out = out_dir if isinstance(out_dir, Path) else Path(out_dir)
+    if kind in _FIXED:
+        return out / _FIXED[kind]
+    folder = _SLIDE_FILES.get(kind, _ASSET_FILES.get(kind, ("",)))[0]
+    return out / f"{folder}/{file_name(kind, slide_id)}"
+
+
+def file_name(kind: str, slide_id: str | None) -> str:
+    """The name (without folder) of a per-slide file of :func:`run_path`."""
+    spec = _SLIDE_FILES.get(kind) or _ASSET_FILES.get(kind)
+    if spec is None:
+        raise ValueError(f"unknown path kind {kind!r}")
+    if slide_id is None:
+        raise ValueError(f"path kind {kind!r} needs a slide id")
+    return f"{asset_name(slide_id) if kind in _ASSET_FILES else slide_id}{spec[1]}"
+
+
+class PageLinks:
+    """Relative URLs from a slide page (``report_assets/slides/``) to files of the run: each path component
+    percent-escaped, so any slide id is a valid link. Built once per report (a page needs four links)."""
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.out = Path(out_dir)
+        here = run_path(self.out, "page", "_").parent
+        self._up = "/".join(".." for _ in here.relative_to(self.out).parts)
+        self._folders: dict[str, str] = {}
+
+    def _rel(self, path: Path) -> str:
+        from urllib.parse import quote
+
+        return "/".join(quote(part) for part in path.relative_to(self.out).parts)
+
+    def url(self, kind: str, slide_id: str | None = None) -> str:
+        from urllib.parse import quote
+
+        if slide_id is None:
+            if kind not in self._folders:
+                self._folders[kind] = self._rel(run_path(self.out, kind))
+            return f"{self._up}/{self._folders[kind]}"
+        if kind + "/" not in self._folders:
+            self._folders[kind + "/"] = self._rel(run_path(self.out, kind, "_").parent)
+        return f"{self._up}/{self._folders[kind + '/']}/{quote(file_name(kind, slide_id))}"

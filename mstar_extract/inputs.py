@@ -1,4 +1,4 @@
-"""Turn the SLIDES arguments of the command line into a sorted list of slides (design §3).
+"""Turn the SLIDES arguments of the command line into a sorted list of slides (docs/architecture.md, step 1).
 
 A spec may be:
 
@@ -12,7 +12,10 @@ A spec may be:
 - ``-``: the same list format read from stdin (paths relative to the current directory).
 
 In lists, blank lines and lines starting with ``#`` are ignored. The slide id is the file name without its
-slide extension (``a.ome.tif`` -> ``a``) unless the list gives one. A path that does not exist becomes an
+slide extension (``a.ome.tif`` -> ``a``) unless the list gives one. Slide ids name output files, so each is
+checked here (:func:`mstar_extract.store.layout.slide_id_problem`: no path separators, no ``..``, no leading
+dot, no control characters, not empty, at most 200 characters); a bad one is a :class:`UsageError` naming the
+list row (or the file), before any work. A path that does not exist becomes an
 entry with ``error`` set (a per-slide failure later, not a crash). The same file named twice is kept once;
 two different files with the same id raise :class:`UsageError` naming both, before any work.
 """
@@ -32,6 +35,7 @@ from typing import Iterable, Sequence, TextIO
 
 from mstar_extract.errors import UsageError
 from mstar_extract.slides.formats import is_slide_file, slide_stem
+from mstar_extract.store.layout import validate_slide_id
 
 log = logging.getLogger("mstar")
 
@@ -98,7 +102,7 @@ def parse_list(text: str, base: Path, source: str, force_csv: bool = False) -> l
     if "path" not in header:
         if force_csv:
             raise UsageError(f"{source}: slide list has no 'path' column (header: {header_line.strip()!r})")
-        return [_entry(base, ln.strip(), None, None) for _, ln in lines]
+        return [_entry(base, ln.strip(), None, None, f"{source} line {lineno}") for lineno, ln in lines]
     rows = csv.reader(io.StringIO("\n".join(ln for _, ln in lines[1:])), delimiter=delim)
     out: list[SlideEntry] = []
     for (lineno, _), row in zip(lines[1:], rows):
@@ -106,17 +110,19 @@ def parse_list(text: str, base: Path, source: str, force_csv: bool = False) -> l
         where = f"{source} line {lineno}"
         if not rec.get("path"):
             raise UsageError(f"{where}: empty 'path'")
-        out.append(_entry(base, rec["path"], rec.get("slide_id") or None, _parse_mpp(rec.get("mpp"), where)))
+        out.append(_entry(base, rec["path"], rec.get("slide_id") or None, _parse_mpp(rec.get("mpp"), where), where))
     return out
 
 
-def _entry(base: Path, raw: str, slide_id: str | None, mpp: float | None) -> SlideEntry:
+def _entry(base: Path, raw: str, slide_id: str | None, mpp: float | None, where: str | None = None) -> SlideEntry:
+    """The entry of one path (``where``: the list row it came from, for the message of a bad slide id)."""
     path = Path(os.path.expanduser(raw))
     if not path.is_absolute():
         path = base / path
     path = Path(os.path.normpath(path))
     error = None if path.exists() else "file not found"
-    return SlideEntry(slide_id or slide_stem(path), path, mpp, error)
+    sid = validate_slide_id(slide_id or slide_stem(path), where or str(path))
+    return SlideEntry(sid, path, mpp, error)
 
 
 def _expand(spec: str, stdin: TextIO | None) -> list[SlideEntry]:

@@ -312,6 +312,16 @@ def test_no_tissue_formats_dtype_rerun_overwrite_and_foreign_bags(fixture_slides
     save_file(get_spec(TINY).build().state_dict(), str(other))
     before = stamp("svs20")
     args = [a if a != "random" else str(other) for a in FAST]
+    # OUT's settings record (mstar_settings.json) refuses other weights before any work (exit 2)
+    r = cli("extract", good, str(out), *args, "--dtype", "float16")
+    assert r.exit_code == 2 and "--weights" in r.output and "--overwrite" in r.output, r.output
+    assert stamp("svs20") == before
+
+    def forget_settings() -> None:
+        """OUT as an older version left it (no settings record): each bag is checked on its own."""
+        (out / "mstar_settings.json").unlink(missing_ok=True)
+
+    forget_settings()
     r = cli("extract", good, str(out), *args)
     assert r.exit_code == 1, r.output
     reason = manifest(out)["svs20"]["error"]
@@ -322,6 +332,7 @@ def test_no_tissue_formats_dtype_rerun_overwrite_and_foreign_bags(fixture_slides
     for extra, word in ((["--dtype", "float16", "--patch-size", "224"], "patch_size"),
                         (["--dtype", "float16", "--magnification", "10"], "target_mpp"),
                         (["--dtype", "float32"], "float16")):
+        forget_settings()
         r = cli("extract", good, str(out), *FAST, *extra)
         assert r.exit_code == 1, r.output
         reason = manifest(out)["svs20"]["error"]

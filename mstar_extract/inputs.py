@@ -12,12 +12,13 @@ A spec may be:
 - ``-``: the same list format read from stdin (paths relative to the current directory).
 
 In lists, blank lines and lines starting with ``#`` are ignored. The slide id is the file name without its
-slide extension (``a.ome.tif`` -> ``a``) unless the list gives one. Slide ids name output files, so each is
-checked here (:func:`mstar_extract.store.layout.slide_id_problem`: no path separators, no ``..``, no leading
-dot, no control characters, not empty, at most 200 characters); a bad one is a :class:`UsageError` naming the
-list row (or the file), before any work. A path that does not exist becomes an
+slide extension (``a.ome.tif`` -> ``a``) unless the list gives one. A path that does not exist becomes an
 entry with ``error`` set (a per-slide failure later, not a crash). The same file named twice is kept once;
 two different files with the same id raise :class:`UsageError` naming both, before any work.
+
+Slide ids name output files, so each is checked here (:func:`mstar_extract.store.layout.slide_id_problem`: no
+path separators, no ``..``, no leading dot, no control characters, not empty, at most 200 characters); a bad
+one is a :class:`UsageError` naming the list row (or the file), before any work.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def parse_list(text: str, base: Path, source: str, force_csv: bool = False) -> l
     if "path" not in header:
         if force_csv:
             raise UsageError(f"{source}: slide list has no 'path' column (header: {header_line.strip()!r})")
-        return [_entry(base, ln.strip(), None, None, f"{source} line {lineno}") for lineno, ln in lines]
+        return [_checked(_entry(base, ln.strip(), None, None), f"{source} line {lineno}") for lineno, ln in lines]
     rows = csv.reader(io.StringIO("\n".join(ln for _, ln in lines[1:])), delimiter=delim)
     out: list[SlideEntry] = []
     for (lineno, _), row in zip(lines[1:], rows):
@@ -110,19 +111,23 @@ def parse_list(text: str, base: Path, source: str, force_csv: bool = False) -> l
         where = f"{source} line {lineno}"
         if not rec.get("path"):
             raise UsageError(f"{where}: empty 'path'")
-        out.append(_entry(base, rec["path"], rec.get("slide_id") or None, _parse_mpp(rec.get("mpp"), where), where))
+        out.append(_checked(_entry(base, rec["path"], rec.get("slide_id") or None, _parse_mpp(rec.get("mpp"), where)), where))
     return out
 
 
-def _entry(base: Path, raw: str, slide_id: str | None, mpp: float | None, where: str | None = None) -> SlideEntry:
-    """The entry of one path (``where``: the list row it came from, for the message of a bad slide id)."""
+def _entry(base: Path, raw: str, slide_id: str | None, mpp: float | None) -> SlideEntry:
     path = Path(os.path.expanduser(raw))
     if not path.is_absolute():
         path = base / path
     path = Path(os.path.normpath(path))
     error = None if path.exists() else "file not found"
-    sid = validate_slide_id(slide_id or slide_stem(path), where or str(path))
-    return SlideEntry(sid, path, mpp, error)
+    return SlideEntry(slide_id or slide_stem(path), path, mpp, error)
+
+
+def _checked(entry: SlideEntry, where: str) -> SlideEntry:
+    """``entry`` when its slide id can name output files; else UsageError naming ``where`` (a list row, a file)."""
+    validate_slide_id(entry.slide_id, where)
+    return entry
 
 
 def _expand(spec: str, stdin: TextIO | None) -> list[SlideEntry]:
@@ -172,6 +177,7 @@ def resolve_slides(specs: Sequence[str] | Iterable[str], stdin: TextIO | None = 
     by_path: dict[Path, SlideEntry] = {}
     for spec in specs:
         for entry in _expand(spec, stdin):
+            _checked(entry, str(entry.path))  # ids from file names (list rows were checked as they were read)
             key = entry.path.resolve() if entry.error is None else entry.path
             prev = by_path.get(key)
             if prev is None or (prev.mpp is None and entry.mpp is not None):

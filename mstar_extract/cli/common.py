@@ -11,7 +11,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from mstar_extract.console import DEBUG, NORMAL, QUIET, Reporter, setup_logging
-from mstar_extract.errors import EXIT_FAILED, EXIT_USAGE, MstarError, UsageError, first_line
+from mstar_extract.errors import EXIT_FAILED, EXIT_RUN, EXIT_USAGE, MstarError, RunError, UsageError, first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,7 +63,7 @@ def output_options(jsonl: bool = True) -> Callable[[F], F]:
 
 
 def run_guarded(reporter: Reporter, func: Callable[..., Any], /, *args: Any, **kw: Any) -> Any:
-    """Call a command body; turn expected errors into one stderr line and the design's exit codes."""
+    """Call a command body; turn expected errors into one stderr line and the exit codes of :mod:`mstar_extract.errors`."""
     try:
         code = func(*args, **kw)
     except click.exceptions.Exit:
@@ -73,6 +73,9 @@ def run_guarded(reporter: Reporter, func: Callable[..., Any], /, *args: Any, **k
     except UsageError as exc:
         reporter.error(str(exc), exc)
         sys.exit(EXIT_USAGE)
+    except RunError as exc:  # e.g. OUT's settings record cannot be read or updated
+        reporter.error(str(exc), exc)
+        sys.exit(EXIT_RUN)
     except MstarError as exc:
         reporter.error(str(exc), exc)
         sys.exit(EXIT_FAILED)

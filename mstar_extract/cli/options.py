@@ -1,4 +1,4 @@
-"""Click option groups shared by ``mstar tile`` and ``mstar extract`` (design §3), and the builders that turn the
+"""Click option groups shared by ``mstar tile`` and ``mstar extract`` (README "Commands"), and the builders that turn the
 parsed values into :class:`TileSettings`.
 
 Usage::

@@ -41,6 +41,43 @@ def _none_nan(v: float | None) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _trident_attrs(a: Any, plan: ReadPlan, slide_id: str) -> None:
+    a["patch_size"] = int(plan.patch_size)
+    a["patch_size_level0"] = int(plan.patch_size_level0)
+    a["target_magnification"] = _none_nan(plan.target_magnification)
+    a["level0_magnification"] = _none_nan(plan.level0_magnification)
+    a["level0_width"] = int(plan.level0_width)
+    a["level0_height"] = int(plan.level0_height)
+    a["overlap"] = int(plan.overlap)
+    a["name"] = slide_id
+
+
+def _clam_attrs(a: Any, plan: ReadPlan, slide_id: str, level_dimensions: tuple[tuple[int, int], ...] | None) -> None:
+    if level_dimensions is not None and plan.level < len(level_dimensions):
+        lw, lh = level_dimensions[plan.level]
+    else:
+        lw = int(round(plan.level0_width / plan.level_downsample))
+        lh = int(round(plan.level0_height / plan.level_downsample))
+    a["patch_size"] = int(plan.read_size)
+    a["patch_level"] = int(plan.level)
+    a["downsample"] = np.array([plan.level0_width / lw, plan.level0_height / lh], dtype=np.float64)
+    a["level_dim"] = np.array([lw, lh], dtype=np.int64)
+    a["downsampled_level_dim"] = np.array([lw, lh], dtype=np.int64)
+    a["name"] = slide_id
+
+
+def _read_plan_attrs(a: Any, plan: ReadPlan) -> None:
+    """The exact read plan, in both formats (what :func:`read_coords_file` reads back as ``mstar``)."""
+    a["mstar_level"] = int(plan.level)
+    a["mstar_level_downsample"] = float(plan.level_downsample)
+    a["mstar_read_size"] = int(plan.read_size)
+    a["mstar_patch_size"] = int(plan.patch_size)
+    a["mstar_patch_size_level0"] = int(plan.patch_size_level0)
+    a["mstar_target_mpp"] = float(plan.target_mpp)
+    a["mstar_level0_mpp"] = _none_nan(plan.level0_mpp)
+    a["mstar_overlap"] = int(plan.overlap)
+
+
 def write_coords(
     path: str | os.PathLike[str],
     plan: ReadPlan,
@@ -64,36 +101,11 @@ def write_coords(
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             ds = f.create_dataset("coords", data=coords, maxshape=(None, 2), chunks=(max(1, min(len(coords), 4096)), 2))
-            a = ds.attrs
             if fmt == "trident":
-                a["patch_size"] = int(plan.patch_size)
-                a["patch_size_level0"] = int(plan.patch_size_level0)
-                a["target_magnification"] = _none_nan(plan.target_magnification)
-                a["level0_magnification"] = _none_nan(plan.level0_magnification)
-                a["level0_width"] = int(plan.level0_width)
-                a["level0_height"] = int(plan.level0_height)
-                a["overlap"] = int(plan.overlap)
-                a["name"] = slide_id
+                _trident_attrs(ds.attrs, plan, slide_id)
             else:
-                if level_dimensions is not None and plan.level < len(level_dimensions):
-                    lw, lh = level_dimensions[plan.level]
-                else:
-                    lw = int(round(plan.level0_width / plan.level_downsample))
-                    lh = int(round(plan.level0_height / plan.level_downsample))
-                a["patch_size"] = int(plan.read_size)
-                a["patch_level"] = int(plan.level)
-                a["downsample"] = np.array([plan.level0_width / lw, plan.level0_height / lh], dtype=np.float64)
-                a["level_dim"] = np.array([lw, lh], dtype=np.int64)
-                a["downsampled_level_dim"] = np.array([lw, lh], dtype=np.int64)
-                a["name"] = slide_id
-            a["mstar_level"] = int(plan.level)
-            a["mstar_level_downsample"] = float(plan.level_downsample)
-            a["mstar_read_size"] = int(plan.read_size)
-            a["mstar_patch_size"] = int(plan.patch_size)
-            a["mstar_patch_size_level0"] = int(plan.patch_size_level0)
-            a["mstar_target_mpp"] = float(plan.target_mpp)
-            a["mstar_level0_mpp"] = _none_nan(plan.level0_mpp)
-            a["mstar_overlap"] = int(plan.overlap)
+                _clam_attrs(ds.attrs, plan, slide_id, level_dimensions)
+            _read_plan_attrs(ds.attrs, plan)
             if plan.tissue_fraction is not None and len(plan.tissue_fraction) == len(coords):
                 f.create_dataset("tissue_fraction", data=np.asarray(plan.tissue_fraction, np.float32))
             r = f.attrs

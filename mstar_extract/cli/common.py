@@ -63,7 +63,7 @@ def output_options(jsonl: bool = True) -> Callable[[F], F]:
 
 
 def run_guarded(reporter: Reporter, func: Callable[..., Any], /, *args: Any, **kw: Any) -> Any:
-    """Call a command body; turn expected errors into one stderr line and the exit codes of :mod:`mstar_extract.errors`."""
+    """Call a command body; turn expected errors into one stderr line and an exit code (:mod:`mstar_extract.errors`)."""
     try:
         code = func(*args, **kw)
     except click.exceptions.Exit:
@@ -73,7 +73,7 @@ def run_guarded(reporter: Reporter, func: Callable[..., Any], /, *args: Any, **k
     except UsageError as exc:
         reporter.error(str(exc), exc)
         sys.exit(EXIT_USAGE)
-    except RunError as exc:  # e.g. OUT's settings record cannot be read or updated
+    except RunError as exc:  # a whole-run error (mstar_extract.errors.RunError)
         reporter.error(str(exc), exc)
         sys.exit(EXIT_RUN)
     except MstarError as exc:

@@ -47,8 +47,6 @@ def read_record(layout: OutLayout) -> dict[str, Any] | None:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        raise RunError(f"{path}: cannot read the settings record ({exc.strerror or exc})") from None
     try:
         doc = json.loads(text)
     except ValueError:

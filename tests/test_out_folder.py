@@ -133,9 +133,14 @@ def test_tile_refuses_another_patch_size_and_extract_adds_its_model(six_slides: 
     assert json.loads((out / "mstar_settings.json").read_text())["features"]["dtype"] == "float32"
     r = mstar("extract", one, out, *TINY, "--dtype", "float16")
     assert r.returncode == 2 and "--dtype float16 (OUT has float32)" in r.stderr
-    # coordinates from elsewhere bring their own geometry: only the features' settings are compared
-    r = mstar("extract", one, out, *TINY, "--coords-dir", out, "--patch-size", "224")
-    assert r.returncode == 0, r.stderr
+    # coordinates from elsewhere bring their own geometry: only the features' settings are compared; a slide
+    # without a coordinates file there is an ordinary per-slide failure
+    r = mstar("extract", one, six_slides / "s1.svs", out, *TINY, "--coords-dir", out, "--patch-size", "224",
+              "--jsonl")
+    assert r.returncode == 1 and "OUT has" not in r.stderr, r.stderr
+    finals = {e["slide_id"]: e for e in map(json.loads, r.stdout.splitlines()) if e["event"] in ("skipped", "failed")}
+    assert finals["s0"]["status"] == "skipped" and finals["s1"]["status"] == "failed"
+    assert finals["s1"]["error"] == f"no coordinates for slide id 's1' in {out}", finals["s1"]
     r = mstar("tile", one, out, "--patch-size", "224", "--overwrite")  # the way out that the message names
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "mstar_settings.json").read_text())["tiling"]["patch_size"] == 224

@@ -108,11 +108,11 @@ def test_rerun_with_another_patch_size_is_refused_before_any_work(six_slides: Pa
     assert "RANDOM" not in r.stderr  # refused before the model (and its random-weights warning) was even built
     assert {p: p.stat().st_mtime_ns for p in files_under(out)} == state  # nothing written, nothing touched
 
-    r = mstar("extract", six_slides, out, *TINY, "--jsonl")  # the same settings: the other three are done
+    r = mstar("extract", part / "s0.svs", six_slides / "s3.svs", out, *TINY, "--jsonl")  # the same settings: go on
     assert r.returncode == 0, r.stderr
     finals = {e["slide_id"]: e["status"] for e in map(json.loads, r.stdout.splitlines()) if e["event"] in
               ("done", "skipped")}
-    assert finals == {"s0": "skipped", "s1": "skipped", "s2": "skipped", "s3": "done", "s4": "done", "s5": "done"}
+    assert finals == {"s0": "skipped", "s3": "done"}
 
 
 def test_tile_refuses_another_patch_size_and_extract_adds_its_model(six_slides: Path, tmp_path: Path) -> None:

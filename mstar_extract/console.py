@@ -1,6 +1,6 @@
 """Everything the user sees: logging levels, one-line errors, JSONL events on stdout, progress on stderr.
 
-Rules (design §3, issue 8):
+Rules (README "Shell pipelines, JSONL events and exit codes", issue 8):
 
 * stdout carries only machine output (``--json`` documents or ``--jsonl`` events); everything human —
   progress bars, log lines, errors — goes to stderr.

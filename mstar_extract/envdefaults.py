@@ -107,11 +107,6 @@ def weights_cache(env: Mapping[str, str] = os.environ, package_dir: str | os.Pat
     return WeightsCache(hf_hub_cache(env), "hf")
 
 
-def weights_cache_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """Folder of :func:`weights_cache`."""
-    return weights_cache(env).path
-
-
 # ----------------------------------------------------------------------------------------------------- device
 def default_device(option: str | None = None, env: Mapping[str, str] = os.environ) -> str:
     """``--device`` value: the option, else ``$MSTAR_DEVICE``, else ``"auto"``; checked for shape only."""

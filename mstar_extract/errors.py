@@ -60,8 +60,26 @@ def first_line(exc: BaseException, with_type: bool = False) -> str:
 
     ``with_type=True`` prefixes ``TypeName: `` (for unexpected exceptions, whose type is part of the story).
     Never raises, whatever the message (empty, only whitespace, many lines)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    line = _first_nonempty_line(str(exc))
     name = type(exc).__name__
-    if not lines:
+    if line is None:
         return name
-    return f"{name}: {lines[0]}" if with_type else lines[0]
+    return f"{name}: {line}" if with_type else line
+
+
+def _first_nonempty_line(text: str) -> str | None:
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), None)
+
+
+def reason_of(exc: BaseException) -> str:
+    """The one-line reason recorded for a slide that ``exc`` ended (manifest ``error`` column, stderr line).
+
+    A :class:`SlideError` gives its reason (the path is already in the row), any other :class:`MstarError` its
+    first line, a :class:`MemoryError` ``out of memory``, anything else ``unexpected TypeName: first line``."""
+    if isinstance(exc, SlideError):
+        return _first_nonempty_line(str(exc.reason)) or type(exc).__name__
+    if isinstance(exc, MstarError):
+        return first_line(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    return "unexpected " + first_line(exc, with_type=True)

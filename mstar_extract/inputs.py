@@ -1,4 +1,4 @@
-"""Turn the SLIDES arguments of the command line into a sorted list of slides (design §3).
+"""Turn the SLIDES arguments of the command line into a sorted list of slides (docs/architecture.md, step 1).
 
 A spec may be:
 
@@ -21,6 +21,10 @@ folder holding one series) names the series, whose id is the folder's name when 
 (rule for several: :mod:`mstar_extract.slides.dicom`). A path that does not exist becomes an
 entry with ``error`` set (a per-slide failure later, not a crash). The same file named twice is kept once;
 two different files with the same id raise :class:`UsageError` naming both, before any work.
+
+Slide ids name output files, so each is checked here (:func:`mstar_extract.store.layout.slide_id_problem`: no
+path separators, no ``..``, no leading dot, no control characters, not empty, at most 200 characters); a bad
+one is a :class:`UsageError` naming the list row (or the file), before any work.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Iterable, Sequence, TextIO
 
 from mstar_extract.errors import UsageError
 from mstar_extract.slides.formats import group_slide_files, is_mrxs_data_dir, is_slide_file, slide_identity
+from mstar_extract.store.layout import validate_slide_id
 
 log = logging.getLogger("mstar")
 
@@ -104,7 +109,7 @@ def parse_list(text: str, base: Path, source: str, force_csv: bool = False) -> l
     if "path" not in header:
         if force_csv:
             raise UsageError(f"{source}: slide list has no 'path' column (header: {header_line.strip()!r})")
-        return [_entry(base, ln.strip(), None, None) for _, ln in lines]
+        return [_checked(_entry(base, ln.strip(), None, None), f"{source} line {lineno}") for lineno, ln in lines]
     rows = csv.reader(io.StringIO("\n".join(ln for _, ln in lines[1:])), delimiter=delim)
     out: list[SlideEntry] = []
     for (lineno, _), row in zip(lines[1:], rows):
@@ -112,7 +117,7 @@ def parse_list(text: str, base: Path, source: str, force_csv: bool = False) -> l
         where = f"{source} line {lineno}"
         if not rec.get("path"):
             raise UsageError(f"{where}: empty 'path'")
-        out.append(_entry(base, rec["path"], rec.get("slide_id") or None, _parse_mpp(rec.get("mpp"), where)))
+        out.append(_checked(_entry(base, rec["path"], rec.get("slide_id") or None, _parse_mpp(rec.get("mpp"), where)), where))
     return out
 
 
@@ -125,6 +130,12 @@ def _entry(base: Path, raw: str, slide_id: str | None, mpp: float | None) -> Sli
         return SlideEntry(slide_id or slide_identity(path).slide_id, path, mpp, "file not found")
     ident = slide_identity(path)  # a DICOM series: its level-0 file and the series' id
     return SlideEntry(slide_id or ident.slide_id, ident.path, mpp, ident.error)
+
+
+def _checked(entry: SlideEntry, where: str) -> SlideEntry:
+    """``entry`` when its slide id can name output files; else UsageError naming ``where`` (a list row, a file)."""
+    validate_slide_id(entry.slide_id, where)
+    return entry
 
 
 def _expand(spec: str, stdin: TextIO | None) -> list[SlideEntry]:
@@ -174,6 +185,7 @@ def resolve_slides(specs: Sequence[str] | Iterable[str], stdin: TextIO | None = 
     by_path: dict[Path, SlideEntry] = {}
     for spec in specs:
         for entry in _expand(spec, stdin):
+            _checked(entry, str(entry.path))  # ids from file names (list rows were checked as they were read)
             key = entry.path.resolve() if entry.error is None else entry.path
             prev = by_path.get(key)
             if prev is None or (prev.mpp is None and entry.mpp is not None):

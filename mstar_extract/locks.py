@@ -46,15 +46,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from mstar_extract.envdefaults import DEFAULT_LOCK_TIMEOUT_S
 from mstar_extract.errors import MstarError
+from mstar_extract.store.layout import LOCK_SUFFIX, OutLayout, lock_file_name
+from mstar_extract.store.layout import LOCKS_DIR as LOCKS_DIR  # re-exported: the folder of the lock files
 
 log = logging.getLogger("mstar")
 
-LOCKS_DIR = ".locks"
-LOCK_SUFFIX = ".lock"
 # DEFAULT_LOCK_TIMEOUT_S (600 s, from envdefaults): a lock not refreshed for this long is stale.
 DEFAULT_HEARTBEAT_S = 30.0
 
@@ -127,11 +127,12 @@ def pid_alive(pid: int, proc_start: int | None = None) -> bool:
 
 def lock_name(slide_id: str) -> str:
     """File name of a slide's lock (percent-encoded, so any slide id gives a distinct, safe name)."""
-    return quote(slide_id, safe=" +,-._=@~()[]") + LOCK_SUFFIX
+    return lock_file_name(slide_id)
 
 
 def lock_path(out_dir: str | os.PathLike[str], slide_id: str) -> Path:
-    return Path(out_dir) / LOCKS_DIR / lock_name(slide_id)
+    """``OUT/.locks/<encoded id>.lock`` (:meth:`mstar_extract.store.layout.OutLayout.lock`)."""
+    return OutLayout(out_dir).lock(slide_id)
 
 
 @dataclass
@@ -214,7 +215,7 @@ def read_lock(path: str | os.PathLike[str], now: float | None = None) -> LockInf
 
 def list_locks(out_dir: str | os.PathLike[str], now: float | None = None) -> list[LockInfo]:
     """All current lock files of ``out_dir``, sorted by slide id."""
-    d = Path(out_dir) / LOCKS_DIR
+    d = OutLayout(out_dir).locks_dir
     if not d.is_dir():
         return []
     out = []
@@ -242,10 +243,12 @@ class SlideLock:
         timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         cmd: str | None = None,
+        path: str | os.PathLike[str] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.slide_id = slide_id
-        self.path = lock_path(out_dir, slide_id)
+        self.path = Path(path) if path is not None else lock_path(out_dir, slide_id)
+        """``OUT/.locks/<slide_id>.lock``, unless ``path`` names another file (e.g. the settings record's lock)."""
         self.timeout_s = float(timeout_s)
         self.heartbeat_s = float(heartbeat_s)
         self.cmd = cmd if cmd is not None else _command_line()

@@ -1,4 +1,4 @@
-"""Splitting a slide list between jobs, ranks and GPUs (design §6 "Scale-out", issue 5).
+"""Splitting a slide list between jobs, ranks and GPUs (docs/scale-out.md, issue 5).
 
 Three levels can split the same list, always in this order (see docs/scale-out.md):
 

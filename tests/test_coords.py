@@ -133,3 +133,19 @@ def test_bad_coordinate_files(tmp_path) -> None:
         f.create_dataset("features", data=np.zeros((3, 2)))
     with pytest.raises(CoordsFormatError, match="no 'coords'"):
         read_coords_file(wrong)
+
+
+@pytest.mark.parametrize("fmt, attrs, missing", [
+    ("TRIDENT", {"patch_size_level0": 512, "target_magnification": 20.0}, "patch_size"),
+    ("mstar", {"mstar_read_size": 256, "mstar_level": 0, "mstar_level_downsample": 1.0, "mstar_patch_size": 256,
+               "mstar_target_mpp": 0.5}, "mstar_patch_size_level0"),
+])
+def test_missing_attribute_is_a_format_error_not_a_type_error(tmp_path, fmt, attrs, missing) -> None:
+    """A file recognised as one format but lacking one of its attributes is a CoordsFormatError naming it."""
+    p = tmp_path / f"{fmt}.h5"
+    with h5py.File(p, "w") as f:
+        ds = f.create_dataset("coords", data=np.zeros((3, 2), np.int64))
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+    with pytest.raises(CoordsFormatError, match=f"{fmt}.*'{missing}'"):
+        read_coords_file(p)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,13 +26,10 @@ from mstar_extract.envdefaults import (
 from mstar_extract.errors import UsageError
 from mstar_extract.locks import lock_path
 from mstar_extract.manifest import ManifestRow, ManifestWriter
-
-MSTAR = Path(sys.executable).with_name("mstar")
-
+from mstar_extract.testing.cli import run_mstar
 
 def _run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-    cmd = [str(MSTAR)] if MSTAR.exists() else [sys.executable, "-c", "from mstar_extract.cli import main; main()"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    return run_mstar(*args, timeout=120, env={**os.environ, **env})
 
 
 def test_weights_env_and_option() -> None:

@@ -32,6 +32,7 @@ from click.testing import CliRunner, Result
 from mstar_extract.cli import main as cli_main
 from mstar_extract.models.weights import sha256_file
 from mstar_extract.store.bags import read_bag, validate_bag
+from mstar_extract.testing.cli import run_mstar, start_mstar
 from mstar_extract.testing.fixtures import make_svs
 from mstar_extract.testing.scene import Blob, Scene, Stroke
 
@@ -48,10 +49,9 @@ def cli(*args: str) -> Result:
     return CliRunner().invoke(cli_main, list(args), catch_exceptions=False)
 
 
-def run_mstar(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """``mstar ARGS`` as a real subprocess (real exit code, real stderr)."""
-    e = {**os.environ, "MSTAR_PROGRESS_INTERVAL": "3600", **(env or {})}
-    return subprocess.run(["mstar", *args], capture_output=True, text=True, env=e, timeout=timeout)
+    return run_mstar(*args, env={**os.environ, "MSTAR_PROGRESS_INTERVAL": "3600", **(env or {})}, timeout=timeout)
 
 
 def manifest(out: Path) -> dict[str, dict[str, str]]:
@@ -172,12 +172,13 @@ def four_slides(fixture_slides, tmp_path_factory) -> Path:
 
 def test_sigkill_at_a_random_moment_then_rerun(four_slides: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    seed = random.randrange(1 << 30)
+    # replay a failure with MSTAR_TEST_SEED=<the seed printed below (pytest shows it for a failed test)>
+    seed = int(os.environ.get("MSTAR_TEST_SEED") or random.randrange(1 << 30))
+    print(f"test_sigkill_at_a_random_moment_then_rerun: seed {seed} (replay: MSTAR_TEST_SEED={seed})")
     rng = random.Random(seed)
     args = ["extract", str(four_slides), str(out), *FAST, "--batch-size", "2"]
     env = {**os.environ, "MSTAR_PROGRESS_INTERVAL": "3600"}
-    proc = subprocess.Popen(["mstar", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+    proc = start_mstar(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not list((out / "features").glob("*.h5")) and proc.poll() is None and time.monotonic() < deadline:
@@ -226,7 +227,7 @@ def test_good_and_broken_inputs(fixture_slides, tmp_path: Path) -> None:
     listing = tmp_path / "more.csv"
     listing.write_text(f"path,slide_id\n{tmp_path / 'nowhere' / 'missing.svs'},missing\n")
     out = tmp_path / "out"
-    r = run_mstar("extract", str(folder), str(listing), str(out), *FAST, "--mpp-override", "0.5")
+    r = run_cli("extract", str(folder), str(listing), str(out), *FAST, "--mpp-override", "0.5")
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
     rows = manifest(out)
@@ -311,6 +312,16 @@ def test_no_tissue_formats_dtype_rerun_overwrite_and_foreign_bags(fixture_slides
     save_file(get_spec(TINY).build().state_dict(), str(other))
     before = stamp("svs20")
     args = [a if a != "random" else str(other) for a in FAST]
+    # OUT's settings record (mstar_settings.json) refuses other weights before any work (exit 2)
+    r = cli("extract", good, str(out), *args, "--dtype", "float16")
+    assert r.exit_code == 2 and "--weights" in r.output and "--overwrite" in r.output, r.output
+    assert stamp("svs20") == before
+
+    def forget_settings() -> None:
+        """OUT as an older version left it (no settings record): each bag is checked on its own."""
+        (out / "mstar_settings.json").unlink(missing_ok=True)
+
+    forget_settings()
     r = cli("extract", good, str(out), *args)
     assert r.exit_code == 1, r.output
     reason = manifest(out)["svs20"]["error"]
@@ -321,6 +332,7 @@ def test_no_tissue_formats_dtype_rerun_overwrite_and_foreign_bags(fixture_slides
     for extra, word in ((["--dtype", "float16", "--patch-size", "224"], "patch_size"),
                         (["--dtype", "float16", "--magnification", "10"], "target_mpp"),
                         (["--dtype", "float32"], "float16")):
+        forget_settings()
         r = cli("extract", good, str(out), *FAST, *extra)
         assert r.exit_code == 1, r.output
         reason = manifest(out)["svs20"]["error"]
@@ -334,8 +346,7 @@ def test_missing_weights_stop_before_any_work(fixture_slides, tmp_path: Path) ->
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), MSTAR_CACHE=str(tmp_path / "cache"),
                MSTAR_PROGRESS_INTERVAL="3600")
     out = tmp_path / "out"
-    r = subprocess.run(["mstar", "extract", str(fixture_slides["svs20"].path), str(out), "--device", "cpu"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    r = run_mstar("extract", str(fixture_slides["svs20"].path), str(out), "--device", "cpu", env=env, timeout=300)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stdout == ""
     errs = error_lines(r.stderr)

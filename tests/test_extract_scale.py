@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import pytest
 
 from mstar_extract.sharding import RANK_SALT, SHARD_SALT, share_of
 from mstar_extract.store.bags import read_bag, validate_bag
+from mstar_extract.testing.cli import MODULE, mstar_env, run_mstar, start_mstar
 from mstar_extract.testing.fixtures import make_svs
 from mstar_extract.testing.scene import random_scene
 
@@ -45,19 +45,12 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "MSTAR_PROGRESS_INTERVAL": "3600", "OMP_NUM_THREADS": "1", **extra}
 
 
-def _mstar() -> str:
-    exe = shutil.which("mstar") or str(Path(sys.executable).with_name("mstar"))
-    assert Path(exe).exists(), "the mstar console script is not installed (pip install -e .)"
-    return exe
-
-
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen([_mstar(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env or _env())
+    return start_mstar(*args, env=env or _env())
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([_mstar(), *args], capture_output=True, text=True, env=env or _env(), timeout=timeout)
+    return run_mstar(*args, env=env or _env(), timeout=timeout)
 
 
 def extract_args(slides: Path | str, out: Path, *extra: str, weights: str = "random") -> list[str]:
@@ -367,8 +360,8 @@ def test_torchrun_two_ranks_split_four_slides(six: Path, tmp_path: Path) -> None
     slides = subset(six, ids, tmp_path / "four")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "mstar_extract", *extract_args(slides, out, "--jsonl")]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=900)
+           *MODULE, *extract_args(slides, out, "--jsonl")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=mstar_env(_env()), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     parts = part_rows(out)
     assert len(parts) == 2, list(parts)  # one part per rank

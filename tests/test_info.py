@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from mstar_extract.cli import main
+from mstar_extract.testing.cli import run_mstar
 
 
 def run(*args: str):
@@ -82,8 +83,7 @@ def test_broken_files_exit_1_with_one_line_each_others_reported(fixture_slides, 
     missing = tmp_path / "missing.svs"
     good = fixture_slides["svs20"].path
     env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-c", "from mstar_extract.cli import main; main()", "info", *map(str, broken), str(missing),
-                           str(good), "--json"], capture_output=True, text=True, env=env, timeout=120)
+    proc = run_mstar("info", *broken, missing, good, "--json", env=env, timeout=120)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 4 and "Traceback" not in proc.stderr, proc.stderr

@@ -12,15 +12,14 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import pytest
 
 from mstar_extract import __version__
+from mstar_extract.testing.cli import run_mstar
 from mstar_extract.testing.fixtures import make_svs
 from mstar_extract.testing.scene import random_scene
 
@@ -35,23 +34,10 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
-def _mstar() -> str:
-    exe = shutil.which("mstar") or str(Path(sys.executable).with_name("mstar"))
-    assert Path(exe).exists(), "the mstar console script is not installed (pip install -e .)"
-    return exe
-
-
 def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
         stderr_file: Path | None = None) -> subprocess.CompletedProcess:
     """Run ``mstar ARGS``; stderr is captured, or written to ``stderr_file`` (not a terminal) when given."""
-    cmd = [_mstar(), *args]
-    if stderr_file is None:
-        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env or _env(), timeout=900)
-    with open(stderr_file, "w") as err:
-        res = subprocess.run(cmd, input=stdin, stdout=subprocess.PIPE, stderr=err, text=True, env=env or _env(),
-                             timeout=900)
-    res.stderr = stderr_file.read_text()
-    return res
+    return run_mstar(*args, stdin=stdin, env=env or _env(), timeout=900, stderr_file=stderr_file)
 
 
 def jsonl(stdout: str) -> list[dict]:
@@ -240,6 +226,5 @@ def test_mstar_workers_and_device_honoured_then_status_decides_resubmission(slid
 def test_version() -> None:
     r = run("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"mstar, version {__version__}"
-    m = subprocess.run([sys.executable, "-m", "mstar_extract", "--version"], capture_output=True, text=True,
-                       timeout=120)
+    m = run_mstar("--version", timeout=120)  # with this process's environment
     assert m.returncode == 0 and m.stdout.strip() == f"mstar, version {__version__}"

@@ -179,13 +179,11 @@ def test_gene_encoder_size_at_paper_defaults() -> None:
 
 
 def test_cli_reports_data_errors_in_one_line(tmp_path: Path) -> None:
-    import subprocess
-    import sys
+    from mstar_extract.testing.cli import run_mstar
 
     m = manifest(tmp_path / "m.csv", [{"slide_id": "a", "features": "missing.h5", "report": "x"}])
-    r = subprocess.run([sys.executable, "-c", "from mstar_extract.cli import main; main()", "pretrain", "--stage", "1",
-                        "--set", f"data.manifest={m}", "--set", "aggregator.in_dim=8", "--set", "dist.device=cpu",
-                        "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    r = run_mstar("pretrain", "--stage", "1", "--set", f"data.manifest={m}", "--set", "aggregator.in_dim=8",
+                  "--set", "dist.device=cpu", "--out", str(tmp_path / "run"), timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"mstar: error: {tmp_path / 'missing.h5'}: feature bag of slide 'a' not found"]
 

@@ -44,17 +44,16 @@ def test_torchrun_two_processes_match_single_process(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    entry = ["-c", "from mstar_extract.cli import main; main()"]
-    launcher = Path(tmp_path / "entry.py")
-    launcher.write_text("from mstar_extract.cli import main\nmain()\n")
+    from mstar_extract.testing.cli import MODULE, mstar_env, run_mstar
+
     two = tmp_path / "two"
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(launcher), *mstar_cmd(toy, two, 2)],
-        env=env, capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *MODULE, *mstar_cmd(toy, two, 2)],
+        env=mstar_env(env), capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     one = tmp_path / "one"
-    r1 = subprocess.run([sys.executable, *entry, *mstar_cmd(toy, one, 4)], env=env, capture_output=True, text=True, timeout=600)
+    r1 = run_mstar(*mstar_cmd(toy, one, 4), env=env, timeout=600)
     assert r1.returncode == 0, r1.stderr[-3000:]
     a, b = steps(two), steps(one)
     assert [s["step"] for s in a] == [1, 2] == [s["step"] for s in b]

@@ -41,12 +41,13 @@ def test_torchrun_two_processes_match_one_process(tmp_path: Path) -> None:
     export_teacher(TransMIL(**AGG), AGG, teacher)
     common = _settings(data.manifest, teacher)
 
-    mstar = Path(sys.executable).with_name("mstar")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(mstar),
+    from mstar_extract.testing.cli import MODULE, mstar_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *MODULE,
            "pretrain", "--stage", "2", "--out", str(tmp_path / "ddp"), "--jsonl"]
     for s in [*common, "train.batch_size=4", "data.slides_per_batch=2"]:
         cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = mstar_env({**os.environ, "OMP_NUM_THREADS": "1"})
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 

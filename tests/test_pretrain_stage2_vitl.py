@@ -4,8 +4,6 @@ that loads with ``strict=True`` into the released mSTAR architecture and drives 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -68,10 +66,10 @@ def test_exported_student_runs_through_mstar_extract(vitl_run: dict, tmp_path: P
     slide = make_svs(tmp_path / "small.svs", random_scene(700.0, 500.0, seed=9, n_blobs=1, holes=False, pen=False,
                                                           dust=False), mpp=0.5, magnification=20, levels=(1, 4))
     student = vitl_run["res"].student_path
-    mstar = Path(sys.executable).with_name("mstar")
+    from mstar_extract.testing.cli import run_mstar
+
     out = tmp_path / "out"
-    proc = subprocess.run([str(mstar), "extract", str(slide), str(out), "--weights", str(student), "--device", "cpu",
-                           "--batch-size", "8"], capture_output=True, text=True, timeout=900)
+    proc = run_mstar("extract", slide, out, "--weights", student, "--device", "cpu", "--batch-size", "8", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from mstar_extract.models.weights import sha256_file
 

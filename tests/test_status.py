@@ -13,6 +13,7 @@ from pathlib import Path
 
 from mstar_extract.locks import lock_path
 from mstar_extract.manifest import ManifestRow, ManifestWriter
+from mstar_extract.testing.cli import run_mstar
 
 SPAWN = mp.get_context("spawn")
 
@@ -28,10 +29,8 @@ def _writer(out: str, ids: list[str], failed: list[str], start: "mp.synchronize.
 
 
 def _mstar(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``mstar`` command (the venv's entry point) as a real subprocess."""
-    exe = Path(sys.executable).with_name("mstar")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from mstar_extract.cli import main; main()"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+    """Run this checkout's ``mstar`` command as a real subprocess."""
+    return run_mstar(*args, env={**os.environ, **(env or {})}, timeout=120)
 
 
 def _jsonl(stdout: str) -> list[dict]:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -15,12 +14,12 @@ import h5py
 import pytest
 
 from mstar_extract.store.coords import read_coords_file
+from mstar_extract.testing.cli import run_mstar as run_checkout_mstar
 
 
 def run_mstar(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     e = {**os.environ, "MSTAR_PROGRESS_INTERVAL": "3600", **(env or {})}
-    exe = os.path.join(os.path.dirname(sys.executable), "mstar")  # the installed console script
-    return subprocess.run([exe, *args], input=stdin, capture_output=True, text=True, env=e, timeout=300)
+    return run_checkout_mstar(*args, stdin=stdin, env=e, timeout=300)
 
 
 def manifest(out: Path) -> dict[str, dict]:

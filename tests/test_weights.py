@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +33,7 @@ from mstar_extract.models.weights import (
     resolve_weights,
     sha256_file,
 )
+from mstar_extract.testing.cli import run_mstar
 
 TINY = "timm:vit_tiny_patch16_224"
 REPO = Path(__file__).resolve().parents[1]
@@ -298,8 +298,7 @@ def _env(tmp_path: Path, endpoint: str, **extra: str) -> dict[str, str]:
 
 
 def _mstar(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-c", "from mstar_extract.cli import main; main()", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return run_mstar(*args, env=env, timeout=120)
 
 
 def test_gated_refusals_are_one_line(tmp_path: Path, hub: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,4 @@
-"""The ``mstar`` command line: a thin click layer over the Python API (design §3).
+"""The ``mstar`` command line: a thin click layer over the Python API (docs/architecture.md).
 
 Each subcommand lives in its own module of this package; at import time those modules touch only click and
 the standard library, so ``mstar --help`` answers without importing torch.

@@ -1,4 +1,4 @@
-"""`mstar bench {read,model,extract}`: throughput in patches/s on this machine (design §3, issue 4 item 8).
+"""`mstar bench {read,model,extract}`: throughput in patches/s on this machine (README "mstar bench", issue 4 item 8).
 
 ``read`` times the reader alone: every model-ready 224-px uint8 patch of the given slides, tiled with the
 default options (or coordinates from ``--coords-dir``); ``model`` and ``extract`` (cli/bench_pipeline.py) the

@@ -11,7 +11,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from mstar_extract.console import DEBUG, NORMAL, QUIET, Reporter, setup_logging
-from mstar_extract.errors import EXIT_FAILED, EXIT_USAGE, MstarError, UsageError
+from mstar_extract.errors import EXIT_FAILED, EXIT_RUN, EXIT_USAGE, MstarError, RunError, UsageError, first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,7 +63,7 @@ def output_options(jsonl: bool = True) -> Callable[[F], F]:
 
 
 def run_guarded(reporter: Reporter, func: Callable[..., Any], /, *args: Any, **kw: Any) -> Any:
-    """Call a command body; turn expected errors into one stderr line and the design's exit codes."""
+    """Call a command body; turn expected errors into one stderr line and an exit code (:mod:`mstar_extract.errors`)."""
     try:
         code = func(*args, **kw)
     except click.exceptions.Exit:
@@ -73,6 +73,9 @@ def run_guarded(reporter: Reporter, func: Callable[..., Any], /, *args: Any, **k
     except UsageError as exc:
         reporter.error(str(exc), exc)
         sys.exit(EXIT_USAGE)
+    except RunError as exc:  # a whole-run error (mstar_extract.errors.RunError)
+        reporter.error(str(exc), exc)
+        sys.exit(EXIT_RUN)
     except MstarError as exc:
         reporter.error(str(exc), exc)
         sys.exit(EXIT_FAILED)
@@ -81,7 +84,7 @@ def run_guarded(reporter: Reporter, func: Callable[..., Any], /, *args: Any, **k
         reporter.error("terminated" if signum else "interrupted")
         sys.exit(128 + int(signum) if signum else 130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
-        reporter.error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", exc)
+        reporter.error(f"unexpected {first_line(exc, with_type=True)} (rerun with --debug for the traceback)", exc)
         sys.exit(EXIT_FAILED)
     sys.exit(int(code or 0))
 

@@ -1,5 +1,5 @@
-"""Click option groups shared by ``mstar tile`` and ``mstar extract`` (design §3), and the builders that turn the
-parsed values into :class:`TileSettings`.
+"""Click option groups shared by ``mstar tile`` and ``mstar extract`` (README "Commands"), and the builders that
+turn the parsed values into :class:`TileSettings`.
 
 Usage::
 

@@ -95,23 +95,10 @@ def download_cmd(name: str, to_dir: str | None, cache_dir: str | None, token: st
     return EXIT_OK
 
 
-@weights.command("verify")
-@click.argument("path_or_name")
-@click.option("--model", "model", default=None,
-              help="Architecture to load the file into (default: NAME itself, or mstar for a PATH).")
-@click.option("--sha256", "sha256", default=None, metavar="HEX", help="Expected sha256 (default: the registry's, if known).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Hub cache to look NAME up in.")
-@click.option("--no-load", is_flag=True, help="Only check the checksum; skip loading into the architecture.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@output_options(jsonl=False)
-def verify_cmd(path_or_name: str, model: str | None, sha256: str | None, cache_dir: str | None, no_load: bool,
-               as_json: bool, reporter: Reporter) -> int:
-    """Check a weights file: its sha256 (against --sha256 or the registry) and a strict load into the model.
-
-    PATH_OR_NAME is a file, or a registry name whose file is looked up in the cache (no download).
-    """
+def _file_to_verify(path_or_name: str, model: str | None, cache_dir: str | None) -> tuple[Any, Path]:
+    """(the architecture's spec, the weights file) of ``mstar weights verify PATH_OR_NAME``."""
     from mstar_extract.models.registry import BUILTIN, get_spec
-    from mstar_extract.models.weights import ResolvedWeights, build_with_weights, cached_hub_file, sha256_file
+    from mstar_extract.models.weights import cached_hub_file
 
     arg = Path(path_or_name).expanduser()
     if arg.exists():
@@ -129,7 +116,27 @@ def verify_cmd(path_or_name: str, model: str | None, sha256: str | None, cache_d
         raise UsageError(f"{path_or_name}: no such file and not a registry name (see `mstar weights list`)")
     if not path.is_file():
         raise WeightsError(f"{path}: not a file")
+    return spec, path
 
+
+@weights.command("verify")
+@click.argument("path_or_name")
+@click.option("--model", "model", default=None,
+              help="Architecture to load the file into (default: NAME itself, or mstar for a PATH).")
+@click.option("--sha256", "sha256", default=None, metavar="HEX", help="Expected sha256 (default: the registry's, if known).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Hub cache to look NAME up in.")
+@click.option("--no-load", is_flag=True, help="Only check the checksum; skip loading into the architecture.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@output_options(jsonl=False)
+def verify_cmd(path_or_name: str, model: str | None, sha256: str | None, cache_dir: str | None, no_load: bool,
+               as_json: bool, reporter: Reporter) -> int:
+    """Check a weights file: its sha256 (against --sha256 or the registry) and a strict load into the model.
+
+    PATH_OR_NAME is a file, or a registry name whose file is looked up in the cache (no download).
+    """
+    from mstar_extract.models.weights import ResolvedWeights, build_with_weights, sha256_file
+
+    spec, path = _file_to_verify(path_or_name, model, cache_dir)
     digest = sha256_file(path)
     want = (sha256 or spec.sha256 or "").strip().lower() or None
     if want is not None and len(want) != 64:

@@ -1,4 +1,4 @@
-"""Model-side preprocessing of uint8 patch batches, on the model's device (design §5).
+"""Model-side preprocessing of uint8 patch batches, on the model's device (docs/models.md).
 
 Reference meaning (mSTAR): the 20x 256-px patch resized to 224 (bilinear, antialiased), scaled to [0, 1],
 normalised with the ImageNet mean/std. Readers ship uint8 ``(B, H, W, 3)`` batches (4x smaller than float32);

@@ -1,4 +1,4 @@
-"""The encoder registry: which network each ``--model`` name builds, and where its weights live (design §5).
+"""The encoder registry: which network each ``--model`` name builds, and where its weights live (docs/models.md).
 
 Names:
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from mstar_extract.errors import WeightsError
+from mstar_extract.errors import WeightsError, first_line
 from mstar_extract.models.registry import EncoderSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -189,8 +189,7 @@ def load_state_dict_file(path: str | os.PathLike[str], mmap: bool = False) -> di
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
+    line = first_line(exc)
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 

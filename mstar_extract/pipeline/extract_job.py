@@ -1,13 +1,15 @@
 """``mstar extract``: tiling, reading and inference of many slides as one pipeline that keeps the model busy.
 
-Three stages overlap (design §2)::
+Three stages overlap (the whole flow, function by function: docs/architecture.md)::
 
-    planner thread      slide k+2: open, segment, tile (or read --coords-dir), write coords + QC
+    planner thread      slide k+2: open, segment, tile (or read --coords-dir), write coords + QC   (plan_slide)
     reader processes    slide k+1 and k: patch batches (uint8, 224 px) into shared memory   (reading.ReaderPool)
     main thread         slide k: pinned copy -> device -> mSTAR ViT-L (AMP) -> features -> bag (atomic)
 
-Per slide the main thread takes the slide's lock (several jobs may share OUT), checks whether a complete and
-valid bag already exists (then ``skipped``), and records exactly one outcome in the manifest. The bag
+:func:`run_extract` checks the slide ids and OUT's settings record (nothing is written when they are wrong),
+loads the model, and hands the slides to an :class:`ExtractRun`, whose named steps move each slide through the
+stages. Per slide the main thread takes the slide's lock (several jobs may share OUT), checks whether a complete
+and valid bag already exists (then ``skipped``), and records exactly one outcome in the manifest. The bag
 ``features/<slide_id>.h5`` is written last and atomically, so it is the completion marker: a run killed at any
 moment leaves only complete bags, and a rerun recomputes exactly the slides without one.
 """
@@ -26,8 +28,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from mstar_extract.console import Progress, Reporter
+from mstar_extract.errors import reason_of
 from mstar_extract.pipeline.runner import SlideOutcome, SlideRunner
-from mstar_extract.pipeline.tile_job import TileSettings, _reason, open_with_resolution, segment_and_plan, write_tile_outputs
+from mstar_extract.pipeline.tile_job import (
+    TileSettings, check_slide_ids, layout_for, open_with_resolution, prepare_out, segment_and_plan, write_tile_outputs,
+)
+from mstar_extract.store.layout import OutLayout
 from mstar_extract.tiling import ReadPlan
 
 log = logging.getLogger("mstar")
@@ -65,41 +71,51 @@ class ExtractSettings:
     token: str | None = None
 
 
-def output_paths(out_dir: str | os.PathLike[str], slide_id: str) -> dict[str, Path]:
-    out = Path(out_dir)
-    return {"bag": out / "features" / f"{slide_id}.h5", "pt": out / "pt_files" / f"{slide_id}.pt"}
-
-
 def wants_pt(settings: ExtractSettings) -> bool:
     return settings.format in ("pt", "both")
 
 
-def check_complete(entry: Any, out_dir: Path, settings: ExtractSettings, encoder: Any) -> SlideOutcome | None:
+def extract_layout(out_dir: str | os.PathLike[str] | OutLayout, settings: ExtractSettings) -> OutLayout:
+    """The layout of OUT for this extraction run."""
+    return layout_for(out_dir, settings.tile, model=settings.model)
+
+
+def _bag_summary(bag: Path) -> tuple[int, float | None]:
+    """(rows, level-0 mpp or None) of a complete bag."""
+    import math
+
+    import h5py
+
+    with h5py.File(bag, "r") as f:
+        n = int(f["features"].shape[0])
+        mpp = f.attrs.get("level0_mpp")
+    mpp = float(mpp) if mpp is not None else None
+    return n, (None if mpp is None or math.isnan(mpp) else mpp)
+
+
+def check_complete(entry: Any, layout: OutLayout, settings: ExtractSettings, encoder: Any) -> SlideOutcome | None:
     """``skipped`` when a complete, valid bag for this model and weights exists (and the .pt when asked);
     ``failed`` when a complete bag of *other* weights is in the way; None when the slide must be computed."""
     from mstar_extract.store.bags import validate_bag
 
-    paths = output_paths(out_dir, entry.slide_id)
-    if not paths["bag"].exists():
+    bag, pt = layout.bag(entry.slide_id), layout.pt(entry.slide_id)
+    if not bag.exists():
         return None
-    if validate_bag(paths["bag"]) is not None:
+    if validate_bag(bag) is not None:
         return None  # incomplete or damaged: recompute
-    problem = validate_bag(paths["bag"], {"model": encoder.name, "weights_sha256": encoder.weights_sha256,
-                                          "feature_dim": encoder.feature_dim})
+    problem = validate_bag(bag, {"model": encoder.name, "weights_sha256": encoder.weights_sha256,
+                                 "feature_dim": encoder.feature_dim})
     if problem is not None:
-        return SlideOutcome.failed(entry, f"{paths['bag']} exists from another model or weights ({problem}); "
+        return SlideOutcome.failed(entry, f"{bag} exists from another model or weights ({problem}); "
                                           "use --overwrite or another OUT")
-    problem = validate_bag(paths["bag"], expected_settings(settings))
+    problem = validate_bag(bag, expected_settings(settings))
     if problem is not None:
-        return SlideOutcome.failed(entry, f"{paths['bag']} exists with other settings ({problem}); "
+        return SlideOutcome.failed(entry, f"{bag} exists with other settings ({problem}); "
                                           "use --overwrite or another OUT")
-    if wants_pt(settings) and not paths["pt"].exists():
+    if wants_pt(settings) and not pt.exists():
         return None
-    import h5py
-
-    with h5py.File(paths["bag"], "r") as f:
-        n = int(f["features"].shape[0])
-    return SlideOutcome.skipped(entry, "", n_patches=n, extra={"bag": str(paths["bag"])})
+    n, mpp = _bag_summary(bag)
+    return SlideOutcome.skipped(entry, "", n_patches=n, mpp=mpp, extra={"bag": str(bag)})
 
 
 def expected_settings(settings: ExtractSettings) -> dict[str, Any]:
@@ -125,49 +141,56 @@ class Planned:
     t0: float = 0.0
 
 
-def plan_slide(entry: Any, out_dir: Path, settings: ExtractSettings) -> Planned:
+def _given_coords(entry: Any, slide: Any, coords_dir: str) -> ReadPlan:
+    """The read plan of ``--coords-dir``'s file for this slide (a per-slide failure when there is none)."""
+    from mstar_extract.errors import SlideError
+    from mstar_extract.store.coords import find_coords_file, read_coords_file
+
+    found = find_coords_file(coords_dir, entry.slide_id)
+    if found is None:
+        raise SlideError(entry.path, f"no coordinates for slide id {entry.slide_id!r} in {coords_dir}")
+    plan = read_coords_file(found, slide)
+    plan.settings = {**plan.settings, "coords_file": str(found)}
+    return plan
+
+
+def plan_slide(entry: Any, layout: OutLayout, settings: ExtractSettings) -> Planned:
     """Open, segment and tile one slide (or read its ``--coords-dir`` file). Never raises for per-slide problems."""
     t0 = time.monotonic()
     try:
         with open_with_resolution(entry, settings.tile) as slide:
             if settings.coords_dir:
-                from mstar_extract.store.coords import find_coords_file, read_coords_file
-
-                found = find_coords_file(settings.coords_dir, entry.slide_id)
-                if found is None:
-                    raise FileNotFoundError(f"no coordinates for slide id {entry.slide_id!r} in {settings.coords_dir}")
-                plan = read_coords_file(found, slide)
-                plan.settings = {**plan.settings, "coords_file": str(found)}
+                plan = _given_coords(entry, slide, settings.coords_dir)
             else:
                 mask, plan = segment_and_plan(slide, entry.slide_id, settings.tile)
-                write_tile_outputs(out_dir, entry.slide_id, slide, mask, plan, settings.tile)
+                write_tile_outputs(layout, entry.slide_id, slide, mask, plan, settings.tile)
             mpp = float(slide.mpp) if slide.mpp_x is not None else plan.level0_mpp
     except Exception as exc:  # noqa: BLE001 - a per-slide failure, one line
         if settings.tile.debug:
             log.exception("planning %s failed", entry.path)
-        return Planned(entry, outcome=SlideOutcome.failed(entry, _reason(exc), seconds=round(time.monotonic() - t0, 3)), t0=t0)
+        return Planned(entry, outcome=SlideOutcome.failed(entry, reason_of(exc), seconds=round(time.monotonic() - t0, 3)), t0=t0)
     return Planned(entry, plan=plan, level0_mpp=mpp, t0=t0)
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def write_outputs(entry: Any, out_dir: Path, plan: ReadPlan, features: np.ndarray, keep: np.ndarray,
+def write_outputs(entry: Any, layout: OutLayout, plan: ReadPlan, features: np.ndarray, keep: np.ndarray,
                   encoder: Any, settings: ExtractSettings, n_bad: int) -> Path:
-    """The .pt (when asked) and then the bag (last: the completion marker), both atomic."""
+    """The .pt (when asked) and then the bag (last: the completion marker), both atomic; returns the bag's path."""
     from mstar_extract.store.bags import bag_attrs, write_bag, write_pt
 
-    paths = output_paths(out_dir, entry.slide_id)
+    bag = layout.bag(entry.slide_id)
     feats = features[keep]
     coords = plan.coords[keep]
     if wants_pt(settings):
-        write_pt(paths["pt"], feats)
+        write_pt(layout.pt(entry.slide_id), feats)
     attrs = bag_attrs(plan, slide_id=entry.slide_id, slide_path=str(entry.path), model=encoder.name,
                       weights_sha256=encoder.weights_sha256, feature_dim=encoder.feature_dim,
                       precision=encoder.precision, input_size=encoder.input_size, n_bad_patches=int(n_bad))
-    write_bag(paths["bag"], feats, coords, attrs, dtype=settings.dtype)
-    return paths["bag"]
+    write_bag(bag, feats, coords, attrs, dtype=settings.dtype)
+    return bag
 
 
-# ------------------------------------------------------------------------------------------------- the run
+# ------------------------------------------------------------------------------------------------- inference
 class _Features:
     """Collects a slide's features on the device and moves them to the host in groups (few syncs)."""
 
@@ -192,6 +215,209 @@ def default_batch_size(device_type: str) -> int:
     return 256 if device_type == "cuda" else 32
 
 
+def embed_slide(n: int, stream: Any, encoder: Any, feeder: Any, patches: Progress) -> tuple[np.ndarray, np.ndarray]:
+    """Run the model over one slide's batch stream: ``(features (n, D) float32, keep (n,) bool)``; ``keep`` is
+    False for patches the reader dropped (``--skip-bad-patches``). RuntimeError when a patch was never read."""
+    feats = _Features(n, encoder.feature_dim)
+    for batch in stream:
+        if len(batch):
+            # the feeder gives (B, 3, S, S) on the device; the encoder takes the (B, S, S, 3) view of it
+            feats.add(batch.indices, encoder.embed(feeder(batch.pixels).permute(0, 2, 3, 1)))
+            patches.update(len(batch))
+    feats.flush()
+    bad = np.zeros(n, bool)
+    if stream.n_bad:
+        bad[np.asarray(stream.bad_indices, dtype=np.int64)] = True
+    missing = int((~feats.done & ~bad).sum())
+    if missing:
+        raise RuntimeError(f"{missing} patches were never read (reader bug)")
+    return feats.out, feats.done & ~bad
+
+
+# ------------------------------------------------------------------------------------------------- the run
+class ExtractRun:
+    """One extraction run over a slide list: the state the three stages share, and the steps that move a slide
+    from one stage to the next.
+
+    State: ``pending`` (slides not looked at yet), ``planning`` (slides whose :func:`plan_slide` runs or ran on
+    the planner thread), ``reading`` (slides handed to the reader pool, oldest first: the pool yields their batch
+    streams in that order), the :class:`SlideRunner` (locks, manifest, events, exit code) and ``stop`` (set by
+    ``--on-error fail``). At most ``depth = 1 + lookahead`` slides are with the readers, one more is planned.
+
+    Steps, called by :meth:`run` until every slide has an outcome:
+
+    * :meth:`take_next` — lock the next slide; skip it when its outputs are complete; else start planning it;
+    * :meth:`hand_to_readers` — move planned slides to the reader pool (a slide without tissue gets its empty bag
+      here, a failed plan its outcome);
+    * :meth:`infer_next` — run the model over the oldest slide's batches, write its bag, record its outcome.
+    """
+
+    def __init__(self, entries: Sequence[Any], layout: OutLayout, settings: ExtractSettings, encoder: Any,
+                 reporter: Reporter, overwrite: bool = False, on_error: str = "skip") -> None:
+        from mstar_extract.reading import DeviceFeeder
+
+        self.layout, self.settings, self.encoder, self.reporter = layout, settings, encoder, reporter
+        self.overwrite, self.on_error = overwrite, on_error
+        self.batch_size = settings.batch_size or default_batch_size(encoder.device.type)
+        self.runner = SlideRunner(layout.root, reporter, total=len(entries), command="extract",
+                                  lock_timeout=settings.lock_timeout)
+        self.feeder = DeviceFeeder(encoder.device)
+        self.pending = iter(entries)
+        self.planning: deque[Future] = deque()
+        self.reading: deque[Planned] = deque()
+        self.depth = 1 + max(0, settings.lookahead)
+        self.stop = False
+        self.exhausted = False
+        self.planner: ThreadPoolExecutor | None = None
+        self.pool: Any = None
+        self.streams: Any = None
+        self.patches: Progress | None = None
+
+    # -- start and end ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the planner thread, the reader pool and the patch progress bar."""
+        from mstar_extract.reading import ReaderPool
+
+        s = self.settings
+        self.planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mstar-plan")
+        self.pool = ReaderPool(workers=s.workers, batch_size=self.batch_size, out_size=self.encoder.input_size,
+                               skip_bad_patches=s.skip_bad_patches, lookahead=s.lookahead)
+        self.streams = self.pool.results()
+        self.patches = Progress(self.reporter, None, "extract: patches", "patches", position=1)
+
+    def shut_down(self) -> None:
+        """Stop the stages and release this process's slide locks (also after an unexpected error)."""
+        if self.patches is not None:
+            self.patches.close()
+        if self.pool is not None:
+            self.pool.close()
+        if self.planner is not None:
+            self.planner.shutdown(wait=True, cancel_futures=True)
+        self.runner.release_all()
+
+    def record(self, outcome: SlideOutcome) -> None:
+        """The slide's one outcome (manifest row, event, lock released); ``--on-error fail`` stops after a failure."""
+        self.runner.finish(outcome)
+        if outcome.status == "failed" and self.on_error == "fail":
+            self.stop = True
+
+    # -- the steps -------------------------------------------------------------------------------------------
+    def take_next(self) -> None:
+        """Start planning the next slide this process may work on (recording the ones it skips on the way)."""
+        assert self.planner is not None
+        while not self.exhausted and not self.stop:
+            entry = next(self.pending, None)
+            if entry is None:
+                self.exhausted = True
+                return
+            if getattr(entry, "error", None):
+                self.record(SlideOutcome.failed(entry, str(entry.error), seconds=0.0))
+                continue
+            if not self.runner.begin(entry):
+                self.record(SlideOutcome.skipped(entry, "taken by another process"))
+                continue
+            if not self.overwrite:
+                done = check_complete(entry, self.layout, self.settings, self.encoder)
+                if done is not None:
+                    self.record(done)
+                    continue
+            self.planning.append(self.planner.submit(plan_slide, entry, self.layout, self.settings))
+            return
+
+    def hand_to_readers(self) -> None:
+        """Submit planned slides to the readers while fewer than ``depth`` are there; wait for a plan only when
+        the readers have nothing else to do."""
+        from mstar_extract.reading import SlideJob
+
+        while self.planning and len(self.reading) < self.depth and (not self.reading or self.planning[0].done()):
+            planned: Planned = self.planning.popleft().result()
+            if planned.outcome is not None:
+                self.record(planned.outcome)
+                continue
+            assert planned.plan is not None
+            if len(planned.plan) == 0:
+                self.record(self.finish_empty(planned))
+                continue
+            entry = planned.entry
+            self.pool.submit(SlideJob(entry.slide_id, str(entry.path), planned.plan, self.settings.tile.backend))
+            self.reading.append(planned)
+
+    def infer_next(self) -> None:
+        """The oldest slide with the readers: its features, its bag, its outcome."""
+        planned = self.reading.popleft()
+        self.record(self.infer_slide(planned, next(self.streams)))
+
+    def run(self) -> int:
+        """Loop over the steps until every slide has an outcome; returns the exit code (see :meth:`SlideRunner.close`)."""
+        self.start()
+        try:
+            while True:
+                while not self.stop and not self.exhausted and len(self.planning) + len(self.reading) < self.depth + 1:
+                    self.take_next()
+                self.hand_to_readers()
+                if not self.reading:
+                    if self.planning or (not self.exhausted and not self.stop):
+                        continue
+                    break
+                self.infer_next()
+        except KeyboardInterrupt as exc:
+            self.runner.close(interrupted=exc)
+            raise
+        finally:
+            self.shut_down()
+        if self.stop:
+            self.reporter.warn("stopped after the first failure (--on-error fail)")
+        return self.runner.close()
+
+    # -- one slide -------------------------------------------------------------------------------------------
+    def finish_empty(self, planned: Planned) -> SlideOutcome:
+        """A slide without tissue: a valid empty bag (0, D) and status ``no_tissue``."""
+        assert planned.plan is not None
+        entry, dim = planned.entry, self.encoder.feature_dim
+        try:
+            write_outputs(entry, self.layout, planned.plan, np.zeros((0, dim), np.float32), np.zeros(0, bool),
+                          self.encoder, self.settings, 0)
+        except Exception as exc:  # noqa: BLE001
+            return SlideOutcome.failed(entry, f"writing the empty bag: {reason_of(exc)}")
+        return SlideOutcome(entry.slide_id, str(entry.path), "no_tissue", n_patches=0, mpp=planned.level0_mpp,
+                            seconds=round(time.monotonic() - planned.t0, 3))
+
+    def infer_slide(self, planned: Planned, stream: Any) -> SlideOutcome:
+        """Run the model over one slide's batches and write its bag; any per-slide problem becomes ``failed``."""
+        entry, plan = planned.entry, planned.plan
+        assert plan is not None and self.patches is not None
+        t_read = time.monotonic()
+        try:
+            features, keep = embed_slide(len(plan), stream, self.encoder, self.feeder, self.patches)
+            bag = write_outputs(entry, self.layout, plan, features, keep, self.encoder, self.settings,
+                                int(stream.n_bad))
+        except Exception as exc:  # noqa: BLE001 - per-slide failure, one line
+            if self.settings.tile.debug:
+                log.exception("extracting %s failed", entry.path)
+            return SlideOutcome.failed(entry, reason_of(exc), seconds=round(time.monotonic() - planned.t0, 3))
+        kept = int(keep.sum())
+        extra: dict[str, Any] = {"bag": str(bag)}
+        if stream.n_bad:
+            extra["bad_patches"] = stream.bad_reasons[:5]
+        return SlideOutcome(entry.slide_id, str(entry.path), "done", n_patches=kept, mpp=planned.level0_mpp,
+                            seconds=round(time.monotonic() - planned.t0, 3),
+                            patches_per_s=round(kept / max(time.monotonic() - t_read, 1e-9), 2),
+                            n_bad_patches=int(stream.n_bad), extra=extra)
+
+
+def check_before_work(entries: Sequence[Any], out_dir: str | os.PathLike[str] | OutLayout,
+                      settings: ExtractSettings, overwrite: bool = False) -> OutLayout:
+    """What can be checked before the model is loaded, writing nothing: the slide ids, and OUT's settings record
+    against every setting of this run but the weights' checksum. Returns OUT's layout; UsageError otherwise."""
+    from mstar_extract.pipeline.record import run_record
+    from mstar_extract.store.record import check_record
+
+    layout = extract_layout(out_dir, settings)
+    check_slide_ids(entries)
+    check_record(layout, run_record(settings.tile, settings), overwrite)
+    return layout
+
+
 def run_extract(
     entries: Sequence[Any],
     out_dir: str | os.PathLike[str],
@@ -203,148 +429,22 @@ def run_extract(
 ) -> int:
     """Extract features for ``entries`` into ``out_dir``; returns the exit code (0, or 1 if any slide failed).
 
-    The model and its weights are resolved before any slide is touched: missing weights stop the run with one
-    message (WeightsError) and nothing is written.
+    Before any slide is touched: the slide ids and OUT's settings record are checked (UsageError, nothing
+    written), then the model and its weights are resolved (missing weights stop the run with one WeightsError
+    message); then OUT records this run's settings and :class:`ExtractRun` does the work.
     """
     from mstar_extract.models import Encoder
-    from mstar_extract.reading import DeviceFeeder, ReaderPool, SlideJob
-    from mstar_extract.store.atomic import clean_stale_temps
+    from mstar_extract.pipeline.record import run_record
 
     reporter = reporter or Reporter()
-    out = Path(out_dir)
+    layout = check_before_work(entries, out_dir, settings, overwrite)
     if encoder is None:
         encoder = Encoder.create(settings.model, settings.weights, device=settings.device, precision=settings.precision,
                                  compile=settings.compile, cache_dir=settings.cache_dir, token=settings.token)
-    batch_size = settings.batch_size or default_batch_size(encoder.device.type)
+    run = ExtractRun(entries, layout, settings, encoder, reporter, overwrite=overwrite, on_error=on_error)
     reporter.info(f"model {encoder.name} ({encoder.weights.description}) on {encoder.device}, {encoder.precision}, "
-                  f"batch {batch_size}, {settings.workers} reader worker(s)")
-    out.mkdir(parents=True, exist_ok=True)
-    # temp files of other hosts' live jobs sharing OUT (cluster file system) are kept until they are older than the lock timeout
-    clean_stale_temps(out, older_than_s=settings.lock_timeout)
-    runner = SlideRunner(out, reporter, total=len(entries), command="extract", lock_timeout=settings.lock_timeout)
-    feeder = DeviceFeeder(encoder.device)
-    pending = iter(entries)
-    planning: deque[tuple[Any, Future]] = deque()
-    reading: deque[Planned] = deque()
-    depth = 1 + max(0, settings.lookahead)
-    stop = False
-    exhausted = False
-
-    def record(outcome: SlideOutcome) -> None:
-        nonlocal stop
-        runner.finish(outcome)
-        if outcome.status == "failed" and on_error == "fail":
-            stop = True
-
-    def take_next() -> None:
-        """Start planning the next slide this process may work on."""
-        nonlocal exhausted
-        while not exhausted and not stop:
-            entry = next(pending, None)
-            if entry is None:
-                exhausted = True
-                return
-            if getattr(entry, "error", None):
-                record(SlideOutcome.failed(entry, str(entry.error), seconds=0.0))
-                continue
-            if not runner.begin(entry):
-                record(SlideOutcome.skipped(entry, "taken by another process"))
-                continue
-            if not overwrite:
-                done = check_complete(entry, out, settings, encoder)
-                if done is not None:
-                    record(done)
-                    continue
-            planning.append((entry, planner.submit(plan_slide, entry, out, settings)))
-            return
-
-    planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mstar-plan")
-    pool = ReaderPool(workers=settings.workers, batch_size=batch_size, out_size=encoder.input_size,
-                      skip_bad_patches=settings.skip_bad_patches, lookahead=settings.lookahead)
-    streams = pool.results()
-    patches = Progress(reporter, None, "extract: patches", "patches", position=1)
-    try:
-        while True:
-            while not stop and len(planning) + len(reading) < depth + 1 and not exhausted:
-                take_next()
-            # hand planned slides to the readers, keeping `depth` slides submitted
-            while planning and len(reading) < depth and (not reading or planning[0][1].done()):
-                _entry, fut = planning.popleft()
-                planned: Planned = fut.result()
-                if planned.outcome is not None:
-                    record(planned.outcome)
-                    continue
-                assert planned.plan is not None
-                if len(planned.plan) == 0:
-                    _finish_empty(planned, out, encoder, settings, record)
-                    continue
-                pool.submit(SlideJob(planned.entry.slide_id, str(planned.entry.path), planned.plan, settings.tile.backend))
-                reading.append(planned)
-            if not reading:
-                if planning or (not exhausted and not stop):
-                    continue
-                break
-            planned = reading.popleft()
-            record(_infer_slide(planned, next(streams), encoder, feeder, out, settings, patches))
-    except KeyboardInterrupt as exc:
-        runner.close(interrupted=exc)
-        raise
-    finally:
-        patches.close()
-        pool.close()
-        planner.shutdown(wait=True, cancel_futures=True)
-        runner.release_all()  # an unexpected error must not leave this process's slide locks behind
-    if stop:
-        reporter.warn("stopped after the first failure (--on-error fail)")
-    return runner.close()
-
-
-def _finish_empty(planned: Planned, out: Path, encoder: Any, settings: ExtractSettings, record: Any) -> None:
-    """A slide without tissue: a valid empty bag (0, D) and status ``no_tissue``."""
-    assert planned.plan is not None
-    entry = planned.entry
-    try:
-        write_outputs(entry, out, planned.plan, np.zeros((0, encoder.feature_dim), np.float32), np.zeros(0, bool),
-                      encoder, settings, 0)
-    except Exception as exc:  # noqa: BLE001
-        record(SlideOutcome.failed(entry, f"writing the empty bag: {_reason(exc)}"))
-        return
-    record(SlideOutcome(entry.slide_id, str(entry.path), "no_tissue", n_patches=0, mpp=planned.level0_mpp,
-                        seconds=round(time.monotonic() - planned.t0, 3)))
-
-
-def _infer_slide(planned: Planned, stream: Any, encoder: Any, feeder: Any, out: Path, settings: ExtractSettings,
-                 patches: Progress) -> SlideOutcome:
-    """Run the model over one slide's batches and write its bag; any per-slide problem becomes ``failed``."""
-    entry, plan = planned.entry, planned.plan
-    assert plan is not None
-    n = len(plan)
-    t_read = time.monotonic()
-    try:
-        feats = _Features(n, encoder.feature_dim)
-        for batch in stream:
-            if len(batch):
-                # the feeder gives (B, 3, S, S) on the device; the encoder takes the (B, S, S, 3) view of it
-                feats.add(batch.indices, encoder.embed(feeder(batch.pixels).permute(0, 2, 3, 1)))
-                patches.update(len(batch))
-        feats.flush()
-        bad = np.zeros(n, bool)
-        if stream.n_bad:
-            bad[np.asarray(stream.bad_indices, dtype=np.int64)] = True
-        keep = feats.done & ~bad
-        missing = int((~feats.done & ~bad).sum())
-        if missing:
-            raise RuntimeError(f"{missing} patches were never read (reader bug)")
-        bag = write_outputs(entry, out, plan, feats.out, keep, encoder, settings, int(bad.sum()))
-    except Exception as exc:  # noqa: BLE001 - per-slide failure, one line
-        if settings.tile.debug:
-            log.exception("extracting %s failed", entry.path)
-        return SlideOutcome.failed(entry, _reason(exc), seconds=round(time.monotonic() - planned.t0, 3))
-    seconds = time.monotonic() - planned.t0
-    kept = int(keep.sum())
-    extra: dict[str, Any] = {"bag": str(bag)}
-    if stream.n_bad:
-        extra["bad_patches"] = stream.bad_reasons[:5]
-    return SlideOutcome(entry.slide_id, str(entry.path), "done", n_patches=kept, mpp=planned.level0_mpp,
-                        seconds=round(seconds, 3), patches_per_s=round(kept / max(time.monotonic() - t_read, 1e-9), 2),
-                        n_bad_patches=int(stream.n_bad), extra=extra)
+                  f"batch {run.batch_size}, {settings.workers} reader worker(s)")
+    # temp files of other hosts' live jobs sharing OUT (cluster file system) are kept until older than the lock timeout
+    prepare_out(entries, layout, run_record(settings.tile, settings, encoder.weights_sha256), overwrite,
+                settings.lock_timeout)
+    return run.run()

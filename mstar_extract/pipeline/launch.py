@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mstar_extract.console import Reporter, setup_logging
-from mstar_extract.errors import EXIT_FAILED, EXIT_OK, MstarError
+from mstar_extract.errors import EXIT_FAILED, EXIT_OK, MstarError, first_line
 from mstar_extract.pipeline.extract_job import ExtractSettings, run_extract
 
 
@@ -67,7 +67,7 @@ def _device_main(entries: list[Any], out: str, settings: ExtractSettings, verbos
         signum = getattr(exc, "signum", None)
         code = 128 + int(signum) if signum else 130
     except Exception as exc:  # noqa: BLE001 - one line, as cli.common.run_guarded does, never a bare traceback
-        reporter.error(f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", exc)
+        reporter.error(f"unexpected {first_line(exc, with_type=True)} (rerun with --debug for the traceback)", exc)
         code = EXIT_FAILED
     sys.exit(code)
 
@@ -97,8 +97,10 @@ def launch_extract(entries: Sequence[Any], out: str | os.PathLike[str], settings
         with sigterm_as_interrupt():
             return run_extract(entries, out, settings, reporter, overwrite=overwrite, on_error=on_error)
 
+    from mstar_extract.pipeline.extract_job import check_before_work
     from mstar_extract.sharding import device_share
 
+    check_before_work(entries, out, settings, overwrite)  # a usage error here, not in every device process
     settings = _resolve_weights_once(settings)
     Path(out).mkdir(parents=True, exist_ok=True)
     ctx = mp.get_context("spawn")

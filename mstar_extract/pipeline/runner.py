@@ -19,43 +19,27 @@ and ``interrupted: true`` after Ctrl-C/SIGTERM}. Full schema: docs/cli-events.md
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mstar_extract.console import Progress, Reporter
 from mstar_extract.errors import EXIT_FAILED, EXIT_OK
-from mstar_extract.manifest import STATUSES, ManifestRow, ManifestWriter
+from mstar_extract.manifest import STATUSES, ManifestRow, ManifestWriter, SlideRecord
+from mstar_extract.store.layout import OutLayout
 
 
 @dataclass
-class SlideOutcome:
-    """How one slide ended (mirrors :class:`~mstar_extract.manifest.ManifestRow`)."""
+class SlideOutcome(SlideRecord):
+    """How one slide ended: the manifest's :class:`~mstar_extract.manifest.SlideRecord` columns plus facts
+    for the final JSONL event."""
 
-    slide_id: str
-    path: str
-    status: str
-    """``done``, ``skipped``, ``no_tissue`` or ``failed``."""
-    n_patches: int | None = None
-    mpp: float | None = None
-    seconds: float | None = None
-    error: str = ""
-    """One line; empty unless failed (or an informative skip reason)."""
-    patches_per_s: float | None = None
-    n_bad_patches: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     """Additional JSON-able facts for the final event (not in the manifest)."""
 
-    def __post_init__(self) -> None:
-        if self.status not in STATUSES:
-            raise ValueError(f"unknown status {self.status!r}")
-        self.path = str(self.path)
-        self.error = " ".join(str(self.error or "").split())
-
     def to_row(self) -> ManifestRow:
-        """The manifest row: every column this outcome shares with :class:`ManifestRow` (host, pid and the
-        finishing time are the row's own defaults)."""
-        return ManifestRow(**{f.name: getattr(self, f.name) for f in fields(ManifestRow) if hasattr(self, f.name)})
+        """The manifest row (host, pid and the finishing time are the row's own defaults)."""
+        return ManifestRow(**self.record())
 
     @classmethod
     def failed(cls, entry: Any, error: str, seconds: float | None = None, **kw: Any) -> "SlideOutcome":
@@ -185,7 +169,7 @@ class SlideRunner:
         if interrupted is not None:
             done = (done + ", " if self.counts and any(self.counts.values()) else "") + "interrupted"
         patches = sum(o.n_patches or 0 for o in self.outcomes)
-        line = f"{self.command}: {len(self.outcomes)}/{self.total} slides ({done}); {patches} patches; {seconds:.1f} s; manifest: {self.out_dir / 'manifest.csv'}"
+        line = f"{self.command}: {len(self.outcomes)}/{self.total} slides ({done}); {patches} patches; {seconds:.1f} s; manifest: {OutLayout(self.out_dir).manifest}"
         if code:
             self.reporter.warn(line)
         else:

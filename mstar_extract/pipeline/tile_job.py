@@ -1,8 +1,9 @@
 """``mstar tile``: one slide's segmentation + tiling + outputs (:func:`tile_slide`), and the loop over a
 process pool (:func:`run_tile`).
 
-Outputs per slide (design §4), each written atomically; the coordinates file is written last, so a complete
-``coords/<slide_id>.h5`` means the slide is finished (a rerun skips it unless ``--overwrite``):
+Outputs per slide (paths: :mod:`mstar_extract.store.layout`; the whole flow: docs/architecture.md), each written
+atomically; the coordinates file is written last, so a complete ``coords/<slide_id>.h5`` means the slide is
+finished (a rerun skips it unless ``--overwrite``):
 
 * ``qc/<slide_id>.jpg`` — thumbnail with contours, holes, pen regions and the patch grid;
 * ``contours/<slide_id>.geojson`` — tissue (and pen) contours, QuPath-compatible, level-0 pixels;
@@ -19,8 +20,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from mstar_extract.console import Reporter
-from mstar_extract.errors import MstarError, SlideError
+from mstar_extract.errors import SlideError, reason_of
 from mstar_extract.pipeline.runner import SlideOutcome, SlideRunner
+from mstar_extract.store.layout import LayoutContext, OutLayout, make_layout, validate_slide_id
 from mstar_extract.tiling import ReadPlan, TilingParams
 from mstar_extract.tissue.params import SegmentationParams
 
@@ -42,6 +44,8 @@ class TileSettings:
     qc: bool = True
     geojson: bool = True
     debug: bool = False
+    layout: str = "mstar"
+    """Output layout of OUT (:data:`mstar_extract.store.layout.LAYOUTS`)."""
 
     def recorded(self) -> dict[str, Any]:
         """The settings as recorded in output files."""
@@ -49,10 +53,20 @@ class TileSettings:
                 "tissue_mask": self.tissue_mask, "coords_format": self.coords_format, "backend": self.backend}
 
 
-def output_paths(out_dir: str | os.PathLike[str], slide_id: str) -> dict[str, Path]:
-    out = Path(out_dir)
-    return {"coords": out / "coords" / f"{slide_id}.h5", "qc": out / "qc" / f"{slide_id}.jpg",
-            "geojson": out / "contours" / f"{slide_id}.geojson"}
+def layout_for(out_dir: str | os.PathLike[str] | OutLayout, settings: TileSettings, model: str | None = None) -> OutLayout:
+    """The layout of OUT for a run with these settings (``model``: extract's, for layouts that name folders by it)."""
+    if isinstance(out_dir, OutLayout):
+        return out_dir
+    t = settings.tiling
+    context = LayoutContext(magnification=t.target()[1], patch_size=t.patch_size, overlap=t.overlap, model=model)
+    return make_layout(out_dir, settings.layout, context)
+
+
+def check_slide_ids(entries: Sequence[Any]) -> None:
+    """UsageError, before any work, when a slide id cannot name output files (API callers; the CLI checks
+    the list as it reads it)."""
+    for entry in entries:
+        validate_slide_id(entry.slide_id, where=str(entry.path))
 
 
 def segment_and_plan(slide: Any, slide_id: str, settings: TileSettings):
@@ -73,12 +87,13 @@ def segment_and_plan(slide: Any, slide_id: str, settings: TileSettings):
     return mask, plan
 
 
-def write_tile_outputs(out_dir: str | os.PathLike[str], slide_id: str, slide: Any, mask: Any, plan: ReadPlan,
-                       settings: TileSettings) -> dict[str, Path]:
-    """QC picture, GeoJSON, then the coordinates file (last = the completion marker)."""
+def write_tile_outputs(out_dir: str | os.PathLike[str] | OutLayout, slide_id: str, slide: Any, mask: Any,
+                       plan: ReadPlan, settings: TileSettings) -> dict[str, Path]:
+    """QC picture, GeoJSON, then the coordinates file (last = the completion marker); returns their paths."""
     from mstar_extract.store.coords import write_coords
 
-    paths = output_paths(out_dir, slide_id)
+    files = layout_for(out_dir, settings).slide(slide_id)
+    paths = {"coords": files.coords, "qc": files.qc, "geojson": files.contours}
     if settings.qc:
         from mstar_extract.qc import write_qc
 
@@ -92,16 +107,6 @@ def write_tile_outputs(out_dir: str | os.PathLike[str], slide_id: str, slide: An
         write_geojson(paths["geojson"], mask.contours, pen, slide_id)
     write_coords(paths["coords"], plan, slide_id, str(slide.path), settings.coords_format, slide.level_dimensions)
     return paths
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, SlideError):
-        return exc.reason
-    if isinstance(exc, MstarError):
-        return str(exc)
-    if isinstance(exc, MemoryError):
-        return "out of memory"
-    return f"unexpected {type(exc).__name__}: {exc}"
 
 
 def _open(path: Any, backend: str, mpp: float | None):
@@ -149,7 +154,7 @@ def tile_slide(entry: Any, out_dir: str | os.PathLike[str], settings: TileSettin
             import traceback
 
             traceback.print_exc()
-        return SlideOutcome.failed(entry, _reason(exc), seconds=round(time.monotonic() - t0, 3))
+        return SlideOutcome.failed(entry, reason_of(exc), seconds=round(time.monotonic() - t0, 3))
     n = len(plan)
     return SlideOutcome(
         slide_id=entry.slide_id, path=str(entry.path), status="done" if n else "no_tissue", n_patches=n,
@@ -160,14 +165,18 @@ def tile_slide(entry: Any, out_dir: str | os.PathLike[str], settings: TileSettin
     )
 
 
-def completed_outcome(entry: Any, out_dir: str | os.PathLike[str]) -> SlideOutcome | None:
-    """A ``skipped`` outcome when the slide's coordinates file is already complete, else None."""
-    from mstar_extract.store.coords import count_coords, is_complete_coords
+def completed_outcome(entry: Any, out_dir: str | os.PathLike[str] | OutLayout,
+                      settings: TileSettings | None = None) -> SlideOutcome | None:
+    """A ``skipped`` outcome (with the patch count and level-0 mpp found in the file) when the slide's
+    coordinates file is already complete, else None."""
+    from mstar_extract.store.coords import coords_summary
 
-    p = output_paths(out_dir, entry.slide_id)["coords"]
-    if p.exists() and is_complete_coords(p):
-        return SlideOutcome.skipped(entry, "", n_patches=count_coords(p), extra={"coords": str(p)})
-    return None
+    p = layout_for(out_dir, settings or TileSettings()).coords(entry.slide_id)
+    found = coords_summary(p) if p.exists() else None
+    if found is None:
+        return None
+    n, mpp = found
+    return SlideOutcome.skipped(entry, "", n_patches=n, mpp=mpp, extra={"coords": str(p)})
 
 
 def _mp_context() -> Any:
@@ -175,6 +184,47 @@ def _mp_context() -> Any:
 
     methods = multiprocessing.get_all_start_methods()
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def prepare_out(entries: Sequence[Any], layout: OutLayout, record: dict[str, dict[str, Any]], overwrite: bool,
+                clean_older_than_s: float) -> None:
+    """Everything a run does to OUT before its first slide: check the slide ids and OUT's settings record
+    (UsageError, nothing written), record the settings, and remove temp files of killed runs (other hosts' live
+    temp files are kept until they are ``clean_older_than_s`` old)."""
+    from mstar_extract.store.atomic import clean_stale_temps
+    from mstar_extract.store.record import check_record, record_settings
+
+    check_slide_ids(entries)
+    check_record(layout, record, overwrite)
+    record_settings(layout, record, overwrite)
+    clean_stale_temps(layout.root, older_than_s=clean_older_than_s)
+
+
+class _TileRun:
+    """One ``mstar tile`` run's bookkeeping: which slides to compute, and stopping after a failure."""
+
+    def __init__(self, runner: SlideRunner, layout: OutLayout, settings: TileSettings, overwrite: bool,
+                 on_error: str) -> None:
+        self.runner, self.layout, self.settings = runner, layout, settings
+        self.overwrite, self.on_error = overwrite, on_error
+        self.stop = False
+
+    def ready(self, entry: Any) -> bool:
+        """Lock the slide and check for complete outputs; True when the slide must be computed."""
+        if not self.runner.begin(entry):  # another live process holds the slide's lock: accounted as skipped
+            self.runner.finish(SlideOutcome.skipped(entry, "taken by another process"))
+            return False
+        if not self.overwrite and not getattr(entry, "error", None):
+            done = completed_outcome(entry, self.layout, self.settings)
+            if done is not None:
+                self.runner.finish(done)
+                return False
+        return True
+
+    def record(self, outcome: SlideOutcome) -> None:
+        self.runner.finish(outcome)
+        if outcome.status == "failed" and self.on_error == "fail":
+            self.stop = True
 
 
 def run_tile(
@@ -187,51 +237,32 @@ def run_tile(
     on_error: str = "skip",
 ) -> int:
     """Tile ``entries`` into ``out_dir`` with up to ``workers`` processes; returns the exit code (0, or 1 when
-    any slide failed). ``on_error="fail"`` stops starting new slides after the first failure."""
+    any slide failed). ``on_error="fail"`` stops starting new slides after the first failure. Raises
+    UsageError before any work for a bad slide id or settings that differ from OUT's record."""
     from mstar_extract.envdefaults import DEFAULT_LOCK_TIMEOUT_S
-    from mstar_extract.store.atomic import clean_stale_temps
+    from mstar_extract.pipeline.record import run_record
 
     reporter = reporter or Reporter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out, older_than_s=DEFAULT_LOCK_TIMEOUT_S)  # keep other hosts' live temp files
-    runner = SlideRunner(out, reporter, total=len(entries), command="tile")
+    layout = layout_for(out_dir, settings)
+    prepare_out(entries, layout, run_record(settings), overwrite, DEFAULT_LOCK_TIMEOUT_S)
+    out = layout.root
+    run = _TileRun(SlideRunner(out, reporter, total=len(entries), command="tile"), layout, settings, overwrite, on_error)
     n_workers = max(1, min(int(workers), len(entries)))
-    stop = False
-
-    def ready(entry: Any) -> bool:
-        """begin + skip check; True when the slide must be computed."""
-        if not runner.begin(entry):  # another live process holds the slide's lock: it is accounted as skipped
-            runner.finish(SlideOutcome.skipped(entry, "taken by another process"))
-            return False
-        if not overwrite and not getattr(entry, "error", None):
-            done = completed_outcome(entry, out)
-            if done is not None:
-                runner.finish(done)
-                return False
-        return True
-
-    def record(outcome: SlideOutcome) -> None:
-        nonlocal stop
-        runner.finish(outcome)
-        if outcome.status == "failed" and on_error == "fail":
-            stop = True
-
     try:
         if n_workers == 1:
             for entry in entries:
-                if stop:
+                if run.stop:
                     break
-                if ready(entry):
-                    record(tile_slide(entry, out, settings))
+                if run.ready(entry):
+                    run.record(tile_slide(entry, out, settings))
         else:
-            _run_pool(entries, out, settings, n_workers, ready, record, lambda: stop)
+            _run_pool(entries, out, settings, n_workers, run.ready, run.record, lambda: run.stop)
     except KeyboardInterrupt as exc:
-        runner.close(interrupted=exc)
+        run.runner.close(interrupted=exc)
         raise
-    if stop:
+    if run.stop:
         reporter.warn("stopped after the first failure (--on-error fail)")
-    return runner.close()
+    return run.runner.close()
 
 
 def _run_pool(entries: Sequence[Any], out: Path, settings: TileSettings, n_workers: int, ready, record, stopped) -> None:
@@ -264,7 +295,7 @@ def _run_pool(entries: Sequence[Any], out: Path, settings: TileSettings, n_worke
                     broken = True
                     record(SlideOutcome.failed(entry, "worker process died (killed, or out of memory)"))
                 except Exception as exc:  # noqa: BLE001
-                    record(SlideOutcome.failed(entry, _reason(exc)))
+                    record(SlideOutcome.failed(entry, reason_of(exc)))
             if broken:
                 for fut, entry in list(in_flight.items()):
                     record(SlideOutcome.failed(entry, "worker process died (killed, or out of memory)"))

@@ -1,4 +1,4 @@
-"""Reading patches: tile-aware batched reader, worker pool across slides, device feeding (design §2).
+"""Reading patches: tile-aware batched reader, worker pool across slides, device feeding (docs/architecture.md).
 
 Public surface::
 

@@ -1,4 +1,4 @@
-"""Reader worker processes that persist across slides (design §2 "reading ... workers").
+"""Reader worker processes that persist across slides (docs/architecture.md, "reading").
 
 The main process submits :class:`SlideJob` objects; :meth:`ReaderPool.results` yields one :class:`SlideStream`
 per job, in submission order, and each stream yields that slide's :class:`PatchBatch` objects in grid order

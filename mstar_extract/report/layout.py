@@ -1,7 +1,8 @@
 """Where the report finds a run's outputs and where it writes its own files: the one path function of the report.
 
-Every path the report reads or writes under ``OUT`` goes through :func:`run_path`, so that the day the layout
-of an output folder moves, one function changes here.
+Every path the report reads or writes under ``OUT`` goes through :func:`run_path`, which asks the owner of the
+output folder's layout (:mod:`mstar_extract.store.layout`) for the run's files and the report's own folder, and
+names the report's assets inside that folder.
 """
 
 from __future__ import annotations
@@ -12,15 +13,20 @@ import os
 import re
 from pathlib import Path
 
-REPORT_NAME = "report.html"
-ASSETS_DIR = "report_assets"
+from mstar_extract.store.layout import REPORT_ASSETS_DIR as ASSETS_DIR
+from mstar_extract.store.layout import REPORT_NAME, OutLayout, make_layout
 
-_FIXED = {"manifest": "manifest.csv", "report": REPORT_NAME, "assets": ASSETS_DIR,
-          "cache": f"{ASSETS_DIR}/cache.json", "pca": f"{ASSETS_DIR}/pca.npz", "lock": f"{ASSETS_DIR}/.lock",
-          "css": f"{ASSETS_DIR}/report.css", "js": f"{ASSETS_DIR}/report.js"}
-_SLIDE_FILES = {"bag": ("features", ".h5"), "coords": ("coords", ".h5"), "qc": ("qc", ".jpg")}
-_ASSET_FILES = {"thumb": (f"{ASSETS_DIR}/thumbs", ".jpg"), "map": (f"{ASSETS_DIR}/maps", ".png"),
-                "page": (f"{ASSETS_DIR}/slides", ".html")}
+_RUN_FILES = ("manifest", "report", "assets")
+_ASSET_FIXED = {"cache": "cache.json", "pca": "pca.npz", "lock": ".lock", "css": "report.css", "js": "report.js"}
+_SLIDE_FILES = ("bag", "coords", "qc")
+_ASSET_FILES = {"thumb": ("thumbs", ".jpg"), "map": ("maps", ".png"), "page": ("slides", ".html")}
+
+__all__ = ["ASSETS_DIR", "REPORT_NAME", "PageLinks", "asset_name", "file_name", "run_path"]
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(out: Path) -> OutLayout:
+    return make_layout(out)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -40,21 +46,31 @@ def run_path(out_dir: str | os.PathLike[str], kind: str, slide_id: str | None = 
     (``features/<id>.h5``), ``coords`` (``coords/<id>.h5``), ``qc`` (``qc/<id>.jpg``), and the report's own
     ``thumb`` / ``map`` / ``page`` (``report_assets/{thumbs,maps,slides}/<asset name>``).
     """
-    out = out_dir if isinstance(out_dir, Path) else Path(out_dir)
-    if kind in _FIXED:
-        return out / _FIXED[kind]
-    folder = _SLIDE_FILES.get(kind, _ASSET_FILES.get(kind, ("",)))[0]
-    return out / f"{folder}/{file_name(kind, slide_id)}"
+    layout = _layout(out_dir if isinstance(out_dir, Path) else Path(out_dir))
+    if kind == "manifest":
+        return layout.manifest
+    if kind == "report":
+        return layout.report
+    if kind == "assets":
+        return layout.report_assets
+    if kind in _ASSET_FIXED:
+        return layout.report_assets / _ASSET_FIXED[kind]
+    if kind in _SLIDE_FILES:
+        if slide_id is None:
+            raise ValueError(f"path kind {kind!r} needs a slide id")
+        return {"bag": layout.bag, "coords": layout.coords, "qc": layout.qc}[kind](slide_id)
+    return layout.report_assets / _ASSET_FILES[kind][0] / file_name(kind, slide_id)
 
 
 def file_name(kind: str, slide_id: str | None) -> str:
     """The name (without folder) of a per-slide file of :func:`run_path`."""
-    spec = _SLIDE_FILES.get(kind) or _ASSET_FILES.get(kind)
-    if spec is None:
+    if kind not in _ASSET_FILES and kind not in _SLIDE_FILES:
         raise ValueError(f"unknown path kind {kind!r}")
     if slide_id is None:
         raise ValueError(f"path kind {kind!r} needs a slide id")
-    return f"{asset_name(slide_id) if kind in _ASSET_FILES else slide_id}{spec[1]}"
+    if kind in _SLIDE_FILES:
+        return run_path(".", kind, slide_id).name
+    return f"{asset_name(slide_id)}{_ASSET_FILES[kind][1]}"
 
 
 class PageLinks:

@@ -1,4 +1,4 @@
-"""Feature bags ``features/<slide_id>.h5`` and ``pt_files/<slide_id>.pt`` (design §4).
+"""Feature bags ``features/<slide_id>.h5`` and ``pt_files/<slide_id>.pt`` (paths: :mod:`mstar_extract.store.layout`).
 
 A bag holds ``features`` (N, D) float32/float16, chunked in blocks of rows, and ``coords`` (N, 2) int64
 (level-0 ``[x, y]`` top-left corners; row i <-> feature i). Root attrs are :data:`REQUIRED_ROOT_ATTRS` plus
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from mstar_extract import __version__
+from mstar_extract.errors import first_line
 from mstar_extract.store.atomic import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,7 +54,7 @@ REQUIRED_ROOT_ATTRS: tuple[str, ...] = (
     "created",
     "settings",
 )
-"""Root attrs every bag has (design §4)."""
+"""Root attrs every bag has (README "Output layout")."""
 
 COORDS_ATTRS: tuple[str, ...] = (
     "patch_size",
@@ -315,8 +316,7 @@ def validate_bag(path: str | os.PathLike[str], expect: Mapping[str, Any] | None 
                     if key not in f.attrs or not _matches(have, want):
                         return f"{key} is {have!r}, expected {want!r}"
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"not a readable HDF5 file (truncated or corrupt): {first}"
+        return f"not a readable HDF5 file (truncated or corrupt): {first_line(exc)}"
     except (KeyError, ValueError, TypeError) as exc:
-        return f"unreadable bag: {type(exc).__name__}: {exc}"
+        return f"unreadable bag: {first_line(exc, with_type=True)}"
     return None

@@ -1,5 +1,6 @@
-"""Coordinate files ``coords/<slide_id>.h5`` (design §4): write (TRIDENT or CLAM semantics) and read back
-any of mstar / TRIDENT / CLAM files as an exact :class:`~mstar_extract.tiling.ReadPlan`.
+"""Coordinate files ``coords/<slide_id>.h5`` (path: :mod:`mstar_extract.store.layout`; format: README "Output
+layout" and docs/tiling.md): write (TRIDENT or CLAM semantics) and read back any of mstar / TRIDENT / CLAM files
+as an exact :class:`~mstar_extract.tiling.ReadPlan`.
 
 Formats (dataset ``coords``, (N, 2) int64 level-0 top-left ``[x, y]``; attributes on the dataset):
 
@@ -19,12 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mstar_extract.errors import MstarError
+from mstar_extract.errors import MstarError, first_line
 from mstar_extract.store.atomic import atomic_path
 from mstar_extract.tiling import ReadPlan, choose_level
 
@@ -35,13 +37,45 @@ class CoordsFormatError(MstarError):
     """A coordinates file is not readable as mstar, TRIDENT or CLAM coordinates."""
 
 
-def coords_path(out_dir: str | os.PathLike[str], slide_id: str) -> Path:
-    """``OUT/coords/<slide_id>.h5``."""
-    return Path(out_dir) / "coords" / f"{slide_id}.h5"
-
-
 def _none_nan(v: float | None) -> float:
     return float("nan") if v is None else float(v)
+
+
+def _trident_attrs(a: Any, plan: ReadPlan, slide_id: str) -> None:
+    a["patch_size"] = int(plan.patch_size)
+    a["patch_size_level0"] = int(plan.patch_size_level0)
+    a["target_magnification"] = _none_nan(plan.target_magnification)
+    a["level0_magnification"] = _none_nan(plan.level0_magnification)
+    a["level0_width"] = int(plan.level0_width)
+    a["level0_height"] = int(plan.level0_height)
+    a["overlap"] = int(plan.overlap)
+    a["name"] = slide_id
+
+
+def _clam_attrs(a: Any, plan: ReadPlan, slide_id: str, level_dimensions: tuple[tuple[int, int], ...] | None) -> None:
+    if level_dimensions is not None and plan.level < len(level_dimensions):
+        lw, lh = level_dimensions[plan.level]
+    else:
+        lw = int(round(plan.level0_width / plan.level_downsample))
+        lh = int(round(plan.level0_height / plan.level_downsample))
+    a["patch_size"] = int(plan.read_size)
+    a["patch_level"] = int(plan.level)
+    a["downsample"] = np.array([plan.level0_width / lw, plan.level0_height / lh], dtype=np.float64)
+    a["level_dim"] = np.array([lw, lh], dtype=np.int64)
+    a["downsampled_level_dim"] = np.array([lw, lh], dtype=np.int64)
+    a["name"] = slide_id
+
+
+def _read_plan_attrs(a: Any, plan: ReadPlan) -> None:
+    """The exact read plan, in both formats (what :func:`read_coords_file` reads back as ``mstar``)."""
+    a["mstar_level"] = int(plan.level)
+    a["mstar_level_downsample"] = float(plan.level_downsample)
+    a["mstar_read_size"] = int(plan.read_size)
+    a["mstar_patch_size"] = int(plan.patch_size)
+    a["mstar_patch_size_level0"] = int(plan.patch_size_level0)
+    a["mstar_target_mpp"] = float(plan.target_mpp)
+    a["mstar_level0_mpp"] = _none_nan(plan.level0_mpp)
+    a["mstar_overlap"] = int(plan.overlap)
 
 
 def write_coords(
@@ -67,36 +101,11 @@ def write_coords(
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             ds = f.create_dataset("coords", data=coords, maxshape=(None, 2), chunks=(max(1, min(len(coords), 4096)), 2))
-            a = ds.attrs
             if fmt == "trident":
-                a["patch_size"] = int(plan.patch_size)
-                a["patch_size_level0"] = int(plan.patch_size_level0)
-                a["target_magnification"] = _none_nan(plan.target_magnification)
-                a["level0_magnification"] = _none_nan(plan.level0_magnification)
-                a["level0_width"] = int(plan.level0_width)
-                a["level0_height"] = int(plan.level0_height)
-                a["overlap"] = int(plan.overlap)
-                a["name"] = slide_id
+                _trident_attrs(ds.attrs, plan, slide_id)
             else:
-                if level_dimensions is not None and plan.level < len(level_dimensions):
-                    lw, lh = level_dimensions[plan.level]
-                else:
-                    lw = int(round(plan.level0_width / plan.level_downsample))
-                    lh = int(round(plan.level0_height / plan.level_downsample))
-                a["patch_size"] = int(plan.read_size)
-                a["patch_level"] = int(plan.level)
-                a["downsample"] = np.array([plan.level0_width / lw, plan.level0_height / lh], dtype=np.float64)
-                a["level_dim"] = np.array([lw, lh], dtype=np.int64)
-                a["downsampled_level_dim"] = np.array([lw, lh], dtype=np.int64)
-                a["name"] = slide_id
-            a["mstar_level"] = int(plan.level)
-            a["mstar_level_downsample"] = float(plan.level_downsample)
-            a["mstar_read_size"] = int(plan.read_size)
-            a["mstar_patch_size"] = int(plan.patch_size)
-            a["mstar_patch_size_level0"] = int(plan.patch_size_level0)
-            a["mstar_target_mpp"] = float(plan.target_mpp)
-            a["mstar_level0_mpp"] = _none_nan(plan.level0_mpp)
-            a["mstar_overlap"] = int(plan.overlap)
+                _clam_attrs(ds.attrs, plan, slide_id, level_dimensions)
+            _read_plan_attrs(ds.attrs, plan)
             if plan.tissue_fraction is not None and len(plan.tissue_fraction) == len(coords):
                 f.create_dataset("tissue_fraction", data=np.asarray(plan.tissue_fraction, np.float32))
             r = f.attrs
@@ -129,6 +138,16 @@ def count_coords(path: str | os.PathLike[str]) -> int:
 
     with h5py.File(path, "r") as f:
         return int(f["coords"].shape[0])
+
+
+def coords_summary(path: str | os.PathLike[str]) -> tuple[int, float | None] | None:
+    """``(n_patches, level-0 mpp or None)`` of a complete coordinates file, or None when it is not one."""
+    if not is_complete_coords(path):
+        return None
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return int(f["coords"].shape[0]), _fnan(_attr(f["coords"].attrs, "mstar_level0_mpp"))
 
 
 def _attr(a: Any, key: str, default: Any = None) -> Any:
@@ -165,6 +184,126 @@ def detect_format(attrs: Any, root_attrs: Any = None) -> str:
     raise KeyError("no mstar, TRIDENT (patch_size_level0) or CLAM (patch_level, patch_size) attributes")
 
 
+def _need(a: Any, key: str, path: Path, fmt: str) -> Any:
+    """Attribute ``key`` that format ``fmt`` requires; CoordsFormatError when it is missing or empty."""
+    v = _attr(a, key)
+    if v is None:
+        raise CoordsFormatError(f"{path}: {fmt} coordinates without the {key!r} attribute")
+    return v
+
+
+@dataclass
+class _CoordsFile:
+    """What every format shares: the file, its coordinates and attributes, and the slide (or None)."""
+
+    path: Path
+    coords: np.ndarray
+    attrs: Any
+    """Attributes of the ``coords`` dataset."""
+    settings: dict[str, Any]
+    tissue_fraction: np.ndarray | None
+    width: int | None
+    height: int | None
+    """Level-0 size: the slide's, else the file's (None when unknown)."""
+    slide: Any
+    slide_mpp: float | None
+
+    def need(self, key: str, fmt: str) -> Any:
+        return _need(self.attrs, key, self.path, fmt)
+
+
+def _open_coords(path: Path, f: Any, slide: Any) -> _CoordsFile:
+    if "coords" not in f:
+        raise CoordsFormatError(f"{path}: no 'coords' dataset")
+    ds = f["coords"]
+    if ds.ndim != 2 or ds.shape[1] != 2:
+        raise CoordsFormatError(f"{path}: 'coords' must be (N, 2), got {ds.shape}")
+    settings: dict = {}
+    raw = _attr(f.attrs, "settings")
+    if raw:
+        try:
+            settings = json.loads(raw)
+        except (TypeError, ValueError):
+            settings = {}
+    a = ds.attrs
+    w0 = _attr(a, "level0_width", _attr(f.attrs, "level0_width"))
+    h0 = _attr(a, "level0_height", _attr(f.attrs, "level0_height"))
+    if slide is not None:
+        w0, h0 = slide.dimensions
+    return _CoordsFile(
+        path=path, coords=np.asarray(ds[()], dtype=np.int64).reshape(-1, 2), attrs=a, settings=settings,
+        tissue_fraction=np.asarray(f["tissue_fraction"][()], np.float32) if "tissue_fraction" in f else None,
+        width=w0, height=h0, slide=slide, slide_mpp=_slide_mpp(slide),
+    )
+
+
+def _mstar_plan(c: _CoordsFile, origin: str) -> ReadPlan:
+    """A file written by mstar: the exact read plan is in its ``mstar_*`` attributes."""
+    target_mpp = float(c.need("mstar_target_mpp", "mstar"))
+    plan = ReadPlan(
+        coords=c.coords, level=int(c.need("mstar_level", "mstar")),
+        level_downsample=float(c.need("mstar_level_downsample", "mstar")),
+        read_size=int(c.need("mstar_read_size", "mstar")), patch_size=int(c.need("mstar_patch_size", "mstar")),
+        patch_size_level0=int(c.need("mstar_patch_size_level0", "mstar")), target_mpp=target_mpp,
+        target_magnification=_fnan(_attr(c.attrs, "target_magnification")) or 10.0 / target_mpp,
+        level0_mpp=_fnan(_attr(c.attrs, "mstar_level0_mpp")),
+        level0_magnification=_fnan(_attr(c.attrs, "level0_magnification")),
+        level0_width=int(c.width or 0), level0_height=int(c.height or 0),
+        overlap=int(_attr(c.attrs, "mstar_overlap", 0)),
+        source="mstar", settings={**c.settings, "written_as": origin}, tissue_fraction=c.tissue_fraction,
+    )
+    if c.slide is not None:
+        _check_level(c.path, plan, c.slide)
+    return plan
+
+
+def _trident_plan(c: _CoordsFile) -> ReadPlan:
+    """TRIDENT: ``patch_size`` at the target, ``patch_size_level0``; the read level is chosen on the slide."""
+    ps = int(c.need("patch_size", "TRIDENT"))
+    ps0 = int(c.need("patch_size_level0", "TRIDENT"))
+    tmag = _fnan(_attr(c.attrs, "target_magnification"))
+    mag0 = _fnan(_attr(c.attrs, "level0_magnification"))
+    ds_needed = ps0 / ps
+    if c.slide is not None:
+        level = choose_level(c.slide.level_downsamples, ds_needed)
+        level_ds = float(c.slide.level_downsamples[level])
+    else:
+        level, level_ds = 0, 1.0
+    level0_mpp = c.slide_mpp if c.slide_mpp is not None else (10.0 / mag0 if mag0 else None)
+    target_mpp = 10.0 / tmag if tmag else (level0_mpp * ds_needed if level0_mpp else float("nan"))
+    return ReadPlan(
+        coords=c.coords, level=level, level_downsample=level_ds, read_size=max(1, int(round(ps0 / level_ds))),
+        patch_size=ps, patch_size_level0=ps0, target_mpp=target_mpp, target_magnification=tmag,
+        level0_mpp=level0_mpp, level0_magnification=mag0, level0_width=int(c.width or 0),
+        level0_height=int(c.height or 0), overlap=int(_attr(c.attrs, "overlap", 0) or 0), source="trident", settings=c.settings,
+        tissue_fraction=c.tissue_fraction,
+    )
+
+
+def _clam_plan(c: _CoordsFile) -> ReadPlan:
+    """CLAM: ``patch_size`` pixels at pyramid level ``patch_level``."""
+    level = int(c.need("patch_level", "CLAM"))
+    ps_level = int(c.need("patch_size", "CLAM"))
+    level_ds = float(np.atleast_1d(np.asarray(_attr(c.attrs, "downsample", 1.0), dtype=np.float64)).mean())
+    if c.slide is not None:
+        if level >= c.slide.level_count:
+            raise CoordsFormatError(f"{c.path}: patch_level {level} but the slide has {c.slide.level_count} level(s)")
+        level_ds = float(c.slide.level_downsamples[level])
+    w0, h0 = c.width, c.height
+    if w0 is None and "level_dim" in c.attrs:  # from that level's size
+        lw, lh = np.asarray(_attr(c.attrs, "level_dim")).ravel()[:2]
+        w0, h0 = int(round(lw * level_ds)), int(round(lh * level_ds))
+    mag0 = _slide_mag(c.slide)
+    return ReadPlan(
+        coords=c.coords, level=level, level_downsample=level_ds, read_size=ps_level, patch_size=ps_level,
+        patch_size_level0=int(round(ps_level * level_ds)),
+        target_mpp=c.slide_mpp * level_ds if c.slide_mpp is not None else float("nan"),
+        target_magnification=(mag0 / level_ds) if mag0 else None, level0_mpp=c.slide_mpp,
+        level0_magnification=mag0, level0_width=int(w0 or 0), level0_height=int(h0 or 0), overlap=0,
+        source="clam", settings=c.settings, tissue_fraction=c.tissue_fraction,
+    )
+
+
 def read_coords_file(path: str | os.PathLike[str], slide: Any = None) -> ReadPlan:
     """Read a coordinates file written by mstar, TRIDENT or CLAM as an exact :class:`ReadPlan`.
 
@@ -178,97 +317,19 @@ def read_coords_file(path: str | os.PathLike[str], slide: Any = None) -> ReadPla
     try:
         f = h5py.File(path, "r")
     except (OSError, ValueError) as exc:
-        raise CoordsFormatError(f"{path}: not a readable HDF5 coordinates file ({exc})") from None
+        raise CoordsFormatError(f"{path}: not a readable HDF5 coordinates file ({first_line(exc)})") from None
     with f:
-        if "coords" not in f:
-            raise CoordsFormatError(f"{path}: no 'coords' dataset")
-        ds = f["coords"]
-        if ds.ndim != 2 or ds.shape[1] != 2:
-            raise CoordsFormatError(f"{path}: 'coords' must be (N, 2), got {ds.shape}")
-        coords = np.asarray(ds[()], dtype=np.int64).reshape(-1, 2)
-        a = ds.attrs
+        c = _open_coords(path, f, slide)
         try:
-            fmt = detect_format(a)
+            fmt = detect_format(c.attrs)
         except KeyError as exc:
             raise CoordsFormatError(f"{path}: {exc.args[0]}") from None
-        settings: dict = {}
-        raw = _attr(f.attrs, "settings")
-        if raw:
-            try:
-                settings = json.loads(raw)
-            except (TypeError, ValueError):
-                settings = {}
-        tissue_fraction = np.asarray(f["tissue_fraction"][()], np.float32) if "tissue_fraction" in f else None
-        w0 = _attr(a, "level0_width", _attr(f.attrs, "level0_width"))
-        h0 = _attr(a, "level0_height", _attr(f.attrs, "level0_height"))
-        if slide is not None:
-            w0, h0 = slide.dimensions
-        slide_mpp = _slide_mpp(slide)
-        if fmt == "mstar":
-            origin = _attr(f.attrs, "mstar_format", "trident")
-            plan = ReadPlan(
-                coords=coords,
-                level=int(_attr(a, "mstar_level")),
-                level_downsample=float(_attr(a, "mstar_level_downsample")),
-                read_size=int(_attr(a, "mstar_read_size")),
-                patch_size=int(_attr(a, "mstar_patch_size")),
-                patch_size_level0=int(_attr(a, "mstar_patch_size_level0")),
-                target_mpp=float(_attr(a, "mstar_target_mpp")),
-                target_magnification=_fnan(_attr(a, "target_magnification")) or 10.0 / float(_attr(a, "mstar_target_mpp")),
-                level0_mpp=_fnan(_attr(a, "mstar_level0_mpp")),
-                level0_magnification=_fnan(_attr(a, "level0_magnification")),
-                level0_width=int(w0 if w0 is not None else 0),
-                level0_height=int(h0 if h0 is not None else 0),
-                overlap=int(_attr(a, "mstar_overlap", 0)),
-                source="mstar",
-                settings={**settings, "written_as": origin},
-                tissue_fraction=tissue_fraction,
-            )
-            if slide is not None:
-                _check_level(path, plan, slide)
-            return plan
-        if fmt == "trident":
-            ps = int(_attr(a, "patch_size"))
-            ps0 = int(_attr(a, "patch_size_level0"))
-            tmag = _fnan(_attr(a, "target_magnification"))
-            mag0 = _fnan(_attr(a, "level0_magnification"))
-            ds_needed = ps0 / ps
-            if slide is not None:
-                level = choose_level(slide.level_downsamples, ds_needed)
-                level_ds = float(slide.level_downsamples[level])
-            else:
-                level, level_ds = 0, 1.0
-            level0_mpp = slide_mpp if slide_mpp is not None else (10.0 / mag0 if mag0 else None)
-            target_mpp = 10.0 / tmag if tmag else (level0_mpp * ds_needed if level0_mpp else float("nan"))
-            return ReadPlan(
-                coords=coords, level=level, level_downsample=level_ds, read_size=max(1, int(round(ps0 / level_ds))),
-                patch_size=ps, patch_size_level0=ps0, target_mpp=target_mpp, target_magnification=tmag,
-                level0_mpp=level0_mpp, level0_magnification=mag0, level0_width=int(w0 or 0), level0_height=int(h0 or 0),
-                overlap=int(_attr(a, "overlap", 0) or 0), source="trident", settings=settings,
-                tissue_fraction=tissue_fraction,
-            )
-        # CLAM: patch_size pixels at pyramid level patch_level
-        level = int(_attr(a, "patch_level"))
-        ps_level = int(_attr(a, "patch_size"))
-        down = np.atleast_1d(np.asarray(_attr(a, "downsample", 1.0), dtype=np.float64))
-        level_ds = float(down.mean())
-        if slide is not None:
-            if level >= slide.level_count:
-                raise CoordsFormatError(f"{path}: patch_level {level} but the slide has {slide.level_count} level(s)")
-            level_ds = float(slide.level_downsamples[level])
-        ps0 = int(round(ps_level * level_ds))
-        if w0 is None and "level_dim" in a:
-            lw, lh = np.asarray(_attr(a, "level_dim")).ravel()[:2]
-            w0, h0 = int(round(lw * level_ds)), int(round(lh * level_ds))
-        target_mpp = slide_mpp * level_ds if slide_mpp is not None else float("nan")
-        mag0 = _slide_mag(slide)
-        return ReadPlan(
-            coords=coords, level=level, level_downsample=level_ds, read_size=ps_level, patch_size=ps_level,
-            patch_size_level0=ps0, target_mpp=target_mpp,
-            target_magnification=(mag0 / level_ds) if mag0 else None, level0_mpp=slide_mpp,
-            level0_magnification=mag0, level0_width=int(w0 or 0), level0_height=int(h0 or 0), overlap=0,
-            source="clam", settings=settings, tissue_fraction=tissue_fraction,
-        )
+        try:
+            if fmt == "mstar":
+                return _mstar_plan(c, _attr(f.attrs, "mstar_format", "trident"))
+            return _trident_plan(c) if fmt == "trident" else _clam_plan(c)
+        except (TypeError, ValueError) as exc:  # an attribute of the wrong type or shape
+            raise CoordsFormatError(f"{path}: malformed {fmt} attributes ({first_line(exc)})") from None
 
 
 def _slide_mpp(slide: Any) -> float | None:

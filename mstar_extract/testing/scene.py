@@ -92,6 +92,56 @@ def _wobble(rng: np.random.Generator, strength: float) -> tuple[tuple[int, float
     return tuple((k, float(rng.uniform(0.3, 1.0) * strength / k), float(rng.uniform(0, 2 * math.pi))) for k in (2, 3, 5, 7))
 
 
+def _islands(rng: np.random.Generator, W: float, H: float, n_blobs: int, faint: bool,
+             holes: bool) -> tuple[list[Blob], list[Blob]]:
+    """Tissue islands on a grid in the upper 80 % (the last one pale, every other one with a pale rim), and
+    1-3 holes inside each non-pale island."""
+    blobs: list[Blob] = []
+    hole_list: list[Blob] = []
+    cols = max(1, round(math.sqrt(n_blobs * W / H)))
+    rows = max(1, math.ceil(n_blobs / cols))
+    x_lo, x_hi, y_lo, y_hi = 0.1 * W, 0.9 * W, 0.1 * H, 0.74 * H
+    cell_w, cell_h = (x_hi - x_lo) / cols, (y_hi - y_lo) / rows
+    for i in range(n_blobs):
+        r_, c_ = divmod(i, cols)
+        radius = 0.42 * min(cell_w, cell_h) * float(rng.uniform(0.75, 1.0))
+        cx = x_lo + (c_ + 0.5) * cell_w + float(rng.uniform(-0.1, 0.1)) * cell_w
+        cy = y_lo + (r_ + 0.5) * cell_h + float(rng.uniform(-0.1, 0.1)) * cell_h
+        pale = faint and i == n_blobs - 1 and n_blobs > 1
+        band = 0.12 * radius if faint and not pale and i % 2 == 0 else 0.0
+        blob = Blob(cx, cy, radius, _wobble(rng, 0.22), band, pale, float(rng.uniform(0.85, 1.03)))
+        blobs.append(blob)
+        if holes and not pale:
+            for _ in range(int(rng.integers(1, 4))):
+                ang, dist = float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0.0, 0.38)) * radius
+                hole_list.append(
+                    Blob(cx + dist * math.cos(ang), cy + dist * math.sin(ang),
+                         float(rng.uniform(0.07, 0.16)) * radius, _wobble(rng, 0.15))
+                )
+    return blobs, hole_list
+
+
+def _pen_strokes(rng: np.random.Generator, W: float, H: float, blobs: list[Blob]) -> list[Stroke]:
+    """A green line on bare glass near the bottom, a blue circle around the first island, a black stroke
+    crossing the second island's edge (without islands: one blue stroke)."""
+    pen_w = max(0.012 * min(W, H), 8.0)
+    strokes: list[Stroke] = []
+    xs = np.linspace(0.12 * W, 0.88 * W, 40)
+    ys = 0.88 * H + 0.025 * H * np.sin(xs / W * 5 * math.pi + float(rng.uniform(0, 6)))
+    strokes.append(Stroke(tuple(zip(xs.tolist(), ys.tolist())), pen_w, "green"))
+    if blobs:
+        b = blobs[0]
+        t = np.linspace(0.3, 0.3 + 1.6 * math.pi, 60)
+        rr = 1.18 * b.radius * (1 + 0.05 * np.sin(3 * t))
+        strokes.append(Stroke(tuple(zip((b.cx + rr * np.cos(t)).tolist(), (b.cy + rr * np.sin(t)).tolist())), pen_w, "blue"))
+        b = blobs[min(1, len(blobs) - 1)]
+        strokes.append(Stroke(((b.cx + 0.1 * b.radius, b.cy + 0.2 * b.radius), (b.cx + 0.45 * b.radius, b.cy + 1.5 * b.radius)),
+                              pen_w, "black"))
+    else:
+        strokes.append(Stroke(((0.3 * W, 0.3 * H), (0.55 * W, 0.45 * H), (0.7 * W, 0.35 * H)), pen_w, "blue"))
+    return strokes
+
+
 def random_scene(
     width_um: float,
     height_um: float,
@@ -110,46 +160,8 @@ def random_scene(
     a pale island and pale rims, holes inside islands, dust specks and (optionally) a dark left border."""
     rng = np.random.default_rng(seed)
     W, H = float(width_um), float(height_um)
-    short = min(W, H)
-    blobs: list[Blob] = []
-    hole_list: list[Blob] = []
-    if tissue:
-        cols = max(1, round(math.sqrt(n_blobs * W / H)))
-        rows = max(1, math.ceil(n_blobs / cols))
-        x_lo, x_hi, y_lo, y_hi = 0.1 * W, 0.9 * W, 0.1 * H, 0.74 * H
-        cell_w, cell_h = (x_hi - x_lo) / cols, (y_hi - y_lo) / rows
-        for i in range(n_blobs):
-            r_, c_ = divmod(i, cols)
-            radius = 0.42 * min(cell_w, cell_h) * float(rng.uniform(0.75, 1.0))
-            cx = x_lo + (c_ + 0.5) * cell_w + float(rng.uniform(-0.1, 0.1)) * cell_w
-            cy = y_lo + (r_ + 0.5) * cell_h + float(rng.uniform(-0.1, 0.1)) * cell_h
-            pale = faint and i == n_blobs - 1 and n_blobs > 1
-            band = 0.12 * radius if faint and not pale and i % 2 == 0 else 0.0
-            blob = Blob(cx, cy, radius, _wobble(rng, 0.22), band, pale, float(rng.uniform(0.85, 1.03)))
-            blobs.append(blob)
-            if holes and not pale:
-                for _ in range(int(rng.integers(1, 4))):
-                    ang, dist = float(rng.uniform(0, 2 * math.pi)), float(rng.uniform(0.0, 0.38)) * radius
-                    hole_list.append(
-                        Blob(cx + dist * math.cos(ang), cy + dist * math.sin(ang),
-                             float(rng.uniform(0.07, 0.16)) * radius, _wobble(rng, 0.15))
-                    )
-    strokes: list[Stroke] = []
-    if pen:
-        pen_w = max(0.012 * short, 8.0)
-        xs = np.linspace(0.12 * W, 0.88 * W, 40)
-        ys = 0.88 * H + 0.025 * H * np.sin(xs / W * 5 * math.pi + float(rng.uniform(0, 6)))
-        strokes.append(Stroke(tuple(zip(xs.tolist(), ys.tolist())), pen_w, "green"))
-        if blobs:
-            b = blobs[0]
-            t = np.linspace(0.3, 0.3 + 1.6 * math.pi, 60)
-            rr = 1.18 * b.radius * (1 + 0.05 * np.sin(3 * t))
-            strokes.append(Stroke(tuple(zip((b.cx + rr * np.cos(t)).tolist(), (b.cy + rr * np.sin(t)).tolist())), pen_w, "blue"))
-            b = blobs[min(1, len(blobs) - 1)]
-            strokes.append(Stroke(((b.cx + 0.1 * b.radius, b.cy + 0.2 * b.radius), (b.cx + 0.45 * b.radius, b.cy + 1.5 * b.radius)),
-                                  pen_w, "black"))
-        else:
-            strokes.append(Stroke(((0.3 * W, 0.3 * H), (0.55 * W, 0.45 * H), (0.7 * W, 0.35 * H)), pen_w, "blue"))
+    blobs, hole_list = _islands(rng, W, H, n_blobs, faint, holes) if tissue else ([], [])
+    strokes = _pen_strokes(rng, W, H, blobs) if pen else []
     specks: tuple[tuple[float, float, float], ...] = ()
     if dust:
         n = 14

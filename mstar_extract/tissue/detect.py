@@ -55,84 +55,107 @@ def _hue_in(h: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return (h >= lo) & (h <= hi)
 
 
-def detect_pixels(rgb: np.ndarray, mpp: float, params: SegmentationParams) -> PixelMasks:
-    """Tissue candidates (saturation with Otsu + floor/cap, plus faint tissue), pen ink and dark artefacts."""
+def _dark_pixels(rgb: np.ndarray, s_blur: np.ndarray, v_blur: np.ndarray, k: int,
+                 params: SegmentationParams) -> np.ndarray:
+    """Dark, near-neutral pixels: black ink, slide borders, debris — never tissue.
+
+    On the blurred channels (single dark nuclei at fine resolutions are not ink). Ink, borders and debris are
+    near-neutral: a dark pixel with clear chroma (max - min of RGB) is dense stained tissue (a darkly stained
+    island), not an artefact (saturation alone cannot tell: it grows as value falls, so ink laid over tissue is
+    as "saturated" as the tissue under it)."""
     import cv2
 
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    k = odd_px(params.median_um, mpp, 3)
-    k = min(k, 255)
-    s_blur = cv2.medianBlur(np.ascontiguousarray(s), k)
-    v_blur = cv2.medianBlur(np.ascontiguousarray(v), k)
-
-    # dark pixels (black ink, slide borders, debris) are never tissue (on the blurred channels: single dark
-    # nuclei at fine resolutions are not ink)
-    # ... and ink, borders and debris are near-neutral: a dark pixel with clear chroma (max - min of RGB) is dense
-    # stained tissue (a darkly stained island), not an artefact (saturation alone cannot tell: it grows as value
-    # falls, so ink laid over tissue is as "saturated" as the tissue under it)
     dark = (v_blur <= params.dark_max_value) & (s_blur <= params.dark_max_sat)
     if dark.any():
         chroma = (rgb.max(axis=2) - rgb.min(axis=2)).astype(np.uint8)
         dark &= cv2.medianBlur(np.ascontiguousarray(chroma), k) <= params.dark_max_chroma
+    return dark
 
-    # glass background: bright, unsaturated pixels
+
+def _glass_background(s_blur: np.ndarray, v_blur: np.ndarray, dark: np.ndarray,
+                      params: SegmentationParams) -> tuple[float, float]:
+    """(value, saturation) of the glass background: the median of bright, unsaturated pixels."""
     glass = (s_blur < params.sat_min) & ~dark
     if glass.sum() >= max(64, 0.01 * glass.size):
-        bg_v = float(np.median(v_blur[glass]))
-        bg_s = float(np.median(s_blur[glass]))
-    else:  # (almost) no glass: a slide covered by tissue
-        bg_v, bg_s = 240.0, 5.0
+        return float(np.median(v_blur[glass])), float(np.median(s_blur[glass]))
+    return 240.0, 5.0  # (almost) no glass: a slide covered by tissue
 
-    # Otsu on the non-dark pixels, clipped to [sat_min, sat_max]
+
+def _tissue_candidates(s_blur: np.ndarray, v_blur: np.ndarray, dark: np.ndarray, bg_v: float, bg_s: float,
+                       params: SegmentationParams) -> tuple[np.ndarray, dict]:
+    """Stained pixels (saturation above Otsu's threshold on the non-dark pixels, clipped to [sat_min,
+    sat_max]) or faint ones (a little saturated and darker than the glass); and the thresholds used."""
+    import cv2
+
     valid = s_blur[~dark]
     otsu = float(cv2.threshold(valid.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[0]) if valid.size else 255.0
     thr = float(min(max(otsu, params.sat_min), params.sat_max))
     strong = s_blur >= thr
     faint_sat = max(float(params.faint_sat_min), bg_s + 3.0)
     faint = (s_blur >= faint_sat) & (v_blur.astype(np.float32) <= bg_v - params.faint_darkening)
-    candidate = (strong | faint) & ~dark
+    return (strong | faint) & ~dark, {"otsu": otsu, "sat_threshold": thr, "faint_sat": faint_sat}
 
-    # pen ink by colour
+
+def _coloured_ink(h: np.ndarray, s: np.ndarray, v: np.ndarray, colors: tuple[str, ...], min_pen_px: float,
+                  params: SegmentationParams) -> np.ndarray:
+    """Blue, green and red pen ink by hue and saturation, opened and without specks."""
+    import cv2
+
+    h3 = cv2.medianBlur(np.ascontiguousarray(h), 3)
+    s3 = cv2.medianBlur(np.ascontiguousarray(s), 3)
+    ink = np.zeros(s.shape, bool)
+    if "blue" in colors:
+        ink |= _hue_in(h3, *params.hue_range("blue")) & (s3 >= params.pen_min_sat)
+    if "green" in colors:
+        ink |= _hue_in(h3, *params.hue_range("green")) & (s3 >= params.pen_min_sat)
+    if "red" in colors:
+        v3 = cv2.medianBlur(np.ascontiguousarray(v), 3)
+        ink |= ((h3 <= 8) | (h3 >= 172)) & (s3 >= params.red_min_sat) & (v3 >= 80)
+    ink = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_OPEN, disk(3)).astype(bool)
+    return remove_small(ink, min_pen_px)
+
+
+def _dark_regions(dark: np.ndarray, black_ink: bool, min_pen_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Split dark pixels into (black ink, artefacts): a region touching the image border is a slide border, a
+    large one elsewhere black ink (when ``black_ink``), any other debris."""
+    import cv2
+
+    if not dark.any():
+        return np.zeros(dark.shape, bool), np.zeros(dark.shape, bool)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(dark.astype(np.uint8), connectivity=8)
+    x, y, w, hh = (stats[:, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
+    H, W = dark.shape
+    touches = (x == 0) | (y == 0) | (x + w >= W) | (y + hh >= H)
+    ink = (~touches) & (stats[:, cv2.CC_STAT_AREA] >= min_pen_px) & black_ink
+    ink[0] = False
+    art = ~ink
+    art[0] = False
+    return ink[labels], art[labels]
+
+
+def detect_pixels(rgb: np.ndarray, mpp: float, params: SegmentationParams) -> PixelMasks:
+    """Tissue candidates (saturation with Otsu + floor/cap, plus faint tissue), pen ink and dark artefacts."""
+    import cv2
+
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
+    k = min(odd_px(params.median_um, mpp, 3), 255)
+    s_blur = cv2.medianBlur(np.ascontiguousarray(s), k)
+    v_blur = cv2.medianBlur(np.ascontiguousarray(v), k)
+
+    dark = _dark_pixels(rgb, s_blur, v_blur, k, params)
+    bg_v, bg_s = _glass_background(s_blur, v_blur, dark, params)
+    candidate, thresholds = _tissue_candidates(s_blur, v_blur, dark, bg_v, bg_s, params)
+
     min_pen_px = params.pen_min_area_um2 / (mpp * mpp)
-    pen = np.zeros(s.shape, bool)
     colors = params.pen_color_set if params.pen else ()
-    if colors:
-        h3 = cv2.medianBlur(np.ascontiguousarray(h), 3)
-        s3 = cv2.medianBlur(np.ascontiguousarray(s), 3)
-        ink = np.zeros(s.shape, bool)
-        if "blue" in colors:
-            ink |= _hue_in(h3, *params.hue_range("blue")) & (s3 >= params.pen_min_sat)
-        if "green" in colors:
-            ink |= _hue_in(h3, *params.hue_range("green")) & (s3 >= params.pen_min_sat)
-        if "red" in colors:
-            v3 = cv2.medianBlur(np.ascontiguousarray(v), 3)
-            ink |= ((h3 <= 8) | (h3 >= 172)) & (s3 >= params.red_min_sat) & (v3 >= 80)
-        ink = cv2.morphologyEx(ink.astype(np.uint8), cv2.MORPH_OPEN, disk(3)).astype(bool)
-        pen = remove_small(ink, min_pen_px)
-
-    # dark regions: touching the image border -> slide border; large elsewhere -> black ink; small -> debris
-    artefact = np.zeros(s.shape, bool)
-    if dark.any():
-        n, labels, stats, _ = cv2.connectedComponentsWithStats(dark.astype(np.uint8), connectivity=8)
-        x, y, w, hh = (stats[:, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
-        area = stats[:, cv2.CC_STAT_AREA]
-        H, W = s.shape
-        touches = (x == 0) | (y == 0) | (x + w >= W) | (y + hh >= H)
-        black_ink = (~touches) & (area >= min_pen_px)
-        black_ink[0] = False
-        if "black" in colors:
-            pen |= black_ink[labels]
-        art = np.ones(n, bool)
-        art[0] = False
-        if "black" in colors:
-            art &= ~black_ink
-        artefact = art[labels]
+    pen = _coloured_ink(h, s, v, colors, min_pen_px, params) if colors else np.zeros(s.shape, bool)
+    black, artefact = _dark_regions(dark, "black" in colors, min_pen_px)
+    pen |= black
 
     grow = odd_px(2 * params.pen_dilate_um, mpp, 1)
     remove = pen | artefact
     if grow > 1 and remove.any():
         remove = cv2.dilate(remove.astype(np.uint8), disk(grow)).astype(bool)
-    stats = {"otsu": otsu, "sat_threshold": thr, "faint_sat": faint_sat, "background_value": bg_v,
-             "background_sat": bg_s, "median_px": k}
+    stats = {**thresholds, "background_value": bg_v, "background_sat": bg_s, "median_px": k}
     return PixelMasks(candidate, pen, artefact, remove, stats)

@@ -1,0 +1,212 @@
+"""The output folder OUT: every path that mstar writes there, built in one place from a validated slide id.
+
+The ``mstar`` layout (the default, and for now the only one; see :data:`LAYOUTS`)::
+
+    OUT/
+      features/<slide_id>.h5        feature bag (extract; written last: the slide's completion marker)
+      pt_files/<slide_id>.pt        (N, D) float32 tensor, with --format pt|both
+      coords/<slide_id>.h5          patch coordinates (tile and extract; tile's completion marker)
+      qc/<slide_id>.jpg             QC picture
+      contours/<slide_id>.geojson   tissue and pen outlines
+      manifest.csv                  merged manifest (:mod:`mstar_extract.manifest`)
+      mstar_settings.json           the settings OUT's outputs were made with (:mod:`mstar_extract.store.record`)
+      report.html, report_assets/   the run's HTML report (:mod:`mstar_extract.report`)
+      .manifest/<host>-<pid>-<ns>.csv   one manifest part per process
+      .locks/<slide_id>.lock        one lock per slide being processed (:mod:`mstar_extract.locks`)
+      .mstar_settings.lock          held for the few milliseconds it takes to update mstar_settings.json
+
+Temporary files are ``.<final name>.<host>.<pid>.<8 hex>.tmp`` beside their final file; that rule belongs to
+:mod:`mstar_extract.store.atomic`, which every writer goes through.
+
+**Slide ids.** An id names files, so it must be a plain, safe file name: :func:`slide_id_problem` lists the
+rules (not empty, at most :data:`MAX_SLIDE_ID_LENGTH` characters, no ``/`` or ``\\``, no ``..``, no leading
+``.``, no control characters). The slide list is checked when it is read (:mod:`mstar_extract.inputs`), and
+:class:`OutLayout` checks again: every per-slide path is built from a valid id and must lie under OUT, or
+:class:`~mstar_extract.errors.UsageError` is raised. "Under OUT" is decided on the normalised absolute path,
+without following symbolic links, so a user may point e.g. ``OUT/features`` at another disk.
+
+**Other layouts.** A layout is a subclass of :class:`OutLayout` that overrides the per-slide file methods
+(:meth:`OutLayout.bag`, :meth:`~OutLayout.coords`, ...) and is registered in :data:`LAYOUTS`; the pipeline only
+ever calls :func:`make_layout`, so a CLAM (``patches/<id>.h5``, ``h5_files/<id>.h5``, ``pt_files/<id>.pt``) or a
+TRIDENT layout (``<mag>x_<ps>px_<overlap>px_overlap/patches/<id>_patches.h5``, ``.../features_<model>/<id>.h5``)
+needs no change in the pipeline. :class:`LayoutContext` carries what such folder names are made of.
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from mstar_extract.errors import UsageError
+
+MAX_SLIDE_ID_LENGTH = 200
+"""Longest accepted slide id (file names are limited to 255 bytes; suffixes and temp names need room)."""
+
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_PARTS_DIR = ".manifest"
+LOCKS_DIR = ".locks"
+LOCK_SUFFIX = ".lock"
+SETTINGS_RECORD_NAME = "mstar_settings.json"
+REPORT_NAME = "report.html"
+REPORT_ASSETS_DIR = "report_assets"
+
+
+# --------------------------------------------------------------------------------------------------- slide ids
+def slide_id_problem(slide_id: object) -> str | None:
+    """Why ``slide_id`` cannot name output files, or None when it can."""
+    if not isinstance(slide_id, str) or slide_id == "":
+        return "is empty"
+    if len(slide_id) > MAX_SLIDE_ID_LENGTH:
+        return f"is longer than {MAX_SLIDE_ID_LENGTH} characters"
+    if "/" in slide_id or "\\" in slide_id:
+        return "contains a path separator (/ or \\)"
+    if ".." in slide_id:
+        return "contains '..'"
+    if slide_id.startswith("."):
+        return "starts with '.' (hidden files are this tool's own)"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in slide_id):
+        return "contains a control character"
+    return None
+
+
+def validate_slide_id(slide_id: object, where: str = "") -> str:
+    """``slide_id`` when it is a safe file name, else :class:`UsageError` naming ``where`` (e.g. a list row)."""
+    problem = slide_id_problem(slide_id)
+    if problem is not None:
+        prefix = f"{where}: " if where else ""
+        raise UsageError(f"{prefix}slide id {slide_id!r} {problem}; slide ids name output files "
+                         "(give a plain name in the list's slide_id column, or rename the file)")
+    return str(slide_id)
+
+
+def lock_file_name(slide_id: str) -> str:
+    """File name of a slide's lock (percent-encoded, so distinct ids always give distinct names)."""
+    return quote(slide_id, safe=" +,-._=@~()[]") + LOCK_SUFFIX
+
+
+# ------------------------------------------------------------------------------------------------------ layout
+@dataclass(frozen=True)
+class LayoutContext:
+    """What a layout may put into folder names besides the slide id (unused by the ``mstar`` layout)."""
+
+    magnification: float | None = None
+    patch_size: int | None = None
+    overlap: int | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class SlidePaths:
+    """Every file of one slide under OUT."""
+
+    slide_id: str
+    bag: Path
+    pt: Path
+    coords: Path
+    qc: Path
+    contours: Path
+    lock: Path
+
+
+class OutLayout:
+    """The ``mstar`` layout of an output folder (see the module docstring for the tree)."""
+
+    name = "mstar"
+
+    def __init__(self, out_dir: str | os.PathLike[str], context: LayoutContext | None = None) -> None:
+        self.root = Path(out_dir)
+        self.context = context or LayoutContext()
+        self._root_abs = Path(os.path.abspath(self.root))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r})"
+
+    # -- run-level files ---------------------------------------------------------------------------------------
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST_NAME
+
+    @property
+    def manifest_parts_dir(self) -> Path:
+        return self.root / MANIFEST_PARTS_DIR
+
+    def manifest_part(self, host: str, pid: int, stamp_ns: int) -> Path:
+        """One process's manifest part file."""
+        return self.manifest_parts_dir / f"{host}-{int(pid)}-{int(stamp_ns)}.csv"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / LOCKS_DIR
+
+    @property
+    def settings_record(self) -> Path:
+        return self.root / SETTINGS_RECORD_NAME
+
+    @property
+    def settings_lock(self) -> Path:
+        return self.root / f".{SETTINGS_RECORD_NAME}{LOCK_SUFFIX}"
+
+    @property
+    def report(self) -> Path:
+        """The run's HTML report (its own files live in :attr:`report_assets`; :mod:`mstar_extract.report`)."""
+        return self.root / REPORT_NAME
+
+    @property
+    def report_assets(self) -> Path:
+        return self.root / REPORT_ASSETS_DIR
+
+    # -- per-slide files (override these in another layout) ---------------------------------------------------
+    def bag(self, slide_id: str) -> Path:
+        return self._inside("features", f"{self._id(slide_id)}.h5")
+
+    def pt(self, slide_id: str) -> Path:
+        return self._inside("pt_files", f"{self._id(slide_id)}.pt")
+
+    def coords(self, slide_id: str) -> Path:
+        return self._inside("coords", f"{self._id(slide_id)}.h5")
+
+    def qc(self, slide_id: str) -> Path:
+        return self._inside("qc", f"{self._id(slide_id)}.jpg")
+
+    def contours(self, slide_id: str) -> Path:
+        return self._inside("contours", f"{self._id(slide_id)}.geojson")
+
+    def lock(self, slide_id: str) -> Path:
+        """The slide's lock file. Its name percent-encodes the id (one safe file name for any string), so this
+        path, unlike the others, does not need a valid id: :mod:`mstar_extract.locks` works for any id."""
+        return self._inside(LOCKS_DIR, lock_file_name(slide_id))
+
+    def slide(self, slide_id: str) -> SlidePaths:
+        """All of one slide's paths."""
+        return SlidePaths(slide_id=self._id(slide_id), bag=self.bag(slide_id), pt=self.pt(slide_id),
+                          coords=self.coords(slide_id), qc=self.qc(slide_id), contours=self.contours(slide_id),
+                          lock=self.lock(slide_id))
+
+    # -- the two checks every per-slide path goes through -----------------------------------------------------
+    @staticmethod
+    def _id(slide_id: str) -> str:
+        return validate_slide_id(slide_id)
+
+    def _inside(self, *parts: str) -> Path:
+        """``OUT/<parts...>``, refused unless it lies strictly under OUT (normalised, links not followed)."""
+        path = self.root.joinpath(*parts)
+        normal = Path(os.path.normpath(os.path.abspath(path)))
+        if normal == self._root_abs or not normal.is_relative_to(self._root_abs):
+            raise UsageError(f"{path}: an output path must stay inside {self.root}")
+        return path
+
+
+LAYOUTS: dict[str, type[OutLayout]] = {OutLayout.name: OutLayout}
+"""Output layouts by name (``mstar`` only, for now)."""
+
+
+def make_layout(out_dir: str | os.PathLike[str], kind: str = "mstar", context: LayoutContext | None = None) -> OutLayout:
+    """The layout ``kind`` of ``out_dir`` (UsageError for an unknown kind)."""
+    try:
+        cls = LAYOUTS[kind]
+    except KeyError:
+        raise UsageError(f"unknown output layout {kind!r}; choose from {', '.join(LAYOUTS)}") from None
+    return cls(out_dir, context)

@@ -4,7 +4,11 @@
 >>> feats = enc.embed(uint8_batch)                                        # (B, 1024) float32, on enc.device
 
 Inference runs under ``torch.inference_mode`` with autocast per ``precision`` (``bf16`` default on CUDA,
-``fp32`` on the CPU, ``fp16`` on request), channels-last input, and optionally ``torch.compile``.
+``fp32`` on the CPU, ``fp16`` on request), channels-last input, and optionally ``torch.compile`` (for one batch
+size: :meth:`Encoder.warm_up` fixes it, smaller batches are padded to it).
+
+:func:`device_problem` tells the errors of the machine (out of GPU memory, a CUDA error, a failed compile) from
+the problems of one input: the pipeline stops the whole run on the former instead of failing every slide.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mstar_extract.errors import UsageError
+from mstar_extract.errors import UsageError, first_line
 from mstar_extract.models.preprocess import as_uint8_batch, preprocess
 from mstar_extract.models.registry import EncoderSpec, get_spec
 from mstar_extract.models.weights import ResolvedWeights, build_with_weights, resolve_weights
@@ -91,6 +95,36 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     return p
 
 
+_CUDA_MARKERS = ("CUDA error", "CUDA out of memory", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error",
+                 "NVIDIA driver", "NCCL error", "device-side assert")
+"""Texts of the RuntimeErrors that the CUDA runtime and its libraries raise through torch."""
+_COMPILE_MODULES = ("torch._dynamo", "torch._inductor")
+"""Exceptions raised from these modules are compile failures (tracing, lowering, the C++/Triton compiler)."""
+
+
+def device_problem(exc: BaseException) -> str | None:
+    """One line when ``exc`` (or an exception it was raised from) is an error of the machine, not of the input:
+    the device out of memory (``torch.OutOfMemoryError``), a CUDA error (``torch.AcceleratorError``, or a
+    RuntimeError whose text is one of the CUDA runtime's, e.g. ``CUDA error: an illegal memory access``: the
+    CUDA context is then unusable), or a ``torch.compile`` failure (an exception of ``torch._dynamo`` /
+    ``torch._inductor``). None for anything else. Host ``MemoryError`` is not one (a slide may be too big)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        line = first_line(cur)
+        if isinstance(cur, torch.OutOfMemoryError):
+            return f"out of memory on the device ({line}); use a smaller --batch-size"
+        if type(cur).__module__.startswith(_COMPILE_MODULES):
+            return f"torch.compile failed ({first_line(cur, with_type=True)}); run without --compile"
+        accelerator = getattr(torch, "AcceleratorError", None)
+        if (accelerator is not None and isinstance(cur, accelerator)) or (
+                isinstance(cur, RuntimeError) and any(m in str(cur) for m in _CUDA_MARKERS)):
+            return f"device error ({line})"
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 class Encoder:
     """One patch encoder ready for inference. Build it with :meth:`create`."""
 
@@ -150,7 +184,8 @@ class Encoder:
         self._compiled_batch = None
         if self.compile:
             kw = {"backend": self.compile_backend} if self.compile_backend else {}
-            self._forward = torch.compile(self.model, **kw)
+            # one static graph: every batch is padded to the warm-up size (embed), so nothing recompiles
+            self._forward = torch.compile(self.model, dynamic=False, **kw)
         return self
 
     # ---------------------------------------------------------------------------------------- facts
@@ -176,13 +211,31 @@ class Encoder:
         return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision])
 
     # ---------------------------------------------------------------------------------------- inference
+    def warm_up(self, batch_size: int) -> float:
+        """Run one batch of ``batch_size`` blank patches through preprocessing and the model (compiling it with
+        ``compile``) and wait for the device; returns the seconds it took.
+
+        Called before any slide is touched, so that what cannot work at this batch size on this machine (out of
+        memory, a compile failure, a broken GPU) fails once, here, instead of failing every slide. With
+        ``compile`` the graph is built for ``batch_size``: later batches are padded to it (:meth:`embed`), so a
+        small slide coming first never causes a recompile."""
+        if self.compile:
+            self._compiled_batch = int(batch_size)
+        t0 = time.perf_counter()
+        blank = torch.zeros((int(batch_size), self.input_size, self.input_size, 3), dtype=torch.uint8,
+                            device=self.device)
+        self.embed(blank)
+        synchronize(self.device)
+        return time.perf_counter() - t0
+
     @torch.inference_mode()
     def embed(self, batch: "torch.Tensor | np.ndarray") -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` patches -> float32 ``(B, D)`` features on :attr:`device`.
 
         Patches of any size are resized (antialiased bilinear) to :attr:`input_size` on the device.
-        With ``compile`` the first batch size is kept: smaller batches (a slide's last) are zero-padded
-        to it so the compiled graph is reused, and the padding rows are dropped.
+        With ``compile`` one batch size is kept (the :meth:`warm_up` size, else the first batch's): smaller
+        batches (a slide's last) are zero-padded to it so the compiled graph is reused, and the padding rows
+        are dropped.
         """
         x = as_uint8_batch(batch, self.device)
         n = int(x.shape[0])

@@ -4,14 +4,19 @@ Three stages overlap (the whole flow, function by function: docs/architecture.md
 
     planner thread      slide k+2: open, segment, tile (or read --coords-dir), write coords + QC   (plan_slide)
     reader processes    slide k+1 and k: patch batches (uint8, 224 px) into shared memory   (reading.ReaderPool)
-    main thread         slide k: pinned copy -> device -> mSTAR ViT-L (AMP) -> features -> bag (atomic)
+    main thread         slide k: pinned copy -> device -> mSTAR ViT-L (AMP) -> features (stay on the device)
+    writer thread       slide k-1: features to the host, .pt + bag (atomic), manifest row, lock released
+                        (pipeline.writer)
 
 :func:`run_extract` checks the slide ids and OUT's settings record (nothing is written when they are wrong),
 loads the model, and hands the slides to an :class:`ExtractRun`, whose named steps move each slide through the
-stages. Per slide the main thread takes the slide's lock (several jobs may share OUT), checks whether a complete
-and valid bag already exists (then ``skipped``), and records exactly one outcome in the manifest. The bag
-``features/<slide_id>.h5`` is written last and atomically, so it is the completion marker: a run killed at any
-moment leaves only complete bags, and a rerun recomputes exactly the slides without one.
+stages. One warm-up batch at the full batch size runs before the first lock (out of memory, a failed compile
+stop the run there). Per slide the main thread takes the slide's lock (several jobs may share OUT), checks
+whether a complete and valid bag already exists (then ``skipped``), and exactly one outcome is recorded in the
+manifest. The bag ``features/<slide_id>.h5`` is written last and atomically, so it is the completion marker: a
+run killed at any moment leaves only complete bags, and a rerun recomputes exactly the slides without one.
+Errors that are not about one slide (OUT full or read-only, the device, the compiler) stop the whole run with
+exit code 3 (:mod:`mstar_extract.pipeline.whole_run`), leaving unfinished slides to the next job.
 """
 
 from __future__ import annotations
@@ -21,15 +26,18 @@ import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from mstar_extract.console import Progress, Reporter
-from mstar_extract.errors import reason_of
+from mstar_extract.errors import EXIT_FAILED, RunError, first_line, reason_of
 from mstar_extract.pipeline.runner import SlideOutcome, SlideRunner
+from mstar_extract.pipeline.whole_run import is_whole_run, whole_run_error
+from mstar_extract.pipeline.writer import HostFeatures, SlideWriter, WriteJob
 from mstar_extract.pipeline.tile_job import (
     TileSettings, check_slide_ids, layout_for, open_with_resolution, prepare_out, segment_and_plan, write_tile_outputs,
 )
@@ -166,6 +174,8 @@ def plan_slide(entry: Any, layout: OutLayout, settings: ExtractSettings) -> Plan
                 write_tile_outputs(layout, entry.slide_id, slide, mask, plan, settings.tile)
             mpp = float(slide.mpp) if slide.mpp_x is not None else plan.level0_mpp
     except Exception as exc:  # noqa: BLE001 - a per-slide failure, one line
+        if is_whole_run(exc):
+            raise  # OUT full or read-only: not this slide's problem (the main thread stops the run)
         if settings.tile.debug:
             log.exception("planning %s failed", entry.path)
         return Planned(entry, outcome=SlideOutcome.failed(entry, reason_of(exc), seconds=round(time.monotonic() - t0, 3)), t0=t0)
@@ -191,102 +201,132 @@ def write_outputs(entry: Any, layout: OutLayout, plan: ReadPlan, features: np.nd
 
 
 # ------------------------------------------------------------------------------------------------- inference
-class _Features:
-    """Collects a slide's features on the device and moves them to the host in groups (few syncs)."""
-
-    def __init__(self, n: int, dim: int) -> None:
-        self.out = np.zeros((n, dim), np.float32)
-        self.done = np.zeros(n, bool)
-        self._pending: list[tuple[np.ndarray, Any]] = []
-
-    def add(self, indices: np.ndarray, feats: Any) -> None:
-        self._pending.append((np.asarray(indices).copy(), feats))
-        if len(self._pending) >= 16:
-            self.flush()
-
-    def flush(self) -> None:
-        for idx, f in self._pending:
-            self.out[idx] = f.detach().float().cpu().numpy()
-            self.done[idx] = True
-        self._pending.clear()
-
-
 def default_batch_size(device_type: str) -> int:
     return 256 if device_type == "cuda" else 32
 
 
-def embed_slide(n: int, stream: Any, encoder: Any, feeder: Any, patches: Progress) -> tuple[np.ndarray, np.ndarray]:
-    """Run the model over one slide's batch stream: ``(features (n, D) float32, keep (n,) bool)``; ``keep`` is
-    False for patches the reader dropped (``--skip-bad-patches``). RuntimeError when a patch was never read."""
-    feats = _Features(n, encoder.feature_dim)
+def embed_slide(n: int, stream: Any, encoder: Any, feeder: Any, patches: Progress) -> HostFeatures:
+    """Run the model over one slide's batch stream. The features are on their way to the host when this returns
+    (:class:`~mstar_extract.pipeline.writer.HostFeatures`, sealed): nothing here waits for the device."""
+    feats = HostFeatures(n, encoder.feature_dim, encoder.device)
     for batch in stream:
         if len(batch):
             # the feeder gives (B, 3, S, S) on the device; the encoder takes the (B, S, S, 3) view of it
             feats.add(batch.indices, encoder.embed(feeder(batch.pixels).permute(0, 2, 3, 1)))
             patches.update(len(batch))
-    feats.flush()
-    bad = np.zeros(n, bool)
-    if stream.n_bad:
-        bad[np.asarray(stream.bad_indices, dtype=np.int64)] = True
-    missing = int((~feats.done & ~bad).sum())
+    feats.seal()
+    return feats
+
+
+def collect_features(job: WriteJob) -> tuple[np.ndarray, np.ndarray]:
+    """``(features (n, D) float32, keep (n,) bool)`` of a finished slide (waits for its copies only); ``keep`` is
+    False for patches the reader dropped (``--skip-bad-patches``). RuntimeError when a patch was never read."""
+    assert job.features is not None
+    features, done = job.features.result()
+    bad = np.zeros(len(features), bool)
+    if job.n_bad:
+        bad[np.asarray(job.bad_indices, dtype=np.int64)] = True
+    missing = int((~done & ~bad).sum())
     if missing:
         raise RuntimeError(f"{missing} patches were never read (reader bug)")
-    return feats.out, feats.done & ~bad
+    return features, done & ~bad
 
 
 # ------------------------------------------------------------------------------------------------- the run
 class ExtractRun:
-    """One extraction run over a slide list: the state the three stages share, and the steps that move a slide
-    from one stage to the next.
+    """One extraction run over a slide list: the state the stages share, and the steps that move a slide from one
+    stage to the next.
 
     State: ``pending`` (slides not looked at yet), ``planning`` (slides whose :func:`plan_slide` runs or ran on
     the planner thread), ``reading`` (slides handed to the reader pool, oldest first: the pool yields their batch
-    streams in that order), the :class:`SlideRunner` (locks, manifest, events, exit code) and ``stop`` (set by
-    ``--on-error fail``). At most ``depth = 1 + lookahead`` slides are with the readers, one more is planned.
+    streams in that order), the :class:`~mstar_extract.pipeline.writer.SlideWriter` (finished slides on their way
+    to disk, and every outcome, in order), the :class:`SlideRunner` (locks, manifest, events, exit code) and
+    ``stop`` (set by ``--on-error fail``). At most ``depth = 1 + lookahead`` slides are with the readers, one more
+    is planned, two wait for the writer.
 
     Steps, called by :meth:`run` until every slide has an outcome:
 
+    * :meth:`warm_up` — one batch at the full batch size through the model (and the compiler) before any lock;
     * :meth:`take_next` — lock the next slide; skip it when its outputs are complete; else start planning it;
-    * :meth:`hand_to_readers` — move planned slides to the reader pool (a slide without tissue gets its empty bag
-      here, a failed plan its outcome);
-    * :meth:`infer_next` — run the model over the oldest slide's batches, write its bag, record its outcome.
+    * :meth:`hand_to_readers` — move planned slides to the reader pool (a slide without tissue goes to the writer
+      for its empty bag, a failed plan its outcome);
+    * :meth:`infer_next` — run the model over the oldest slide's batches and hand it to the writer;
+    * :meth:`write_slide` (writer thread) — its features to the host, its bag, its outcome.
     """
 
     def __init__(self, entries: Sequence[Any], layout: OutLayout, settings: ExtractSettings, encoder: Any,
-                 reporter: Reporter, overwrite: bool = False, on_error: str = "skip") -> None:
+                 reporter: Reporter, overwrite: bool = False, on_error: str = "skip",
+                 runner: SlideRunner | None = None) -> None:
         from mstar_extract.reading import DeviceFeeder
 
         self.layout, self.settings, self.encoder, self.reporter = layout, settings, encoder, reporter
         self.overwrite, self.on_error = overwrite, on_error
         self.batch_size = settings.batch_size or default_batch_size(encoder.device.type)
-        self.runner = SlideRunner(layout.root, reporter, total=len(entries), command="extract",
-                                  lock_timeout=settings.lock_timeout)
+        self.runner = runner or SlideRunner(layout.root, reporter, total=len(entries), command="extract",
+                                            lock_timeout=settings.lock_timeout)
         self.feeder = DeviceFeeder(encoder.device)
-        self.pending = iter(entries)
+        self.entries = list(entries)
+        self.pending = iter(self.entries)
         self.planning: deque[Future] = deque()
         self.reading: deque[Planned] = deque()
         self.depth = 1 + max(0, settings.lookahead)
         self.stop = False
         self.exhausted = False
+        self.warm = False
         self.planner: ThreadPoolExecutor | None = None
         self.pool: Any = None
         self.streams: Any = None
+        self.writer: SlideWriter | None = None
         self.patches: Progress | None = None
 
     # -- start and end ---------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the planner thread, the reader pool and the patch progress bar."""
+        """The warm-up batch (unless every slide already has a bag), then the planner thread, the reader pool, the
+        writer thread and the patch progress bar."""
         from mstar_extract.reading import ReaderPool
 
+        if self.overwrite or any(not getattr(e, "error", None) and not self.layout.bag(e.slide_id).exists()
+                                 for e in self.entries):
+            self.warm_up()
         s = self.settings
         self.planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mstar-plan")
         self.pool = ReaderPool(workers=s.workers, batch_size=self.batch_size, out_size=self.encoder.input_size,
                                skip_bad_patches=s.skip_bad_patches, lookahead=s.lookahead)
         self.streams = self.pool.results()
+        self.writer = SlideWriter(self.write_slide, self.record_now)
         self.patches = Progress(self.reporter, None, "extract: patches", "patches", position=1)
+
+    def warm_up(self) -> None:
+        """One batch of ``batch_size`` blank patches through the model (compiled for that size with ``--compile``):
+        what cannot work on this machine at this batch size fails here, once, as a whole-run error."""
+        if self.warm:
+            return
+        try:
+            seconds = self.encoder.warm_up(self.batch_size)
+        except Exception as exc:  # noqa: BLE001 - nothing here is about a slide
+            if self.settings.tile.debug:
+                log.exception("warm-up batch failed")
+            err = whole_run_error(exc)
+            raise RunError(f"warm-up batch of {self.batch_size} patches on {self.encoder.device} failed: "
+                           f"{err if err is not None else first_line(exc, with_type=True)}") from exc
+        self.warm = True
+        log.info("warm-up batch of %d patches: %.2f s%s", self.batch_size, seconds,
+                 " (compiled)" if self.encoder.compile else "")
+
+    def close_writer(self, drain: bool) -> None:
+        """End the writer thread (``drain``: write what it was handed); a second signal abandons the queue."""
+        if self.writer is None:
+            return
+        try:
+            self.writer.close(drain=drain)
+        except BaseException:
+            self.writer.close(drain=False)
+            raise
 
     def shut_down(self) -> None:
         """Stop the stages and release this process's slide locks (also after an unexpected error)."""
+        if self.writer is not None:
+            self.writer.close(drain=False)
         if self.patches is not None:
             self.patches.close()
         if self.pool is not None:
@@ -296,7 +336,12 @@ class ExtractRun:
         self.runner.release_all()
 
     def record(self, outcome: SlideOutcome) -> None:
-        """The slide's one outcome (manifest row, event, lock released); ``--on-error fail`` stops after a failure."""
+        """Record a slide's one outcome after every slide handed to the writer before it."""
+        assert self.writer is not None
+        self.writer.record(outcome)
+
+    def record_now(self, outcome: SlideOutcome) -> None:
+        """(writer thread) Manifest row, event, lock released; ``--on-error fail`` stops after a failure."""
         self.runner.finish(outcome)
         if outcome.status == "failed" and self.on_error == "fail":
             self.stop = True
@@ -336,32 +381,62 @@ class ExtractRun:
                 continue
             assert planned.plan is not None
             if len(planned.plan) == 0:
-                self.record(self.finish_empty(planned))
+                assert self.writer is not None
+                self.writer.write(WriteJob(planned))  # no tissue: the writer writes its empty bag
                 continue
             entry = planned.entry
             self.pool.submit(SlideJob(entry.slide_id, str(entry.path), planned.plan, self.settings.tile.backend))
             self.reading.append(planned)
 
     def infer_next(self) -> None:
-        """The oldest slide with the readers: its features, its bag, its outcome."""
+        """The oldest slide with the readers: the model over its batches, then to the writer (a per-slide problem
+        is its ``failed`` outcome; a device error stops the run)."""
         planned = self.reading.popleft()
-        self.record(self.infer_slide(planned, next(self.streams)))
+        stream = next(self.streams)
+        assert planned.plan is not None and self.patches is not None and self.writer is not None
+        self.warm_up()  # no-op after the first time (skipped at the start when every slide had a bag)
+        t_read = time.monotonic()
+        try:
+            feats = embed_slide(len(planned.plan), stream, self.encoder, self.feeder, self.patches)
+        except Exception as exc:  # noqa: BLE001 - per-slide failure, one line
+            if is_whole_run(exc):
+                raise
+            if self.settings.tile.debug:
+                log.exception("extracting %s failed", planned.entry.path)
+            self.record(SlideOutcome.failed(planned.entry, reason_of(exc),
+                                            seconds=round(time.monotonic() - planned.t0, 3)))
+            return
+        self.writer.write(WriteJob(planned, feats, n_bad=int(stream.n_bad), bad_indices=list(stream.bad_indices),
+                                   bad_reasons=list(stream.bad_reasons), read_seconds=time.monotonic() - t_read))
+
+    def loop(self) -> None:
+        """The steps, until every slide is with the writer."""
+        assert self.writer is not None
+        while True:
+            self.writer.check()
+            while not self.stop and not self.exhausted and len(self.planning) + len(self.reading) < self.depth + 1:
+                self.take_next()
+            self.hand_to_readers()
+            if not self.reading:
+                if self.planning or (not self.exhausted and not self.stop):
+                    continue
+                return
+            self.infer_next()
 
     def run(self) -> int:
-        """Loop over the steps until every slide has an outcome; returns the exit code (see :meth:`SlideRunner.close`)."""
-        self.start()
+        """Start, loop over the steps, let the writer finish; returns the exit code (:meth:`SlideRunner.close`).
+
+        Ctrl-C/SIGTERM or an error: the writer first writes the slides it was handed (their bags are complete),
+        then the stages stop and this process's locks are released; the caller prints the summary
+        (:func:`run_extract`)."""
         try:
-            while True:
-                while not self.stop and not self.exhausted and len(self.planning) + len(self.reading) < self.depth + 1:
-                    self.take_next()
-                self.hand_to_readers()
-                if not self.reading:
-                    if self.planning or (not self.exhausted and not self.stop):
-                        continue
-                    break
-                self.infer_next()
-        except KeyboardInterrupt as exc:
-            self.runner.close(interrupted=exc)
+            self.start()
+            self.loop()
+            self.close_writer(drain=True)
+            assert self.writer is not None
+            self.writer.check()
+        except BaseException:
+            self.close_writer(drain=True)
             raise
         finally:
             self.shut_down()
@@ -369,40 +444,57 @@ class ExtractRun:
             self.reporter.warn("stopped after the first failure (--on-error fail)")
         return self.runner.close()
 
-    # -- one slide -------------------------------------------------------------------------------------------
-    def finish_empty(self, planned: Planned) -> SlideOutcome:
-        """A slide without tissue: a valid empty bag (0, D) and status ``no_tissue``."""
-        assert planned.plan is not None
-        entry, dim = planned.entry, self.encoder.feature_dim
-        try:
-            write_outputs(entry, self.layout, planned.plan, np.zeros((0, dim), np.float32), np.zeros(0, bool),
-                          self.encoder, self.settings, 0)
-        except Exception as exc:  # noqa: BLE001
-            return SlideOutcome.failed(entry, f"writing the empty bag: {reason_of(exc)}")
-        return SlideOutcome(entry.slide_id, str(entry.path), "no_tissue", n_patches=0, mpp=planned.level0_mpp,
-                            seconds=round(time.monotonic() - planned.t0, 3))
-
-    def infer_slide(self, planned: Planned, stream: Any) -> SlideOutcome:
-        """Run the model over one slide's batches and write its bag; any per-slide problem becomes ``failed``."""
+    # -- one slide (writer thread) ---------------------------------------------------------------------------
+    def write_slide(self, job: WriteJob) -> SlideOutcome:
+        """A finished slide's features to the host, its .pt and bag; its outcome (``done``, ``no_tissue``, or
+        ``failed`` for a problem of this slide's outputs). A whole-run error (OUT full) is raised."""
+        planned = job.planned
         entry, plan = planned.entry, planned.plan
-        assert plan is not None and self.patches is not None
-        t_read = time.monotonic()
+        assert plan is not None
         try:
-            features, keep = embed_slide(len(plan), stream, self.encoder, self.feeder, self.patches)
-            bag = write_outputs(entry, self.layout, plan, features, keep, self.encoder, self.settings,
-                                int(stream.n_bad))
+            if job.features is None:  # no tissue: a valid empty bag (0, D)
+                features, keep = np.zeros((0, self.encoder.feature_dim), np.float32), np.zeros(0, bool)
+            else:
+                features, keep = collect_features(job)
+            bag = write_outputs(entry, self.layout, plan, features, keep, self.encoder, self.settings, job.n_bad)
         except Exception as exc:  # noqa: BLE001 - per-slide failure, one line
+            if is_whole_run(exc):
+                raise
             if self.settings.tile.debug:
-                log.exception("extracting %s failed", entry.path)
-            return SlideOutcome.failed(entry, reason_of(exc), seconds=round(time.monotonic() - planned.t0, 3))
+                log.exception("writing %s failed", entry.path)
+            what = "writing the empty bag: " if job.features is None else ""
+            return SlideOutcome.failed(entry, what + reason_of(exc), seconds=round(time.monotonic() - planned.t0, 3))
+        seconds = round(time.monotonic() - planned.t0, 3)
+        if job.features is None:
+            return SlideOutcome(entry.slide_id, str(entry.path), "no_tissue", n_patches=0, mpp=planned.level0_mpp,
+                                seconds=seconds)
         kept = int(keep.sum())
         extra: dict[str, Any] = {"bag": str(bag)}
-        if stream.n_bad:
-            extra["bad_patches"] = stream.bad_reasons[:5]
+        if job.n_bad:
+            extra["bad_patches"] = job.bad_reasons[:5]
         return SlideOutcome(entry.slide_id, str(entry.path), "done", n_patches=kept, mpp=planned.level0_mpp,
-                            seconds=round(time.monotonic() - planned.t0, 3),
-                            patches_per_s=round(kept / max(time.monotonic() - t_read, 1e-9), 2),
-                            n_bad_patches=int(stream.n_bad), extra=extra)
+                            seconds=seconds, patches_per_s=round(kept / max(job.read_seconds, 1e-9), 2),
+                            n_bad_patches=int(job.n_bad), extra=extra)
+
+
+@contextmanager
+def summary_on_stop(runner: SlideRunner) -> Iterator[None]:
+    """A run that stops early still ends with its summary (JSONL event and line), from the moment the model starts
+    loading: after Ctrl-C/SIGTERM (re-raised: exit 130/143) and after a whole-run error (re-raised as
+    :class:`RunError`: exit 3, :mod:`mstar_extract.pipeline.whole_run`)."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        runner.close(interrupted=exc)
+        raise
+    except Exception as exc:
+        err = whole_run_error(exc, escaped=True)
+        if err is None:
+            raise
+        runner.close(run_error=err)
+        if err is exc:
+            raise
+        raise err from exc
 
 
 def check_before_work(entries: Sequence[Any], out_dir: str | os.PathLike[str] | OutLayout,
@@ -426,25 +518,34 @@ def run_extract(
     overwrite: bool = False,
     on_error: str = "skip",
     encoder: Any = None,
+    failed_code: int = EXIT_FAILED,
 ) -> int:
-    """Extract features for ``entries`` into ``out_dir``; returns the exit code (0, or 1 if any slide failed).
+    """Extract features for ``entries`` into ``out_dir``; returns the exit code (0, or ``failed_code`` if any slide
+    failed: 1, or 0 for a torchrun rank, see :mod:`mstar_extract.pipeline.launch`).
 
     Before any slide is touched: the slide ids and OUT's settings record are checked (UsageError, nothing
     written), then the model and its weights are resolved (missing weights stop the run with one WeightsError
-    message); then OUT records this run's settings and :class:`ExtractRun` does the work.
+    message); then OUT records this run's settings and :class:`ExtractRun` does the work. A whole-run error
+    raises :class:`RunError` (exit 3) after the summary.
     """
     from mstar_extract.models import Encoder
     from mstar_extract.pipeline.record import run_record
 
     reporter = reporter or Reporter()
     layout = check_before_work(entries, out_dir, settings, overwrite)
-    if encoder is None:
-        encoder = Encoder.create(settings.model, settings.weights, device=settings.device, precision=settings.precision,
-                                 compile=settings.compile, cache_dir=settings.cache_dir, token=settings.token)
-    run = ExtractRun(entries, layout, settings, encoder, reporter, overwrite=overwrite, on_error=on_error)
-    reporter.info(f"model {encoder.name} ({encoder.weights.description}) on {encoder.device}, {encoder.precision}, "
-                  f"batch {run.batch_size}, {settings.workers} reader worker(s)")
-    # temp files of other hosts' live jobs sharing OUT (cluster file system) are kept until older than the lock timeout
-    prepare_out(entries, layout, run_record(settings.tile, settings, encoder.weights_sha256), overwrite,
-                settings.lock_timeout)
-    return run.run()
+    runner = SlideRunner(layout.root, reporter, total=len(entries), command="extract",
+                         lock_timeout=settings.lock_timeout, failed_code=failed_code)
+    with summary_on_stop(runner):
+        if encoder is None:
+            encoder = Encoder.create(settings.model, settings.weights, device=settings.device,
+                                     precision=settings.precision, compile=settings.compile,
+                                     cache_dir=settings.cache_dir, token=settings.token)
+        run = ExtractRun(entries, layout, settings, encoder, reporter, overwrite=overwrite, on_error=on_error,
+                         runner=runner)
+        reporter.info(f"model {encoder.name} ({encoder.weights.description}) on {encoder.device}, "
+                      f"{encoder.precision}, batch {run.batch_size}, {settings.workers} reader worker(s)")
+        # temp files of other hosts' live jobs sharing OUT (a cluster file system) are kept until older than the
+        # lock timeout
+        prepare_out(entries, layout, run_record(settings.tile, settings, encoder.weights_sha256), overwrite,
+                    settings.lock_timeout)
+        return run.run()

@@ -10,6 +10,12 @@
 
 Every extraction process sets its own CUDA device once (:func:`bind_device`), so nothing lands on cuda:0.
 
+Exit codes. torchrun stops every rank as soon as one rank exits non-zero, so a rank whose only problems were
+per-slide failures (recorded in the manifest) exits **0**, and the other ranks go on; ``mstar status OUT``
+reports the failures and exits 1. With ``--on-error fail`` a failure still exits 1 (stopping the job is what
+was asked), and a whole-run error exits 3 (that rank's node cannot go on; torchrun stops the others, which
+release their locks). Outside torchrun a failed slide gives exit 1 (a single process, ``--devices``).
+
 Per-slide locks keep every slide to one process even when these are combined with ``--shard`` and other jobs.
 """
 
@@ -22,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mstar_extract.console import Reporter, setup_logging
-from mstar_extract.errors import EXIT_FAILED, EXIT_OK, MstarError, first_line
+from mstar_extract.errors import EXIT_FAILED, EXIT_OK, EXIT_RUN, MstarError, RunError, first_line
 from mstar_extract.pipeline.extract_job import ExtractSettings, run_extract
 
 
@@ -60,6 +66,9 @@ def _device_main(entries: list[Any], out: str, settings: ExtractSettings, verbos
         bind_device(settings.device)
         with sigterm_as_interrupt():  # the parent's terminate(): release this process's locks, then exit
             code = run_extract(entries, out, settings, reporter, overwrite=overwrite, on_error=on_error)
+    except RunError as exc:  # a whole-run error (cli.common.run_guarded does the same)
+        reporter.error(str(exc), exc)
+        code = EXIT_RUN
     except MstarError as exc:
         reporter.error(str(exc), exc)
         code = EXIT_FAILED
@@ -79,6 +88,7 @@ def launch_extract(entries: Sequence[Any], out: str | os.PathLike[str], settings
     from mstar_extract.sharding import torchrun_rank
 
     info = torchrun_rank()
+    failed_code = EXIT_FAILED
     if info is not None and not devices:
         import torch
 
@@ -91,11 +101,14 @@ def launch_extract(entries: Sequence[Any], out: str | os.PathLike[str], settings
         reporter.info(f"torchrun rank {info.rank}/{info.world_size}: {len(entries)} slide(s) on {settings.device}, "
                       f"{settings.workers} reader worker(s) ({available_cpus()} CPUs shared by {local_ranks()} "
                       f"local rank(s))")
+        if on_error != "fail":  # a failed slide must not make torchrun stop the other ranks (module docstring)
+            failed_code = EXIT_OK
     if not devices or len(devices) == 1:
         if devices:
             settings = replace(settings, device=devices[0])
         with sigterm_as_interrupt():
-            return run_extract(entries, out, settings, reporter, overwrite=overwrite, on_error=on_error)
+            return run_extract(entries, out, settings, reporter, overwrite=overwrite, on_error=on_error,
+                               failed_code=failed_code)
 
     from mstar_extract.pipeline.extract_job import check_before_work
     from mstar_extract.sharding import device_share
@@ -125,5 +138,12 @@ def launch_extract(entries: Sequence[Any], out: str | os.PathLike[str], settings
     from mstar_extract.manifest import merge_manifest
 
     merge_manifest(out)
-    codes = [p.exitcode for p in procs]
-    return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED
+    return combined_exit_code([p.exitcode for p in procs])
+
+
+def combined_exit_code(codes: Sequence[int | None]) -> int:
+    """The exit code of ``--devices`` from its processes': 0 when all are 0, 3 when one stopped with a whole-run
+    error, else 1."""
+    if all(c == 0 for c in codes):
+        return EXIT_OK
+    return EXIT_RUN if EXIT_RUN in codes else EXIT_FAILED

@@ -10,21 +10,29 @@ Used by ``mstar tile`` and ``mstar extract``; the command owns the loop::
         runner.finish(outcome)               # manifest row + final event + stderr line on failure + progress
     return runner.close()                    # merged manifest, "summary" event, summary line, exit code
 
+``begin`` and ``finish`` may run on different threads (``mstar extract`` records outcomes on its writer thread,
+:mod:`mstar_extract.pipeline.writer`): the runner's state and its output are guarded by one lock.
+
 JSONL events (stable field names; documented in the README): ``started`` {slide_id, path, command};
 ``done`` / ``skipped`` / ``no_tissue`` / ``failed`` {slide_id, path, status, n_patches, seconds, error, mpp,
 command}; ``summary`` {command, total, counts{done, skipped, no_tissue, failed}, seconds, exit_code, out_dir,
-and ``interrupted: true`` after Ctrl-C/SIGTERM}. Full schema: docs/cli-events.md.
+and ``interrupted: true`` after Ctrl-C/SIGTERM, ``error`` after a whole-run error}. Full schema: docs/cli-events.md.
+
+Exit codes: 0, 1 when a slide failed (``failed_code``: 0 for a torchrun rank, whose per-slide failures are in the
+manifest, so that one bad slide does not make torchrun stop the other ranks), 3 after a whole-run error, 130/143
+after a signal.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mstar_extract.console import Progress, Reporter
-from mstar_extract.errors import EXIT_FAILED, EXIT_OK
+from mstar_extract.errors import EXIT_FAILED, EXIT_OK, EXIT_RUN
 from mstar_extract.manifest import STATUSES, ManifestRow, ManifestWriter, SlideRecord
 from mstar_extract.store.layout import OutLayout
 
@@ -55,8 +63,10 @@ class SlideRunner:
     """Bookkeeping for one command invocation over ``total`` slides writing into ``out_dir``."""
 
     def __init__(self, out_dir: str | Path, reporter: Reporter, total: int, command: str,
-                 lock_timeout: float | None = None, locks: bool = True) -> None:
+                 lock_timeout: float | None = None, locks: bool = True, failed_code: int = EXIT_FAILED) -> None:
         self.out_dir = Path(out_dir)
+        self.failed_code = failed_code
+        """The exit code when slides failed (and nothing worse happened): 1, or 0 for a torchrun rank."""
         self.lock_timeout = lock_timeout
         self.use_locks = locks
         self.reporter = reporter
@@ -70,6 +80,7 @@ class SlideRunner:
         self._manifest: ManifestWriter | None = None
         self._progress: Progress | None = None
         self._closed = False
+        self._lock = threading.RLock()
 
     # -- lifecycle ------------------------------------------------------------------------------------
     @property
@@ -101,40 +112,45 @@ class SlideRunner:
 
     def release(self, slide_id: str) -> None:
         """Give up ownership of a slide taken by :meth:`claim` (deletes its lock file)."""
-        self._active.pop(slide_id, None)
-        lock = self._locks.pop(slide_id, None)
+        with self._lock:
+            self._active.pop(slide_id, None)
+            lock = self._locks.pop(slide_id, None)
         if lock is not None:
             lock.release()
 
     def release_all(self) -> None:
         """Give up every slide this process still holds (the run ends early, by any exception)."""
-        for slide_id in list(self._active) + list(self._locks):
+        with self._lock:
+            held = list(self._active) + list(self._locks)
+        for slide_id in held:
             self.release(slide_id)
 
     def begin(self, entry: Any) -> bool:
         """Announce ``entry`` ("started" event) if this process may work on it; False means skip it silently
         (another process owns it — the caller may record it as skipped with :meth:`finish`)."""
-        _ = self.progress  # the bar appears with the first slide
-        if not self.claim(entry):
-            return False
-        self._active[str(entry.slide_id)] = entry
-        self.reporter.event("started", slide_id=str(entry.slide_id), path=str(entry.path), command=self.command)
+        with self._lock:
+            _ = self.progress  # the bar appears with the first slide
+            if not self.claim(entry):
+                return False
+            self._active[str(entry.slide_id)] = entry
+            self.reporter.event("started", slide_id=str(entry.slide_id), path=str(entry.path), command=self.command)
         return True
 
     def finish(self, outcome: SlideOutcome) -> None:
         """Record how a slide ended: manifest row, final event, one stderr line if it failed, progress."""
-        self.outcomes.append(outcome)
-        self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
-        try:
-            self.manifest.add(outcome.to_row())
-        finally:
-            self.release(outcome.slide_id)
-        fields = {k: v for k, v in asdict(outcome).items() if k != "extra"}
-        self.reporter.event(outcome.status, **fields, command=self.command, **outcome.extra)
-        if outcome.status == "failed":
-            self.reporter.error(f"{outcome.path}: {outcome.error or 'failed'}")
-        self.progress.update(1)
-        self.progress.set_postfix(self._postfix())
+        with self._lock:
+            try:
+                self.manifest.add(outcome.to_row())
+            finally:
+                self.release(outcome.slide_id)
+            self.outcomes.append(outcome)  # counted once its row is written (a full disk: not counted)
+            self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
+            fields = {k: v for k, v in asdict(outcome).items() if k != "extra"}
+            self.reporter.event(outcome.status, **fields, command=self.command, **outcome.extra)
+            if outcome.status == "failed":
+                self.reporter.error(f"{outcome.path}: {outcome.error or 'failed'}")
+            self.progress.update(1)
+            self.progress.set_postfix(self._postfix())
 
     def _postfix(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in self.counts.items() if v)
@@ -143,35 +159,56 @@ class SlideRunner:
     def n_failed(self) -> int:
         return self.counts.get("failed", 0)
 
-    def close(self, interrupted: BaseException | None = None) -> int:
+    def close(self, interrupted: BaseException | None = None, run_error: BaseException | None = None) -> int:
         """Merge the manifest, emit the "summary" event and one human summary line; return the exit code.
 
         ``interrupted``: the KeyboardInterrupt (Ctrl-C, or SIGTERM as :class:`mstar_extract.locks.Terminated`)
         that ends the run early; the summary then carries ``"interrupted": true`` and the exit code the process
-        will have (130, or 128 + the signal number)."""
-        if self._closed:
-            return EXIT_FAILED if self.n_failed else EXIT_OK
-        self._closed = True
+        will have (130, or 128 + the signal number). ``run_error``: the whole-run error
+        (:class:`mstar_extract.errors.RunError`) that stopped the run; the summary carries its line as ``error``
+        and exit code 3 (the caller prints the error line itself)."""
+        with self._lock:
+            if self._closed:
+                return self._code(None, None)
+            self._closed = True
         if self._progress is not None:
             self._progress.close()
         self.release_all()
         if self._manifest is not None or self.outcomes:
-            self.manifest.merge()
-        code = EXIT_FAILED if self.n_failed else EXIT_OK
-        if interrupted is not None:
-            signum = getattr(interrupted, "signum", None)
-            code = 128 + int(signum) if signum else 130
+            try:
+                self.manifest.merge()
+            except OSError:
+                if run_error is None:
+                    raise  # after a whole-run error (a full disk) the part files hold the rows; status merges them
+        code = self._code(interrupted, run_error)
         seconds = time.monotonic() - self._start
-        extra = {"interrupted": True} if interrupted is not None else {}
+        extra: dict[str, Any] = {"interrupted": True} if interrupted is not None else {}
+        if run_error is not None:
+            extra["error"] = str(run_error)
         self.reporter.event("summary", command=self.command, total=self.total, counts=dict(self.counts),
                             seconds=round(seconds, 3), exit_code=code, out_dir=str(self.out_dir), **extra)
-        done = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.counts.items() if v) or "nothing to do"
+        self._summary_line(code, seconds, interrupted, run_error)
+        return code
+
+    def _code(self, interrupted: BaseException | None, run_error: BaseException | None) -> int:
         if interrupted is not None:
-            done = (done + ", " if self.counts and any(self.counts.values()) else "") + "interrupted"
+            signum = getattr(interrupted, "signum", None)
+            return 128 + int(signum) if signum else 130
+        if run_error is not None:
+            return EXIT_RUN
+        return self.failed_code if self.n_failed else EXIT_OK
+
+    def _summary_line(self, code: int, seconds: float, interrupted: BaseException | None,
+                      run_error: BaseException | None) -> None:
+        done = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.counts.items() if v)
+        stop = "interrupted" if interrupted is not None else ("stopped by a whole-run error" if run_error else "")
+        done = ", ".join(x for x in (done, stop) if x) or "nothing to do"
         patches = sum(o.n_patches or 0 for o in self.outcomes)
-        line = f"{self.command}: {len(self.outcomes)}/{self.total} slides ({done}); {patches} patches; {seconds:.1f} s; manifest: {OutLayout(self.out_dir).manifest}"
-        if code:
+        line = (f"{self.command}: {len(self.outcomes)}/{self.total} slides ({done}); {patches} patches; "
+                f"{seconds:.1f} s; manifest: {OutLayout(self.out_dir).manifest}")
+        if self.n_failed and code == EXIT_OK:
+            line += "; exit 0 as a torchrun rank ('mstar status OUT' reports the failures, exit 1)"
+        if code or self.n_failed:
             self.reporter.warn(line)
         else:
             self.reporter.info(line)
-        return code

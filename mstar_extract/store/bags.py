@@ -10,8 +10,9 @@ Conventions:
   ``target_magnification`` when tiling by mpp) is stored as NaN; :func:`read_bag` gives ``None`` back.
 * ``settings`` (segmentation/tiling settings) is a JSON string; :func:`read_bag` decodes it.
 * ``complete = 1`` is the last attr written before the file is closed and renamed into place (files are
-  written through :func:`mstar_extract.store.atomic.atomic_path`, so a reader never sees a partial bag; the
-  marker also rejects files produced by a writer that was not atomic).
+  built in memory and written through :func:`mstar_extract.store.atomic.atomic_hdf5`, so a reader never sees a
+  partial bag and a full disk is one plain ``OSError``; the marker also rejects files produced by a writer that
+  was not atomic).
 * An empty bag ``(0, D)`` is valid: the slide had no tissue.
 """
 
@@ -29,7 +30,7 @@ import numpy as np
 
 from mstar_extract import __version__
 from mstar_extract.errors import first_line
-from mstar_extract.store.atomic import atomic_path
+from mstar_extract.store.atomic import atomic_hdf5, write_bytes_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from mstar_extract.tiling import ReadPlan
@@ -182,9 +183,8 @@ def write_bag(
     coords_attrs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a feature bag atomically; ``attrs`` must hold every :data:`REQUIRED_ROOT_ATTRS` except
-    ``mstar_extract_version``/``created`` (filled in). Returns the final path."""
-    import h5py
-
+    ``mstar_extract_version``/``created`` (filled in). Returns the final path. A full or read-only disk raises
+    one ``OSError`` (see :func:`mstar_extract.store.atomic.disk_problem`)."""
     if dtype not in FEATURE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
     feats = np.asarray(features, dtype=FEATURE_DTYPES[dtype])
@@ -208,21 +208,20 @@ def write_bag(
 
     n, d = feats.shape
     final = Path(path)
-    with atomic_path(final) as tmp:
-        with h5py.File(tmp, "w") as f:
-            if n:
-                rows = chunk_rows(n, d, feats.dtype.itemsize)
-                f.create_dataset("features", data=feats, chunks=(rows, d))
-                f.create_dataset("coords", data=xy, chunks=(min(n, 65536), 2))
-            else:
-                f.create_dataset("features", shape=(0, d), dtype=feats.dtype)
-                f.create_dataset("coords", shape=(0, 2), dtype=np.int64)
-            for k, v in c_attrs.items():
-                f["coords"].attrs[k] = _to_attr(v)
-            for k, v in root.items():
-                f.attrs[k] = _to_attr(v)
-            f.attrs["n_patches"] = int(n)
-            f.attrs[COMPLETE_ATTR] = 1
+    with atomic_hdf5(final) as f:
+        if n:
+            rows = chunk_rows(n, d, feats.dtype.itemsize)
+            f.create_dataset("features", data=feats, chunks=(rows, d))
+            f.create_dataset("coords", data=xy, chunks=(min(n, 65536), 2))
+        else:
+            f.create_dataset("features", shape=(0, d), dtype=feats.dtype)
+            f.create_dataset("coords", shape=(0, 2), dtype=np.int64)
+        for k, v in c_attrs.items():
+            f["coords"].attrs[k] = _to_attr(v)
+        for k, v in root.items():
+            f.attrs[k] = _to_attr(v)
+        f.attrs["n_patches"] = int(n)
+        f.attrs[COMPLETE_ATTR] = 1
     return final
 
 
@@ -233,10 +232,12 @@ def write_pt(path: str | os.PathLike[str], features: Any) -> Path:
     t = torch.as_tensor(np.asarray(features, dtype=np.float32)).contiguous()
     if t.ndim != 2:
         raise ValueError(f"features must be (N, D), got shape {tuple(t.shape)}")
+    import io
+
     final = Path(path)
-    with atomic_path(final) as tmp:
-        with open(tmp, "wb") as fh:
-            torch.save(t, fh)
+    buf = io.BytesIO()
+    torch.save(t, buf)  # in memory first: a full disk is then one plain OSError from the write
+    write_bytes_atomic(final, buf.getbuffer())
     return final
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from mstar_extract.errors import MstarError, first_line
-from mstar_extract.store.atomic import atomic_path
+from mstar_extract.store.atomic import atomic_buffer
 from mstar_extract.tiling import ReadPlan, choose_level
 
 FORMATS = ("trident", "clam")
@@ -98,7 +98,7 @@ def write_coords(
         raise ValueError(f"unknown coords format {fmt!r}; choose from {', '.join(FORMATS)}")
     path = Path(path)
     coords = np.asarray(plan.coords, dtype=np.int64).reshape(-1, 2)
-    with atomic_path(path) as tmp:
+    with atomic_buffer(path) as tmp:  # built in memory: a full disk is one OSError (store.atomic.disk_problem)
         with h5py.File(tmp, "w") as f:
             ds = f.create_dataset("coords", data=coords, maxshape=(None, 2), chunks=(max(1, min(len(coords), 4096)), 2))
             if fmt == "trident":

@@ -36,7 +36,7 @@ import numpy as np
 from mstar_extract.console import Progress, Reporter
 from mstar_extract.errors import EXIT_FAILED, RunError, first_line, reason_of
 from mstar_extract.pipeline.runner import SlideOutcome, SlideRunner
-from mstar_extract.pipeline.whole_run import is_whole_run, whole_run_error
+from mstar_extract.pipeline.whole_run import is_whole_run, whole_run_error, whole_run_reason
 from mstar_extract.pipeline.writer import HostFeatures, SlideWriter, WriteJob
 from mstar_extract.pipeline.tile_job import (
     TileSettings, check_slide_ids, layout_for, open_with_resolution, prepare_out, segment_and_plan, write_tile_outputs,
@@ -306,9 +306,9 @@ class ExtractRun:
         except Exception as exc:  # noqa: BLE001 - nothing here is about a slide
             if self.settings.tile.debug:
                 log.exception("warm-up batch failed")
-            err = whole_run_error(exc)
-            raise RunError(f"warm-up batch of {self.batch_size} patches on {self.encoder.device} failed: "
-                           f"{err if err is not None else first_line(exc, with_type=True)}") from exc
+            reason = whole_run_reason(exc) or first_line(exc, with_type=True)
+            raise RunError(f"warm-up batch of {self.batch_size} patches on {self.encoder.device} failed: {reason} "
+                           "(no slide was touched)") from exc
         self.warm = True
         log.info("warm-up batch of %d patches: %.2f s%s", self.batch_size, seconds,
                  " (compiled)" if self.encoder.compile else "")

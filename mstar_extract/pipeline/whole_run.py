@@ -25,13 +25,13 @@ LEFT_FOR_NEXT = "finished slides are kept, the others are left for the next run"
 _PERMISSION = (errno.EACCES, errno.EPERM)
 
 
-def whole_run_error(exc: BaseException, escaped: bool = False) -> RunError | None:
-    """The :class:`RunError` to stop the run with when ``exc`` is not about one slide, else None.
+def whole_run_reason(exc: BaseException, escaped: bool = False) -> str | None:
+    """One line saying why ``exc`` is not about one slide, else None.
 
     ``escaped``: ``exc`` came out of the run's own bookkeeping (locks, manifest, settings record), not out of one
     slide's work; a permission error on OUT counts then too."""
     if isinstance(exc, RunError):
-        return exc
+        return str(exc)
     from mstar_extract.store.atomic import disk_problem
 
     reason = disk_problem(exc)
@@ -42,9 +42,18 @@ def whole_run_error(exc: BaseException, escaped: bool = False) -> RunError | Non
         from mstar_extract.models.encoder import device_problem
 
         reason = device_problem(exc)
+    return reason
+
+
+def whole_run_error(exc: BaseException, escaped: bool = False) -> RunError | None:
+    """The :class:`RunError` to stop the run with when ``exc`` is not about one slide (:func:`whole_run_reason`),
+    else None; ``exc`` itself when it is one already."""
+    if isinstance(exc, RunError):
+        return exc
+    reason = whole_run_reason(exc, escaped)
     return None if reason is None else RunError(f"{reason} ({LEFT_FOR_NEXT})")
 
 
 def is_whole_run(exc: BaseException) -> bool:
-    """Whether a slide's error must stop the whole run (:func:`whole_run_error`)."""
-    return whole_run_error(exc) is not None
+    """Whether a slide's error must stop the whole run (:func:`whole_run_reason`)."""
+    return whole_run_reason(exc) is not None

@@ -68,29 +68,24 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         if tmp.exists():
             with open(tmp, "rb+") as fh:
-                try:
-                    os.fsync(fh.fileno())  # a full disk may only tell here (delayed allocation, NFS)
-                except OSError as exc:
-                    raise OSError(exc.errno, exc.strerror, os.fspath(final)) from exc
+                os.fsync(fh.fileno())  # a full disk may only tell here (delayed allocation, NFS)
         os.replace(tmp, final)
         fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass  # never created, or the file system refuses even that (read-only)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, str(tmp)):
+            # name the file the user asked for, not its temp: "cannot write OUT/features/x.h5: ..."
+            raise OSError(exc.errno, exc.strerror, os.fspath(final)) from exc
         raise
 
 
 def write_bytes_atomic(final: str | os.PathLike[str], data: bytes | memoryview) -> None:
     with atomic_path(final) as tmp:
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-        except OSError as exc:
-            if exc.filename is None:  # name the file being written, not its temp: "cannot write OUT/...: ..."
-                raise OSError(exc.errno, exc.strerror, os.fspath(final)) from exc
-            raise
+        with open(tmp, "wb") as fh:
+            fh.write(data)
 
 
 @contextmanager

@@ -400,3 +400,38 @@ def test_devices_split_and_format_pt(six: Path, tmp_path: Path) -> None:
         assert tuple(t.shape) == bag.features.shape and t.shape[1] == 192 and t.shape[0] > 0
         assert np.array_equal(t.numpy(), bag.features)
     assert leftovers(out) == []
+
+
+def test_torchrun_a_bad_slide_on_one_rank_does_not_stop_the_other(tmp_path: Path) -> None:
+    """Rank 0's only slide is an empty file, rank 1's a slide of ~120 patches. Before: rank 0 exited 1 at once,
+    torchrun sent SIGTERM to rank 1 (exit 143, no bag). Now the failure is rank 0's manifest row and its exit
+    code is 0; rank 1 finishes; ``mstar status`` reports the failure and exits 1."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    bad = next(f"bad{i}" for i in range(100) if share_of(f"bad{i}", 2, RANK_SALT) == 0)
+    big = next(f"big{i}" for i in range(100) if share_of(f"big{i}", 2, RANK_SALT) == 1)
+    (slides / f"{bad}.svs").write_bytes(b"")
+    scene = random_scene(4000.0, 3200.0, seed=7, n_blobs=1, holes=False, pen=False, dust=False, faint=False)
+    make_svs(slides / f"{big}.svs", scene, mpp=0.5, magnification=20, levels=(1, 4, 16), associated=False)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *MODULE, *extract_args(slides, out, "--patch-size", "256", "--no-report", "--jsonl")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=mstar_env(_env()), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exitcode" not in r.stderr and "Traceback" not in r.stderr  # torchrun saw no failed rank
+    assert f"{bad}.svs: empty file (0 bytes)" in r.stderr
+    assert "exit 0 as a torchrun rank ('mstar status OUT' reports the failures, exit 1)" in r.stderr
+    events = jsonl(r.stdout)
+    assert {(e["slide_id"], e["status"]) for e in finals(events)} == {(bad, "failed"), (big, "done")}
+    summaries = [e for e in events if e["event"] == "summary"]
+    assert sorted(e["exit_code"] for e in summaries) == [0, 0]
+    assert sorted(e["counts"]["failed"] for e in summaries) == [0, 1]
+    assert validate_bag(out / "features" / f"{big}.h5") is None
+    assert leftovers(out) == []
+    status = run("status", str(out), "--jsonl")
+    assert status.returncode == 1, status.stderr
+    summary = jsonl(status.stdout)[-1]
+    assert summary["counts"]["failed"] == 1 and summary["counts"]["done"] == 1 and summary["complete"] is False
+    # one process (not torchrun): a failed slide still makes the exit code 1
+    alone = run(*extract_args(slides / f"{bad}.svs", tmp_path / "alone", "--no-report"))
+    assert alone.returncode == 1, alone.stderr[-2000:]

@@ -336,3 +336,65 @@ def test_compiled_once_for_the_batch_size_when_a_small_slide_comes_first(tmp_pat
         np.testing.assert_allclose(got.features, want.features, rtol=1e-4, atol=1e-5)
         n[sid] = len(got)
     assert 0 < n["a_small"] < 8 < n["b_large"] and n["b_large"] % 8, n  # a partial batch first, then several
+
+
+# ------------------------------------------------------------------------------------- on a GPU
+def _needs_cuda_and_a_reader() -> None:
+    import importlib
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    for module in ("openslide", "tiffslide"):
+        try:
+            importlib.import_module(module)
+            return
+        except Exception:  # noqa: BLE001 - missing, or its native library is
+            continue
+    pytest.skip("needs openslide-python or tiffslide to read SVS slides (carry their wheels in .whl/)")
+
+
+@pytest.mark.gpu
+def test_cuda_out_of_memory_at_the_batch_size_stops_the_run_at_the_warm_up(two_slides: Path, tmp_path: Path) -> None:
+    """A batch of 400,000 patches cannot fit on any GPU: the warm-up batch fails, exit 3, no slide touched
+    (before: every slide ``failed`` with the same out-of-memory line, exit 1)."""
+    _needs_cuda_and_a_reader()
+    out = tmp_path / "out"
+    r = subprocess.run(mstar_command("extract", two_slides, out, "--model", "timm:vit_tiny_patch16_224", "--weights",
+                                     "random", "--device", "cuda", "--batch-size", "400000", "--workers", "1",
+                                     "--jsonl"), capture_output=True, text=True, env=_env(), timeout=600)
+    _no_noise(r.stderr)
+    assert r.returncode == 3, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("mstar: error:")]
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert "warm-up batch of 400000 patches on cuda:" in errors[0] and "out of memory on the device" in errors[0]
+    assert "use a smaller --batch-size" in errors[0]
+    events = _jsonl(r.stdout)
+    assert [e["event"] for e in events] == ["summary"] and events[0]["exit_code"] == 3
+    assert not (out / ".manifest").exists() and _leftovers(out) == []
+
+
+@pytest.mark.gpu
+def test_features_copied_back_without_a_sync_equal_the_cpu_ones(two_slides: Path, tmp_path: Path) -> None:
+    """The non-blocking copy-back (pinned memory, one CUDA event per slide, 16 batches per copy) gives the same
+    features as the CPU: batch 4, so ~30 batches per slide, several copies, two slides back to back."""
+    _needs_cuda_and_a_reader()
+    from mstar_extract.inputs import resolve_slides
+    from mstar_extract.pipeline.extract_job import ExtractSettings, run_extract
+    from mstar_extract.pipeline.tile_job import TileSettings
+    from mstar_extract.store.bags import read_bag
+    from mstar_extract.tiling import TilingParams
+
+    entries = resolve_slides([str(two_slides)])
+    for device in ("cpu", "cuda"):
+        settings = ExtractSettings(tile=TileSettings(tiling=TilingParams(magnification=20.0, patch_size=256)),
+                                   model="timm:vit_tiny_patch16_224", weights="random", device=device,
+                                   precision="fp32", batch_size=4, workers=1)
+        assert run_extract(entries, tmp_path / device, settings) == 0
+    for sid in ("a", "b"):
+        cpu, gpu = (read_bag(tmp_path / d / "features" / f"{sid}.h5") for d in ("cpu", "cuda"))
+        assert len(cpu) > 64 and np.array_equal(cpu.coords, gpu.coords)
+        scale = float(np.abs(cpu.features).max())
+        assert float(np.abs(gpu.features - cpu.features).max()) < 0.02 * scale, sid  # TF32 convolutions at most
+        assert (np.abs(gpu.features).sum(axis=1) > 0).all()  # no row left unwritten

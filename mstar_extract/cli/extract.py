@@ -47,7 +47,9 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
 
     SLIDES are files, folders (searched recursively), glob patterns, CSV/TXT lists, or '-' for a list on stdin.
     Slides whose bag is already complete are skipped (use --overwrite to redo them); several jobs may share OUT.
-    Exit code 0 when every slide is done/skipped/no-tissue, 1 if any failed, 2 for usage errors or missing weights.
+    Exit code 0 when every slide is done/skipped/no-tissue, 1 if any failed (0 for a torchrun rank: see
+    'mstar status'), 2 for usage errors or missing weights, 3 when a whole-run error stopped the run (OUT full or
+    read-only, GPU out of memory at --batch-size, a CUDA error, a failed --compile).
 
     \b
     Examples:

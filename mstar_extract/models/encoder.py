@@ -147,6 +147,8 @@ class Encoder:
         self.model = model.eval().requires_grad_(False)
         self._forward: Any = self.model
         self._compiled_batch: int | None = None
+        self.warmed_batch: int | None = None
+        """The batch size of the last successful :meth:`warm_up` (None: not warmed up)."""
         self.to(device)
 
     # ---------------------------------------------------------------------------------------- building
@@ -182,6 +184,7 @@ class Encoder:
         self.model.to(self.device, memory_format=torch.channels_last)
         self._forward = self.model
         self._compiled_batch = None
+        self.warmed_batch = None
         if self.compile:
             kw = {"backend": self.compile_backend} if self.compile_backend else {}
             # one static graph: every batch is padded to the warm-up size (embed), so nothing recompiles
@@ -226,6 +229,7 @@ class Encoder:
                             device=self.device)
         self.embed(blank)
         synchronize(self.device)
+        self.warmed_batch = int(batch_size)
         return time.perf_counter() - t0
 
     @torch.inference_mode()

@@ -299,7 +299,8 @@ class ExtractRun:
     def warm_up(self) -> None:
         """One batch of ``batch_size`` blank patches through the model (compiled for that size with ``--compile``):
         what cannot work on this machine at this batch size fails here, once, as a whole-run error."""
-        if self.warm:
+        if self.warm or self.encoder.warmed_batch == self.batch_size:  # (bench extract warms up before its clock)
+            self.warm = True
             return
         try:
             seconds = self.encoder.warm_up(self.batch_size)

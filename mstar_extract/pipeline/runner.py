@@ -174,12 +174,8 @@ class SlideRunner:
         if self._progress is not None:
             self._progress.close()
         self.release_all()
-        if self._manifest is not None or self.outcomes:
-            try:
-                self.manifest.merge()
-            except OSError:
-                if run_error is None:
-                    raise  # after a whole-run error (a full disk) the part files hold the rows; status merges them
+        merge_error = self._merge(stopped=interrupted is not None or run_error is not None)
+        run_error = run_error or merge_error
         code = self._code(interrupted, run_error)
         seconds = time.monotonic() - self._start
         extra: dict[str, Any] = {"interrupted": True} if interrupted is not None else {}
@@ -188,7 +184,25 @@ class SlideRunner:
         self.reporter.event("summary", command=self.command, total=self.total, counts=dict(self.counts),
                             seconds=round(seconds, 3), exit_code=code, out_dir=str(self.out_dir), **extra)
         self._summary_line(code, seconds, interrupted, run_error)
+        if merge_error is not None:  # the run's own end could not be written: exit 3 (after the summary)
+            raise merge_error
         return code
+
+    def _merge(self, stopped: bool) -> BaseException | None:
+        """Merge the manifest parts into ``OUT/manifest.csv``; a full or read-only OUT is returned as the
+        RunError that ends the run (after a stop it is ignored: the part files hold the rows, status merges them)."""
+        if self._manifest is None and not self.outcomes:
+            return None
+        try:
+            self.manifest.merge()
+        except OSError as exc:
+            from mstar_extract.pipeline.whole_run import whole_run_error
+
+            err = whole_run_error(exc, escaped=True)
+            if err is None:
+                raise
+            return None if stopped else err
+        return None
 
     def _code(self, interrupted: BaseException | None, run_error: BaseException | None) -> int:
         if interrupted is not None:

@@ -3,8 +3,9 @@
 more checkouts of mstar, measured interleaved on the same machine.
 
 Builds (once, cached in --slide-dir) four 20x SVS slides with tissue (~1,200 patches of 128 px in all), then
-repeats ``--rounds`` times, for each checkout in turn: ``mstar bench model`` (synthetic batches, ``--seconds``)
-and ``mstar bench extract`` over the slides, each a fresh process of that checkout's code (``PYTHONPATH``).
+repeats ``--rounds`` times, for each checkout in turn: ``mstar bench model`` (synthetic batches, ``--seconds``),
+``mstar bench extract`` over the slides and ``mstar bench model`` again (the model-only figure is the mean of the
+two around the extract), each a fresh process of that checkout's code (``PYTHONPATH``).
 Reports per checkout the medians of both throughputs and of their ratio (the share), with the 1-minute load
 average at each measurement (the machine may be shared). ``bench extract`` leaves out the model's warm-up batch
 where the checkout reports it (``warmup_seconds``), as ``bench model`` leaves out its own; the share with the
@@ -45,8 +46,9 @@ def bench(checkout: Path, args: list[str]) -> dict:
     """One ``mstar bench ... --json`` of ``checkout``'s code, with the load average before it."""
     env = {**os.environ, "PYTHONPATH": str(checkout), "MSTAR_PROGRESS_INTERVAL": "3600"}
     load = os.getloadavg()[0]
+    # cwd: ``python -m`` puts the working folder first on sys.path, before PYTHONPATH
     r = subprocess.run([sys.executable, "-m", "mstar_extract", "bench", *args, "--json", "-q"], capture_output=True,
-                       text=True, env=env, timeout=3600)
+                       text=True, env=env, cwd=checkout, timeout=3600)
     if r.returncode != 0:
         raise SystemExit(f"{checkout}: mstar bench {' '.join(args)} failed:\n{r.stderr[-3000:]}")
     return {**json.loads(r.stdout), "load1": load}
@@ -71,14 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, list[dict]] = {name: [] for name in checkouts}
     for rnd in range(a.rounds):
         for name, path in checkouts.items():
-            model = bench(path, ["model", *common, "--seconds", str(a.seconds)])
+            before = bench(path, ["model", *common, "--seconds", str(a.seconds)])
             ext = bench(path, ["extract", str(slides), *common, "--workers", str(a.workers), "--patch-size", "128"])
+            after = bench(path, ["model", *common, "--seconds", str(a.seconds)])
+            model_pps = (before["patches_per_s"] + after["patches_per_s"]) / 2  # around the extract: less drift
             warm = ext.get("warmup_seconds") or 0.0
-            row = {"round": rnd, "model_pps": model["patches_per_s"], "extract_pps": ext["patches_per_s"],
-                   "share": ext["patches_per_s"] / model["patches_per_s"], "n_patches": ext["n_patches"],
+            row = {"round": rnd, "model_pps": model_pps, "extract_pps": ext["patches_per_s"],
+                   "share": ext["patches_per_s"] / model_pps, "n_patches": ext["n_patches"],
                    "extract_s": ext["seconds"], "warmup_s": warm,
-                   "share_with_warmup": ext["n_patches"] / (ext["seconds"] + warm) / model["patches_per_s"],
-                   "load1": (model["load1"] + ext["load1"]) / 2}
+                   "share_with_warmup": ext["n_patches"] / (ext["seconds"] + warm) / model_pps,
+                   "load1": (before["load1"] + ext["load1"] + after["load1"]) / 3}
             rows[name].append(row)
             print(json.dumps({"checkout": name, **row}), file=sys.stderr, flush=True)
     summary = {name: {k: statistics.median(r[k] for r in rs) for k in

@@ -227,9 +227,10 @@ def test_good_and_broken_inputs(fixture_slides, tmp_path: Path) -> None:
     listing = tmp_path / "more.csv"
     listing.write_text(f"path,slide_id\n{tmp_path / 'nowhere' / 'missing.svs'},missing\n")
     out = tmp_path / "out"
-    r = run_cli("extract", str(folder), str(listing), str(out), *FAST, "--mpp-override", "0.5")
+    r = run_cli("extract", str(folder), str(listing), str(out), *FAST, "--mpp-override", "0.5", "--jsonl")
     assert r.returncode == 1, r.stderr
-    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    assert "Traceback" not in r.stderr
+    assert_one_order(events(r.stdout), out)
     rows = manifest(out)
     bad = ("empty", "text", "truncated", "corrupt_tile", "missing")
     assert {k: v["status"] for k, v in rows.items()} == {"svs20": "done", **{b: "failed" for b in bad}}
@@ -261,6 +262,22 @@ def test_good_and_broken_inputs(fixture_slides, tmp_path: Path) -> None:
     assert len(bag) == int(row["n_patches"]) > 0
     assert not ((bag.coords[:, 0] == px) & (bag.coords[:, 1] == py)).any()  # the bad patch is not in the bag
     assert bag.attrs["n_bad_patches"] == int(row["n_bad_patches"])
+
+
+def assert_one_order(evts: list[dict], out: Path) -> None:
+    """Outcomes are recorded by the writer thread (pipeline/writer.py), those decided on the main thread too:
+    each slide's ``started`` comes before its one final event, the ``summary`` is last, and the manifest part
+    holds the rows in the order of the final events."""
+    finals = [e for e in evts if e["event"] in ("done", "skipped", "no_tissue", "failed")]
+    assert evts[-1]["event"] == "summary" and [e["event"] for e in evts].count("summary") == 1
+    order = [e["slide_id"] for e in finals]
+    assert len(order) == len(set(order)) == evts[-1]["total"]
+    for e in finals:
+        started = [i for i, x in enumerate(evts) if x["event"] == "started" and x["slide_id"] == e["slide_id"]]
+        assert all(i < evts.index(e) for i in started), e["slide_id"]
+    (part,) = (out / ".manifest").glob("*.csv")
+    with open(part, newline="") as fh:
+        assert [row["slide_id"] for row in csv.DictReader(fh)] == order
 
 
 # ------------------------------------------------------------------------------------------------ outputs

@@ -398,3 +398,12 @@ def test_features_copied_back_without_a_sync_equal_the_cpu_ones(two_slides: Path
         scale = float(np.abs(cpu.features).max())
         assert float(np.abs(gpu.features - cpu.features).max()) < 0.02 * scale, sid  # TF32 convolutions at most
         assert (np.abs(gpu.features).sum(axis=1) > 0).all()  # no row left unwritten
+
+
+def test_devices_exit_code_combines_the_device_processes() -> None:
+    from mstar_extract.pipeline.launch import combined_exit_code
+
+    assert combined_exit_code([0, 0]) == 0
+    assert combined_exit_code([0, 1]) == 1  # a slide failed somewhere (outside torchrun: exit 1)
+    assert combined_exit_code([1, 3]) == 3 and combined_exit_code([0, 3]) == 3  # a whole-run error wins
+    assert combined_exit_code([0, -15]) == 1 and combined_exit_code([None, 0]) == 1  # killed / never ended

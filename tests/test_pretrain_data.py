@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mstar_extract.errors import UsageError
-from mstar_extract.pretrain.data import (
+from mstar_extract.pretrain.stage1.data import (
     Stage1Dataset,
     attach_genes,
     bin_expression,
@@ -21,7 +21,7 @@ from mstar_extract.pretrain.data import (
     sample_patch_indices,
     split_records,
 )
-from mstar_extract.pretrain.genes import GeneEncoder, load_gene_embeddings
+from mstar_extract.pretrain.stage1.genes import GeneEncoder, load_gene_embeddings
 
 
 def bag(path: Path, n: int, d: int = 8) -> Path:

@@ -14,13 +14,13 @@ import torch
 
 from mstar_extract.errors import UsageError
 from mstar_extract.pretrain.config import load_config
-from mstar_extract.pretrain.export import export_teacher, load_teacher
-from mstar_extract.pretrain.stage2 import run_stage2
-from mstar_extract.pretrain.stage2_config import AugmentConfig, Stage2Config
-from mstar_extract.pretrain.stage2_data import epoch_units, rank_batches, read_stage2_manifest
-from mstar_extract.pretrain.stage2_toydata import make_stage2_toy_data
-from mstar_extract.pretrain.teacher import compute_targets, read_targets, teacher_sha256
-from mstar_extract.pretrain.transmil import TransMIL
+from mstar_extract.pretrain.stage1.export import export_teacher, load_teacher
+from mstar_extract.pretrain.stage2.train import run_stage2
+from mstar_extract.pretrain.stage2.config import AugmentConfig, Stage2Config
+from mstar_extract.pretrain.stage2.data import epoch_units, rank_batches, read_stage2_manifest
+from mstar_extract.pretrain.stage2.toydata import make_stage2_toy_data
+from mstar_extract.pretrain.stage2.teacher import compute_targets, read_targets, teacher_sha256
+from mstar_extract.pretrain.stage1.transmil import TransMIL
 
 AGG = dict(in_dim=64, dim=32, heads=2, landmarks=8, pinv_iterations=6, residual_conv_kernel=3, dropout=0.0,
            attn_dropout=0.0)
@@ -92,8 +92,8 @@ def test_sharded_targets_split_the_slides_between_ranks(toy: dict, tmp_path: Pat
 def test_ema_never_receives_gradients() -> None:
     from mstar_extract.models.registry import get_spec
     from mstar_extract.pretrain.loop import build_optimizer
-    from mstar_extract.pretrain.stage2_losses import Stage2Loss
-    from mstar_extract.pretrain.student import EmaModel, StudentWithProj, param_groups
+    from mstar_extract.pretrain.stage2.losses import Stage2Loss
+    from mstar_extract.pretrain.stage2.student import EmaModel, StudentWithProj, param_groups
 
     torch.manual_seed(0)
     spec = get_spec("timm:test_vit")
@@ -137,7 +137,7 @@ def test_schedule_is_deterministic_balanced_and_covers_every_patch() -> None:
 
 
 def test_augmentation_is_seeded_and_keeps_uint8_patches() -> None:
-    from mstar_extract.pretrain.stage2_augment import augment_uint8
+    from mstar_extract.pretrain.stage2.augment import augment_uint8
 
     x = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
     cfg = AugmentConfig()
@@ -235,8 +235,8 @@ def test_docs_and_example_configs_match_the_defaults() -> None:
 
 def test_layer_decay_groups_and_distances() -> None:
     from mstar_extract.models.registry import get_spec
-    from mstar_extract.pretrain.stage2_losses import DISTANCES, Stage2Loss
-    from mstar_extract.pretrain.student import StudentWithProj, ema_momentum, param_groups
+    from mstar_extract.pretrain.stage2.losses import DISTANCES, Stage2Loss
+    from mstar_extract.pretrain.stage2.student import StudentWithProj, ema_momentum, param_groups
 
     spec = get_spec("timm:test_vit")
     model = StudentWithProj(spec.build(), spec.feature_dim, 8)

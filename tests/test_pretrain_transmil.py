@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mstar_extract.pretrain.export import (
+from mstar_extract.pretrain.stage1.export import (
     export_mstar,
     export_teacher,
     load_teacher,
     mstar_to_transmil_state,
 )
-from mstar_extract.pretrain.transmil import NystromAttention, TransMIL, moore_penrose_pinv
+from mstar_extract.pretrain.stage1.transmil import NystromAttention, TransMIL, moore_penrose_pinv
 
 
 def small(**kw: int) -> TransMIL:

@@ -125,9 +125,7 @@ def _known(cls: type) -> list[str]:
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict, coercing types; unknown keys are a UsageError."""
-    data = dict(data or {})
-    if not isinstance(data, dict):
-        raise UsageError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    data = dict(data or {})  # callers pass a mapping (load_config and the section check below ensure it)
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -287,7 +285,7 @@ class TrainConfig:
     max_steps: Optional[int] = opt(None, "Stop after this many optimisation steps in total (null = epochs decide).")
     stop_after_steps: Optional[int] = opt(None, "Leave (with a checkpoint) after this many steps of this invocation; the schedule still spans the whole run. For wall-time-limited jobs: resume with --resume auto.")
     batch_size: int = opt(16, "Slides per process per step (global batch = batch_size × world size).")
-    precision: str = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU.", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = opt("auto", "auto = bf16 autocast on GPUs with bf16 hardware (compute capability >= 8.0), fp16 with a GradScaler on older GPUs (V100, T4), fp32 on CPU.", choices=("auto", "bf16", "fp16", "fp32"))
     seed: int = opt(0, "Seed of model init, shuffling and patch sampling (identical on every rank).")
     num_workers: int = opt(4, "DataLoader worker processes per rank.")
     cpu_threads: Optional[int] = opt(None, "torch intra-op threads per process when training on CPU (null = torch's default). 1 is fastest for tiny models on a busy machine.")

@@ -58,7 +58,8 @@ class TargetsInfo:
 
 
 def teacher_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of the teacher file (cached beside it like weights files, keyed by size and mtime)."""
+    """sha256 of the teacher file (cached in the tool's cache folder like weights files, keyed by path, size and
+    mtime; see :func:`mstar_extract.models.weights.sha256_file`)."""
     from mstar_extract.models.weights import sha256_file
 
     return sha256_file(path)
@@ -66,7 +67,7 @@ def teacher_sha256(path: str | os.PathLike[str]) -> str:
 
 def load_teacher(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> torch.nn.Module:
     """The frozen stage-1 aggregator from its export file: eval mode, ``requires_grad=False``, on ``device``."""
-    from mstar_extract.pretrain.export import load_teacher as _load
+    from mstar_extract.pretrain.stage1.export import load_teacher as _load
 
     p = Path(path)
     if not p.is_file():

@@ -1,8 +1,8 @@
 """A generated stage-1 dataset where WSI features, reports and gene expression share a hidden cancer type and grade.
 
-Used by ``examples/pretrain/make_toy_data.py`` and the tests: everything (feature bags in the design §4 format,
-reports, a gene table, a gene list, a tiny BERT model + WordPiece vocabulary saved with ``save_pretrained``) is
-written locally, so nothing is downloaded. Signals are weak and noisy per patch / word / gene, so the models have
+Used by ``examples/pretrain/make_toy_data.py`` and the tests: everything (feature bags in the format of
+:mod:`mstar_extract.store.bags`, reports, a gene table, a gene list, a tiny BERT model + WordPiece vocabulary
+saved with ``save_pretrained``) is written locally, so nothing is downloaded. Signals are weak and noisy per patch / word / gene, so the models have
 to learn to pool them.
 """
 
@@ -50,7 +50,7 @@ def make_tiny_bert(out: str | Path, hidden: int = 32, layers: int = 2, heads: in
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    from mstar_extract.pretrain.text import _quiet_transformers
+    from mstar_extract.pretrain.stage1.text import _quiet_transformers
 
     _quiet_transformers()
 

@@ -1,4 +1,4 @@
-"""TransMIL slide aggregator with Nyström attention (design §6), written for this project.
+"""TransMIL slide aggregator with Nyström attention (docs/pretrain.md, "Model"), written for this project.
 
 Architecture (Shao et al., NeurIPS 2021, as used by mSTAR): ``_fc1`` = Linear(in_dim→dim) + ReLU + Dropout(0.25);
 a CLS token; TransLayer (pre-norm Nyström attention, residual) → PPEG (7/5/3 depth-wise convs on the tokens
@@ -6,7 +6,7 @@ laid out as a square grid) → TransLayer → LayerNorm; the CLS output is the 5
 
 Parameter names follow the module layout of mSTAR's downstream ``TransMIL`` (``_fc1.0``, ``cls_token``,
 ``layer{1,2}.norm``, ``layer{1,2}.attn.to_qkv``, ``.attn.to_out.0``, ``.attn.res_conv``, ``pos_layer.proj{,1,2}``,
-``norm``), so an exported state dict loads there without renaming (see :mod:`mstar_extract.pretrain.export`).
+``norm``), so an exported state dict loads there without renaming (see :mod:`mstar_extract.pretrain.stage1.export`).
 
 Nyström attention (Xiong et al., AAAI 2021): the sequence is front-padded with zeros to a multiple of the
 number of landmarks m; landmarks are segment means of queries and keys; softmax(QK̃ᵀ)·pinv(softmax(Q̃K̃ᵀ))·

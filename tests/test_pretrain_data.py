@@ -175,7 +175,7 @@ def test_gene_embedding_init(tmp_path: Path) -> None:
 def test_gene_encoder_size_at_paper_defaults() -> None:
     enc = GeneEncoder(n_genes=0 or 1, n_bins=51)
     blocks = sum(p.numel() for p in enc.blocks.parameters())
-    assert 0.9e6 < blocks < 1.1e6  # ≈1M parameters (design §6), plus the gene table
+    assert 0.9e6 < blocks < 1.1e6  # ≈1M parameters (the paper; docs/pretrain.md), plus the gene table
 
 
 def test_cli_reports_data_errors_in_one_line(tmp_path: Path) -> None:

@@ -76,7 +76,9 @@ class AmpChoice:
 
     @property
     def name(self) -> str:
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")  # type: ignore[arg-type]
+        if self.dtype == torch.bfloat16:
+            return "bf16"
+        return "fp16" if self.dtype == torch.float16 else "fp32"
 
     @property
     def needs_scaler(self) -> bool:

@@ -14,12 +14,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from mstar_extract.errors import MstarError, first_line
+from mstar_extract.pretrain.stage1.config import AggregatorConfig
 from mstar_extract.pretrain.stage1.transmil import TransMIL, build_transmil
 from mstar_extract.store.atomic import atomic_path
 
@@ -49,10 +49,10 @@ def load_teacher(path: str | Path, map_location: str | torch.device = "cpu") -> 
     obj = load_torch_file(path, "teacher file", map_location)
     if not isinstance(obj, dict) or obj.get("format") != TEACHER_FORMAT:
         raise MstarError(f"{path}: not a stage-1 teacher file (format {obj.get('format') if isinstance(obj, dict) else None!r})")
-    model = build_transmil(SimpleNamespace(**obj["aggregator"]))
     try:
+        model = build_transmil(AggregatorConfig(**obj["aggregator"]))
         model.load_state_dict(obj["state_dict"], strict=True)
-    except RuntimeError as exc:
+    except (TypeError, KeyError, RuntimeError) as exc:
         raise MstarError(f"{path}: teacher weights do not fit its aggregator config ({first_line(exc)})") from None
     model.eval().requires_grad_(False)
     return model

@@ -47,10 +47,13 @@ _MODEL_KEYS = ("aggregator", "text", "genes")
 _FREE = {"text": ("lr_scale", "gradient_checkpointing", "local_files_only"), "aggregator": ("dropout", "attn_dropout"), "genes": ("dropout",)}
 
 
+def _without_free(section: str, values: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (values or {}).items() if k not in _FREE.get(section, ())}
+
+
 def _check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     for key in _MODEL_KEYS:
-        strip = lambda d: {k: v for k, v in (d or {}).items() if k not in _FREE.get(key, ())}  # noqa: E731
-        if strip(saved.get(key)) != strip(current.get(key)):
+        if _without_free(key, saved.get(key)) != _without_free(key, current.get(key)):
             raise UsageError(f"{path}: checkpoint was trained with a different '{key}' config section; use a new --out or the same config")
     for key in ("n_bins", "binning", "gene_list", "max_patches"):
         if saved.get("data", {}).get(key) != current["data"].get(key):

@@ -88,12 +88,12 @@ def run_stage2(cfg: Stage2Config, resume: str | None = None, reporter: Reporter 
     manifest_path, teacher_file = _check(cfg)
     info = D.init_distributed(cfg.dist.device, cfg.dist.backend, cfg.dist.timeout_s)
     try:
-        return _run(_start(cfg, info, reporter, manifest_path, teacher_file), resume)
+        return _run(start_run(cfg, info, reporter, manifest_path, teacher_file), resume)
     finally:
         D.cleanup()
 
 
-def _start(cfg: Stage2Config, info: D.DistInfo, reporter: Reporter, manifest_path: Path, teacher_file: Path) -> Stage2Run:
+def start_run(cfg: Stage2Config, info: D.DistInfo, reporter: Reporter, manifest_path: Path, teacher_file: Path) -> Stage2Run:
     """Run folder and resolved config, the manifest, the teacher's hash (computed on rank 0, shared)."""
     from mstar_extract.pretrain.stage2.data import read_stage2_manifest
     from mstar_extract.pretrain.stage2.teacher import teacher_sha256

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mstar_extract import __version__
-from mstar_extract.errors import MstarError, UsageError
+from mstar_extract.errors import MstarError, UsageError, first_line
 from mstar_extract.store.atomic import atomic_path
 
 log = logging.getLogger("mstar")
@@ -91,7 +91,7 @@ def read_bag_features(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any
     try:
         bag = read_bag(path)
     except (OSError, KeyError) as exc:
-        raise MstarError(f"{path}: not a readable feature bag ({type(exc).__name__}: {exc})") from None
+        raise MstarError(f"{path}: not a readable feature bag ({first_line(exc, with_type=True)})") from None
     feats = np.asarray(bag.features, dtype=np.float32)
     coords = np.asarray(bag.coords, dtype=np.int64).reshape(-1, 2)
     if feats.ndim != 2 or feats.shape[0] != coords.shape[0]:

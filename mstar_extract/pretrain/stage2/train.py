@@ -112,11 +112,11 @@ def _run(run: Stage2Run, resume: str | None) -> Stage2Result:
     from mstar_extract.pretrain.stage2.student import prepare_student_init
 
     resume_path = ckpt.resolve_resume(resume, run.run_dir)
+    state = load_resume_state(run, resume_path)  # a bad or foreign checkpoint stops the run before any work
     # a fresh run checks (or fetches) the student's weights before the targets are computed
-    prepared = prepare_student_init(run.cfg.student.init, run.cfg.student.arch) if resume_path is None else None
+    prepared = prepare_student_init(run.cfg.student.init, run.cfg.student.arch) if state is None else None
     result = Stage2Result(run_dir=run.run_dir, steps=0)
     compute_all_targets(run, result)
-    state = load_resume_state(run, resume_path)
     student = build_student(run, state, prepared)
     dataset = build_batches(run, student)
     loop = build_loop(run, student, dataset)

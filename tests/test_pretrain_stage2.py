@@ -15,12 +15,12 @@ import torch
 from mstar_extract.errors import UsageError
 from mstar_extract.pretrain.config import load_config
 from mstar_extract.pretrain.stage1.export import export_teacher, load_teacher
-from mstar_extract.pretrain.stage2.train import run_stage2
+from mstar_extract.pretrain.stage1.transmil import TransMIL
 from mstar_extract.pretrain.stage2.config import AugmentConfig, Stage2Config
 from mstar_extract.pretrain.stage2.data import epoch_units, rank_batches, read_stage2_manifest
-from mstar_extract.pretrain.stage2.toydata import make_stage2_toy_data
 from mstar_extract.pretrain.stage2.teacher import compute_targets, read_targets, teacher_sha256
-from mstar_extract.pretrain.stage1.transmil import TransMIL
+from mstar_extract.pretrain.stage2.toydata import make_stage2_toy_data
+from mstar_extract.pretrain.stage2.train import run_stage2
 
 AGG = dict(in_dim=64, dim=32, heads=2, landmarks=8, pinv_iterations=6, residual_conv_kernel=3, dropout=0.0,
            attn_dropout=0.0)

@@ -13,8 +13,8 @@ from mstar_extract.console import Reporter
 from mstar_extract.pretrain import stage1
 from mstar_extract.pretrain.checkpoint import list_checkpoints
 from mstar_extract.pretrain.config import load_config
-from mstar_extract.pretrain.stage1.export import load_teacher, mstar_to_transmil_state
 from mstar_extract.pretrain.stage1.config import Stage1Config
+from mstar_extract.pretrain.stage1.export import load_teacher, mstar_to_transmil_state
 from mstar_extract.pretrain.stage1.toydata import make_toy_dataset, toy_overrides
 
 DIM = 16

@@ -12,7 +12,9 @@ key and the known ones; values are coerced to the declared field type (``"1e-4"`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import types
 import typing
 from pathlib import Path
@@ -31,7 +33,7 @@ def opt(default: Any, help: str, choices: Iterable[Any] | None = None, source: s
     """
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "source": source}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return dataclasses.field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -119,6 +121,15 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 # --------------------------------------------------------------------------------------------- dict <-> dataclass
 
 
+def _fields(cls: Any) -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(cls)
+
+
+def _section_type(tp: Any) -> type:
+    """The dataclass type of a nested config section's annotation."""
+    return tp if isinstance(tp, type) else type(tp)
+
+
 def _known(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
@@ -128,7 +139,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     data = dict(data or {})  # callers pass a mapping (load_config and the section check below ensure it)
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in _fields(cls):
         if f.name not in data:
             continue
         value = data.pop(f.name)
@@ -137,7 +148,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         if dataclasses.is_dataclass(tp):
             if value is not None and not isinstance(value, dict):
                 raise UsageError(f"config key '{key}' is a section; give a mapping, not {value!r}")
-            kwargs[f.name] = from_dict(tp, value, key + ".")
+            kwargs[f.name] = from_dict(_section_type(tp), value, key + ".")
         else:
             kwargs[f.name] = coerce(value, tp, key)
     if data:
@@ -238,10 +249,10 @@ def iter_fields(cls: type, prefix: str = "") -> Iterable[tuple[str, Any, dict[st
     """(dotted key, default, metadata) for every leaf field of a config tree."""
     hints = _hints(cls)
     inst = cls()
-    for f in dataclasses.fields(cls):
+    for f in _fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            yield from iter_fields(tp, prefix + f.name + ".")
+            yield from iter_fields(_section_type(tp), prefix + f.name + ".")
         else:
             yield prefix + f.name, getattr(inst, f.name), dict(f.metadata)
 

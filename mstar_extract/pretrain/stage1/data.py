@@ -121,7 +121,8 @@ def split_records(records: list[SlideRecord], train_split: str, val_split: str, 
     """(train, val): by the ``split`` column when any row has one, else a stable hash of slide_id."""
     if any(r.split for r in records):
         return [r for r in records if r.split == train_split], [r for r in records if r.split == val_split]
-    train, val = [], []
+    train: list[SlideRecord] = []
+    val: list[SlideRecord] = []
     for r in records:
         h = int(hashlib.sha1(r.slide_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         (val if h < val_fraction else train).append(r)

@@ -30,7 +30,6 @@ from torch.utils.data import Dataset
 from mstar_extract.errors import MstarError, UsageError, first_line
 from mstar_extract.pretrain.stage2.teacher import SlideEntry, read_targets, targets_path
 
-
 # ----------------------------------------------------------------------------------------------- manifest
 
 

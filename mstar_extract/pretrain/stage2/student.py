@@ -136,7 +136,7 @@ class EmaModel(nn.Module):
         self.module = copy.deepcopy(source)
         self.module.requires_grad_(False)
         if getattr(self.module, "grad_checkpointing", False):  # copied from a checkpointed student: no use without grads
-            self.module.set_grad_checkpointing(False)
+            getattr(self.module, "set_grad_checkpointing")(False)
         self.train(False)
 
     def train(self, mode: bool = True) -> "EmaModel":  # noqa: ARG002 - the EMA never trains
@@ -166,7 +166,10 @@ class EmaModel(nn.Module):
             return cached[1]
         src = dict(source.named_parameters())
         src_buf = dict(source.named_buffers())
-        ema_p, src_p, ema_b, src_b = [], [], [], []
+        ema_p: list[torch.Tensor] = []
+        src_p: list[torch.Tensor] = []
+        ema_b: list[torch.Tensor] = []
+        src_b: list[torch.Tensor] = []
         for name, p in self.module.named_parameters():
             ema_p.append(p)
             src_p.append(src[name].detach())
@@ -208,7 +211,8 @@ def param_groups(
         for g in groups:
             g.setdefault("lr_scale", 1.0)
     else:
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, p in student.named_parameters():
             if not p.requires_grad:
                 continue

@@ -31,6 +31,7 @@ import torch
 
 from mstar_extract import __version__
 from mstar_extract.errors import MstarError, UsageError, first_line
+from mstar_extract.pretrain.stage1.transmil import TransMIL
 from mstar_extract.store.atomic import atomic_path
 
 log = logging.getLogger("mstar")
@@ -65,7 +66,7 @@ def teacher_sha256(path: str | os.PathLike[str]) -> str:
     return sha256_file(path)
 
 
-def load_teacher(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_teacher(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> TransMIL:
     """The frozen stage-1 aggregator from its export file: eval mode, ``requires_grad=False``, on ``device``."""
     from mstar_extract.pretrain.stage1.export import load_teacher as _load
 
@@ -128,7 +129,7 @@ def targets_valid(path: Path, entry: SlideEntry, teacher_hash: str) -> bool:
 
 
 @torch.inference_mode()
-def slide_targets(teacher: torch.nn.Module, features: np.ndarray, device: torch.device | str) -> np.ndarray:
+def slide_targets(teacher: TransMIL, features: np.ndarray, device: torch.device | str) -> np.ndarray:
     """Per-patch contextual embeddings (N, T) float32 of one slide's features (N, D), in float32."""
     x = torch.from_numpy(features).to(device=device, dtype=torch.float32).unsqueeze(0)
     _, patches = teacher.patch_embeddings(x)
@@ -191,7 +192,7 @@ def compute_targets(
     out = Path(targets_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = TargetsInfo(computed=[], reused=[])
-    teacher: torch.nn.Module | None = None
+    teacher: TransMIL | None = None
     for i, entry in enumerate(entries):
         if i % world_size != rank:
             continue

@@ -114,14 +114,16 @@ def train(model: str, batch_size: int | None, steps: int | None, warmup: int, de
     """Stage-2 training throughput: patches/s of the full optimisation step (student + proj + EMA, AdamW).
 
     Random patches already on the device, so slide reading is not included (see `mstar bench read`).
+    Precision auto follows training: bf16 on GPUs with bf16 hardware, fp16 with a GradScaler on older GPUs
+    (one line says so), fp32 on the CPU.
     """
-    from mstar_extract.models.encoder import resolve_device
-    from mstar_extract.pretrain.stage2_bench import bench_train
+    from mstar_extract.pretrain.dist import resolve_device
+    from mstar_extract.pretrain.stage2.bench import bench_train
 
     cuda = resolve_device(device).type == "cuda"
     res = bench_train(model=model, batch_size=batch_size or (64 if cuda else 4), steps=steps or (20 if cuda else 2),
                       warmup=warmup if cuda else min(warmup, 1), device=device, precision=precision,
-                      grad_checkpointing=grad_checkpointing, ema_weight=ema_weight)
+                      grad_checkpointing=grad_checkpointing, ema_weight=ema_weight, reporter=reporter)
     mem = f", peak {res.peak_memory_gb:.1f} GiB" if res.peak_memory_gb is not None else ""
     emit_result(res.to_dict(), as_json, reporter,
                 f"train (stage 2): {res.patches_per_s:.1f} patches/s ({res.model}, batch {res.batch_size}, "

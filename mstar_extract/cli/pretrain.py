@@ -1,6 +1,6 @@
-"""`mstar pretrain --stage {1,2}`: a thin layer over ``mstar_extract.pretrain.stage1/stage2``.
+"""`mstar pretrain --stage {1,2}`: a thin layer over the stage packages ``mstar_extract.pretrain.stage1``/``stage2``.
 
-Contract with a stage module ``mstar_extract.pretrain.stage<N>``: it exposes ``CONFIG_CLASS`` (the root config
+Contract with a stage package ``mstar_extract.pretrain.stage<N>``: it exposes ``CONFIG_CLASS`` (the root config
 dataclass; ``--out`` sets its ``run.out_dir``, ``--init`` its ``student.init``) and ``main(config_object,
 resume=None, reporter=None) -> int``. A missing stage module is exit 2, "stage N is not implemented yet".
 Run it on several processes with ``torchrun --nproc_per_node=G $(which mstar) pretrain ...``.

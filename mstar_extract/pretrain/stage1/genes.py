@@ -1,4 +1,4 @@
-"""RNA-Seq encoder: a small transformer over gene tokens (design §6).
+"""RNA-Seq encoder: a small transformer over gene tokens (docs/pretrain.md, "Model").
 
 Token i = gene-id embedding(i) + expression-bin embedding(bin_i); a learned CLS token is prepended; pre-norm
 transformer blocks use ``torch.nn.functional.scaled_dot_product_attention`` (exact attention where the paper's

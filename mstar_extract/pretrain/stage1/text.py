@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mstar_extract.errors import MstarError, UsageError
+from mstar_extract.errors import MstarError, UsageError, first_line
 
 
 def load_tokenizer(name: str, local_files_only: bool = False) -> Any:
@@ -26,7 +26,7 @@ def load_tokenizer(name: str, local_files_only: bool = False) -> Any:
     try:
         return AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
-        raise MstarError(f"text model '{name}': cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+        raise MstarError(f"text model '{name}': cannot load the tokenizer ({first_line(exc)})") from None
 
 
 def _quiet_transformers() -> None:
@@ -68,7 +68,7 @@ class TextEncoder(nn.Module):
         try:
             self.encoder = AutoModel.from_pretrained(name, local_files_only=local_files_only)
         except (OSError, ValueError) as exc:
-            raise MstarError(f"text model '{name}': cannot load it ({str(exc).splitlines()[0]})") from None
+            raise MstarError(f"text model '{name}': cannot load it ({first_line(exc)})") from None
         hidden = int(getattr(self.encoder.config, "hidden_size"))
         self.proj = nn.Linear(hidden, out_dim)
         self._freeze(trainable_layers, name)

@@ -1,8 +1,8 @@
 """A generated stage-1 dataset where WSI features, reports and gene expression share a hidden cancer type and grade.
 
-Used by ``examples/pretrain/make_toy_data.py`` and the tests: everything (feature bags in the design §4 format,
-reports, a gene table, a gene list, a tiny BERT model + WordPiece vocabulary saved with ``save_pretrained``) is
-written locally, so nothing is downloaded. Signals are weak and noisy per patch / word / gene, so the models have
+Used by ``examples/pretrain/make_toy_data.py`` and the tests: everything (feature bags in the format of
+:mod:`mstar_extract.store.bags`, reports, a gene table, a gene list, a tiny BERT model + WordPiece vocabulary
+saved with ``save_pretrained``) is written locally, so nothing is downloaded. Signals are weak and noisy per patch / word / gene, so the models have
 to learn to pool them.
 """
 
@@ -50,7 +50,7 @@ def make_tiny_bert(out: str | Path, hidden: int = 32, layers: int = 2, heads: in
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    from mstar_extract.pretrain.text import _quiet_transformers
+    from mstar_extract.pretrain.stage1.text import _quiet_transformers
 
     _quiet_transformers()
 
@@ -90,6 +90,70 @@ def _write_bag(path: Path, feats: np.ndarray) -> None:
             f.attrs["feature_dim"] = feats.shape[1]
 
 
+@dataclass
+class _Hidden:
+    """The hidden structure every modality of a toy slide shows: prototypes per cancer type and grade."""
+
+    type_proto: np.ndarray
+    grade_proto: np.ndarray
+    base: np.ndarray
+    type_sets: list[np.ndarray]
+    grade_sets: list[np.ndarray]
+
+
+def _toy_slide(out: Path, i: int, n_types: int, hidden: _Hidden, rng: np.random.Generator, patches: tuple[int, int],
+               signal: float, val_fraction: float, missing_fraction: float) -> tuple[dict[str, str], tuple[str, np.ndarray]]:
+    """One slide: its bag on disk, its report (inline, as a file, or missing), its expression; (manifest row,
+    (sample id, counts))."""
+    t, g = i % n_types, int(rng.integers(3))
+    sid = f"TOY-{i:04d}"
+    n = int(rng.integers(*patches))
+    tumour = rng.random(n) < 0.5
+    feats = rng.normal(size=(n, hidden.type_proto.shape[1]))
+    feats = feats + tumour[:, None] * (0.8 * signal) * (hidden.type_proto[t] + hidden.grade_proto[g])
+    _write_bag(out / "features" / f"{sid}.h5", feats)
+    words = list(rng.choice(FILLER, size=int(rng.integers(8, 16))))
+    words += list(rng.choice(TYPE_WORDS[t], size=2)) + [str(rng.choice(GRADE_WORDS[g])), "differentiated"]
+    rng.shuffle(words)
+    report = " ".join(words)
+    lam = hidden.base.copy()
+    lam[hidden.type_sets[t]] *= 6.0
+    lam[hidden.grade_sets[g]] *= 3.0
+    counts = rng.poisson(lam * rng.uniform(0.5, 2.0)) * (rng.random(len(hidden.base)) > 0.1)
+    sample = f"S{i:04d}"
+    row = {"slide_id": sid, "features": f"features/{sid}.h5", "report": "", "report_path": "", "sample_id": sample,
+           "cancer_type": f"TYPE{t}", "split": "val" if rng.random() < val_fraction else "train"}
+    r = rng.random()
+    if r < missing_fraction:
+        pass  # no report
+    elif r < 0.5:
+        (out / "reports" / f"{sid}.txt").write_text(report + "\n", encoding="utf-8")
+        row["report_path"] = f"reports/{sid}.txt"
+    else:
+        row["report"] = report
+    if rng.random() < missing_fraction:
+        row["sample_id"] = ""
+    return row, (sample, counts)
+
+
+def _write_tables(out: Path, rows: list[dict[str, str]], genes: list[str],
+                  expr: list[tuple[str, np.ndarray]]) -> tuple[Path, Path, Path]:
+    """(manifest.csv, genes.tsv, gene_list.txt) under ``out``."""
+    manifest = out / "manifest.csv"
+    with manifest.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    table = out / "genes.tsv"
+    with table.open("w", encoding="utf-8") as fh:
+        fh.write("sample_id\t" + "\t".join(genes) + "\n")
+        for sample, counts in expr:
+            fh.write(sample + "\t" + "\t".join(str(int(c)) for c in counts) + "\n")
+    gene_list = out / "gene_list.txt"
+    gene_list.write_text("\n".join(genes) + "\n", encoding="utf-8")
+    return manifest, table, gene_list
+
+
 def make_toy_dataset(
     out: str | Path,
     n_slides: int = 120,
@@ -120,49 +184,10 @@ def make_toy_dataset(
     per = max(n_genes // (n_types + 3), 2)
     type_sets = [rng.choice(n_genes, per, replace=False) for _ in range(n_types)]
     grade_sets = [rng.choice(n_genes, per, replace=False) for _ in range(3)]
-    rows, expr = [], []
-    for i in range(n_slides):
-        t, g = i % n_types, int(rng.integers(3))
-        sid = f"TOY-{i:04d}"
-        n = int(rng.integers(*patches))
-        tumour = rng.random(n) < 0.5
-        feats = rng.normal(size=(n, feature_dim)) + tumour[:, None] * (0.8 * signal) * (type_proto[t] + grade_proto[g])
-        _write_bag(out / "features" / f"{sid}.h5", feats)
-        words = list(rng.choice(FILLER, size=int(rng.integers(8, 16))))
-        words += list(rng.choice(TYPE_WORDS[t], size=2)) + [str(rng.choice(GRADE_WORDS[g])), "differentiated"]
-        rng.shuffle(words)
-        report = " ".join(words)
-        lam = base.copy()
-        lam[type_sets[t]] *= 6.0
-        lam[grade_sets[g]] *= 3.0
-        counts = rng.poisson(lam * rng.uniform(0.5, 2.0)) * (rng.random(n_genes) > 0.1)
-        sample = f"S{i:04d}"
-        expr.append((sample, counts))
-        row = {"slide_id": sid, "features": f"features/{sid}.h5", "report": "", "report_path": "", "sample_id": sample,
-               "cancer_type": f"TYPE{t}", "split": "val" if rng.random() < val_fraction else "train"}
-        r = rng.random()
-        if r < missing_fraction:
-            pass  # no report
-        elif r < 0.5:
-            (out / "reports" / f"{sid}.txt").write_text(report + "\n", encoding="utf-8")
-            row["report_path"] = f"reports/{sid}.txt"
-        else:
-            row["report"] = report
-        if rng.random() < missing_fraction:
-            row["sample_id"] = ""
-        rows.append(row)
-    manifest = out / "manifest.csv"
-    with manifest.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    table = out / "genes.tsv"
-    with table.open("w", encoding="utf-8") as fh:
-        fh.write("sample_id\t" + "\t".join(genes) + "\n")
-        for sample, counts in expr:
-            fh.write(sample + "\t" + "\t".join(str(int(c)) for c in counts) + "\n")
-    gene_list = out / "gene_list.txt"
-    gene_list.write_text("\n".join(genes) + "\n", encoding="utf-8")
+    hidden = _Hidden(type_proto, grade_proto, base, type_sets, grade_sets)
+    made = [_toy_slide(out, i, n_types, hidden, rng, patches, signal, val_fraction, missing_fraction)
+            for i in range(n_slides)]
+    manifest, table, gene_list = _write_tables(out, [m[0] for m in made], genes, [m[1] for m in made])
     text_model = out / "tiny_bert"
     if with_text_model:
         make_tiny_bert(text_model)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mstar_extract.slides.base import Slide
 from mstar_extract.tiling import ReadPlan, choose_level
 
 TILE_CACHE_MB = 32
@@ -20,12 +21,12 @@ TILE_CACHE_MB = 32
 memory of workers x open slides."""
 
 
-def plan_for_coords(slide: object, coords: np.ndarray, patch_size_level0: int, patch_size: int | None) -> ReadPlan:
+def plan_for_coords(slide: Slide, coords: np.ndarray, patch_size_level0: int, patch_size: int | None) -> ReadPlan:
     """A read plan for ``coords`` on an open slide (``patch_size`` = target px; None = read at level 0)."""
     ds = patch_size_level0 / patch_size if patch_size else 1.0
-    level = choose_level(slide.level_downsamples, ds)  # type: ignore[attr-defined]
-    level_ds = float(slide.level_downsamples[level])  # type: ignore[attr-defined]
-    w0, h0 = slide.dimensions  # type: ignore[attr-defined]
+    level = choose_level(slide.level_downsamples, ds)
+    level_ds = float(slide.level_downsamples[level])
+    w0, h0 = slide.dimensions
     return ReadPlan(
         coords=np.asarray(coords, np.int64),
         level=level,

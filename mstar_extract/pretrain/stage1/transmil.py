@@ -1,4 +1,4 @@
-"""TransMIL slide aggregator with Nyström attention (design §6), written for this project.
+"""TransMIL slide aggregator with Nyström attention (docs/pretrain.md, "Model"), written for this project.
 
 Architecture (Shao et al., NeurIPS 2021, as used by mSTAR): ``_fc1`` = Linear(in_dim→dim) + ReLU + Dropout(0.25);
 a CLS token; TransLayer (pre-norm Nyström attention, residual) → PPEG (7/5/3 depth-wise convs on the tokens
@@ -6,7 +6,7 @@ laid out as a square grid) → TransLayer → LayerNorm; the CLS output is the 5
 
 Parameter names follow the module layout of mSTAR's downstream ``TransMIL`` (``_fc1.0``, ``cls_token``,
 ``layer{1,2}.norm``, ``layer{1,2}.attn.to_qkv``, ``.attn.to_out.0``, ``.attn.res_conv``, ``pos_layer.proj{,1,2}``,
-``norm``), so an exported state dict loads there without renaming (see :mod:`mstar_extract.pretrain.export`).
+``norm``), so an exported state dict loads there without renaming (see :mod:`mstar_extract.pretrain.stage1.export`).
 
 Nyström attention (Xiong et al., AAAI 2021): the sequence is front-padded with zeros to a multiple of the
 number of landmarks m; landmarks are segment means of queries and keys; softmax(QK̃ᵀ)·pinv(softmax(Q̃K̃ᵀ))·
@@ -18,10 +18,14 @@ Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ))) from Z₀ = Aᵀ / (‖A‖₁ 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mstar_extract.pretrain.stage1.config import AggregatorConfig
 
 
 def moore_penrose_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
@@ -204,15 +208,15 @@ class TransMIL(nn.Module):
         return torch.cat(cls_out, dim=0), patches
 
 
-def build_transmil(cfg: object) -> TransMIL:
-    """A :class:`TransMIL` from an ``AggregatorConfig``-like object (attribute names as in that dataclass)."""
+def build_transmil(cfg: AggregatorConfig) -> TransMIL:
+    """A :class:`TransMIL` from the ``aggregator`` config section."""
     return TransMIL(
-        in_dim=cfg.in_dim,  # type: ignore[attr-defined]
-        dim=cfg.dim,  # type: ignore[attr-defined]
-        heads=cfg.heads,  # type: ignore[attr-defined]
-        landmarks=cfg.landmarks,  # type: ignore[attr-defined]
-        pinv_iterations=cfg.pinv_iterations,  # type: ignore[attr-defined]
-        residual_conv_kernel=cfg.residual_conv_kernel,  # type: ignore[attr-defined]
-        dropout=cfg.dropout,  # type: ignore[attr-defined]
-        attn_dropout=cfg.attn_dropout,  # type: ignore[attr-defined]
+        in_dim=cfg.in_dim,
+        dim=cfg.dim,
+        heads=cfg.heads,
+        landmarks=cfg.landmarks,
+        pinv_iterations=cfg.pinv_iterations,
+        residual_conv_kernel=cfg.residual_conv_kernel,
+        dropout=cfg.dropout,
+        attn_dropout=cfg.attn_dropout,
     )

@@ -1,7 +1,7 @@
 """Stage-1 data: the manifest, the gene table (log1p + binning), and the per-slide dataset.
 
 Manifest CSV columns: ``slide_id`` and ``features`` (feature bag .h5 with ``features`` (N, D) and ``coords``
-(N, 2), design §4) are required; ``report`` (the text) or ``report_path`` (a text file), ``sample_id`` (row key
+(N, 2), as :mod:`mstar_extract.store.bags` writes them) are required; ``report`` (the text) or ``report_path`` (a text file), ``sample_id`` (row key
 of the gene table), ``cancer_type`` and ``split`` are optional. Relative paths are relative to the manifest's
 folder. Any modality may be missing for a row (empty cell / no gene-table row); the dataset then returns a
 zero placeholder and a False mask, and the losses leave it out. Every check runs before training starts and
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mstar_extract.errors import MstarError, UsageError
+from mstar_extract.errors import MstarError, UsageError, first_line
 
 
 @dataclass
@@ -55,7 +55,7 @@ def bag_shape(path: Path) -> tuple[int, int]:
                 raise MstarError(f"{path}: feature bag has no 'features' dataset")
             shape = f["features"].shape
     except OSError as exc:
-        raise MstarError(f"{path}: cannot read feature bag ({str(exc).splitlines()[0]})") from None
+        raise MstarError(f"{path}: cannot read feature bag ({first_line(exc)})") from None
     if len(shape) != 2:
         raise MstarError(f"{path}: 'features' must be 2-D (N, D), found shape {tuple(shape)}")
     return int(shape[0]), int(shape[1])
@@ -121,7 +121,8 @@ def split_records(records: list[SlideRecord], train_split: str, val_split: str, 
     """(train, val): by the ``split`` column when any row has one, else a stable hash of slide_id."""
     if any(r.split for r in records):
         return [r for r in records if r.split == train_split], [r for r in records if r.split == val_split]
-    train, val = [], []
+    train: list[SlideRecord] = []
+    val: list[SlideRecord] = []
     for r in records:
         h = int(hashlib.sha1(r.slide_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         (val if h < val_fraction else train).append(r)
@@ -247,7 +248,7 @@ def read_bag_rows(path: Path, idx: np.ndarray) -> np.ndarray:
             # one contiguous read when most rows are wanted; else an h5py point selection (sorted, unique)
             block = ds[:][uniq] if len(uniq) * 2 >= ds.shape[0] else ds[uniq]
     except OSError as exc:
-        raise MstarError(f"{path}: cannot read feature bag ({str(exc).splitlines()[0]})") from None
+        raise MstarError(f"{path}: cannot read feature bag ({first_line(exc)})") from None
     return np.asarray(block, dtype=np.float32)[inverse]
 
 

@@ -26,7 +26,7 @@ class DataConfig:
 
 @dataclasses.dataclass
 class AggregatorConfig:
-    """TransMIL slide aggregator (design §6)."""
+    """TransMIL slide aggregator (docs/pretrain.md, "Model")."""
 
     in_dim: int = opt(1024, "Patch feature dimension (UNI / mSTAR ViT-L = 1024). Must match the bags.", source="paper")
     dim: int = opt(512, "Model width and slide-embedding size.", source="paper")

@@ -3,7 +3,7 @@
 1. **Stage-2 teacher** (``teacher.pt``, :func:`export_teacher` / :func:`load_teacher`): a dict
    ``{"format": "mstar-stage1-teacher", "version": 1, "aggregator": {AggregatorConfig fields},
    "state_dict": {TransMIL keys: tensors}, "meta": {...}}``. ``load_teacher`` rebuilds the frozen
-   :class:`~mstar_extract.pretrain.transmil.TransMIL` in eval mode; stage 2 calls
+   :class:`~mstar_extract.pretrain.stage1.transmil.TransMIL` in eval mode; stage 2 calls
    ``teacher.patch_embeddings(features)`` for per-patch 512-d targets.
 2. **mSTAR downstream layout** (``aggregator_mstar.pth``, :func:`export_mstar`):
    ``{"model_state_dict": {"vision_encoder.<TransMIL key>": tensor}}`` — what mSTAR's own downstream code
@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from mstar_extract.errors import MstarError
-from mstar_extract.pretrain.transmil import TransMIL
+from mstar_extract.errors import MstarError, first_line
+from mstar_extract.pretrain.stage1.config import AggregatorConfig
+from mstar_extract.pretrain.stage1.transmil import TransMIL, build_transmil
 from mstar_extract.store.atomic import atomic_path
 
 TEACHER_FORMAT = "mstar-stage1-teacher"
@@ -39,19 +40,20 @@ def export_teacher(aggregator: TransMIL, aggregator_cfg: dict[str, Any], path: s
 
 
 def load_teacher(path: str | Path, map_location: str | torch.device = "cpu") -> TransMIL:
-    """The frozen aggregator of a teacher file (eval mode, no gradients)."""
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise MstarError(f"{path}: cannot read teacher file ({type(exc).__name__})") from None
+    """The frozen aggregator of a teacher file (eval mode, no gradients).
+
+    The file is read with ``weights_only=True`` (:func:`~mstar_extract.pretrain.checkpoint.load_torch_file`): a
+    file holding anything but tensors and plain data is refused, one line, without running it."""
+    from mstar_extract.pretrain.checkpoint import load_torch_file
+
+    obj = load_torch_file(path, "teacher file", map_location)
     if not isinstance(obj, dict) or obj.get("format") != TEACHER_FORMAT:
         raise MstarError(f"{path}: not a stage-1 teacher file (format {obj.get('format') if isinstance(obj, dict) else None!r})")
-    from types import SimpleNamespace
-
-    from mstar_extract.pretrain.transmil import build_transmil
-
-    model = build_transmil(SimpleNamespace(**obj["aggregator"]))
-    model.load_state_dict(obj["state_dict"], strict=True)
+    try:
+        model = build_transmil(AggregatorConfig(**obj["aggregator"]))
+        model.load_state_dict(obj["state_dict"], strict=True)
+    except (TypeError, KeyError, RuntimeError) as exc:
+        raise MstarError(f"{path}: teacher weights do not fit its aggregator config ({first_line(exc)})") from None
     model.eval().requires_grad_(False)
     return model
 
@@ -69,7 +71,3 @@ def mstar_to_transmil_state(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
     sd = obj["model_state_dict"]
     return {k.replace("module.", "").replace(MSTAR_PREFIX, ""): v for k, v in sd.items() if MSTAR_PREFIX in k}
 
-
-def aggregator_state_from_model(model_state: dict[str, torch.Tensor], prefix: str = "aggregator.") -> dict[str, torch.Tensor]:
-    """The aggregator's entries of a full stage-1 model state dict (e.g. a checkpoint's ``model``)."""
-    return {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}

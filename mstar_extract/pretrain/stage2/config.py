@@ -1,4 +1,4 @@
-"""The stage-2 configuration tree (self-taught training of the patch extractor; design §6).
+"""The stage-2 configuration tree (self-taught training of the patch extractor; docs/pretrain.md, "Stage 2").
 
 Built on the shared machinery of :mod:`mstar_extract.pretrain.config` (documented fields, YAML, ``--set``).
 ``source="paper"`` marks values known from mSTAR's paper; everything else is this project's documented choice.

@@ -19,52 +19,61 @@ def _zero(*tensors: torch.Tensor) -> torch.Tensor:
     return sum((t.sum() * 0.0 for t in tensors), torch.zeros((), device=tensors[0].device))
 
 
+def _masked_cross_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row cross-entropy with target = the diagonal, over the columns where ``mask`` (n,), as (n,)."""
+    masked = logits.masked_fill(~mask[None, :], torch.finfo(logits.dtype).min)
+    return torch.logsumexp(masked, dim=1) - logits.diagonal()
+
+
 def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE between row-aligned embeddings ``a`` and ``b`` (n, d) over the rows where ``mask``.
 
-    ``logit_scale`` is 1/temperature (a scalar tensor). Embeddings are L2-normalised here.
+    ``logit_scale`` is 1/temperature (a scalar tensor). Embeddings are L2-normalised here. With a mask the rows
+    without it are left out by masking (no boolean indexing, whose result size the host would have to wait
+    for); fewer than two valid rows give an exact, connected zero.
     """
     a = F.normalize(a.float(), dim=-1)
     b = F.normalize(b.float(), dim=-1)
-    if mask is not None:
-        keep = mask.nonzero(as_tuple=True)[0]
-        if keep.numel() < 2:
+    if mask is None:
+        if a.shape[0] < 2:
             return _zero(a, b, logit_scale)
-        a, b = a[keep], b[keep]
-    elif a.shape[0] < 2:
-        return _zero(a, b, logit_scale)
+        logits = logit_scale.float() * a @ b.t()
+        target = torch.arange(a.shape[0], device=a.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
     logits = logit_scale.float() * a @ b.t()
-    target = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+    n = mask.sum()
+    per_row = _masked_cross_entropy(logits, mask) + _masked_cross_entropy(logits.t(), mask)
+    loss = 0.5 * torch.where(mask, per_row, 0.0).sum() / n.clamp_min(1)
+    return torch.where(n >= 2, loss, _zero(a, b, logit_scale))
 
 
 def batch_hard_triplet(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.3, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Batch-hard triplet loss (Hermans et al. 2017) with Euclidean distance.
 
     For each valid anchor: the farthest sample of the same label and the closest of another label;
-    loss = mean(relu(d(a,p) − d(a,n) + margin)) over anchors that have both. Labels < 0 are invalid.
+    loss = mean(relu(d(a,p) − d(a,n) + margin)) over anchors that have both. Labels < 0 are invalid. Invalid
+    rows are masked out of the distance matrix (no boolean indexing: no host-device synchronisation); no anchor
+    with both gives an exact, connected zero.
     """
     valid = labels >= 0
     if mask is not None:
         valid = valid & mask
-    keep = valid.nonzero(as_tuple=True)[0]
-    if keep.numel() < 2:
-        return _zero(emb)
-    x, y = emb[keep].float(), labels[keep]
+    x = emb.float()
     sq = (x * x).sum(-1)
     d2 = (sq[:, None] + sq[None, :] - 2.0 * x @ x.t()).clamp_min(0.0)
-    same = y[:, None] == y[None, :]
-    eye = torch.eye(len(y), dtype=torch.bool, device=x.device)
+    both = valid[:, None] & valid[None, :]
+    same = (labels[:, None] == labels[None, :]) & both
+    eye = torch.eye(len(labels), dtype=torch.bool, device=x.device)
     pos = same & ~eye
-    neg = ~same
+    neg = ~same & both
     has = pos.any(1) & neg.any(1)
-    if not bool(has.any()):
-        return _zero(emb)
     # sqrt with a tiny floor keeps the gradient finite at zero distance
     dist = (d2 + 1e-12).sqrt()
     d_ap = torch.where(pos, dist, torch.full_like(dist, -math.inf)).amax(1)
     d_an = torch.where(neg, dist, torch.full_like(dist, math.inf)).amin(1)
-    return F.relu(d_ap[has] - d_an[has] + margin).mean()
+    terms = torch.where(has, F.relu(torch.where(has, d_ap - d_an, 0.0) + margin), 0.0)
+    n = has.sum()
+    return torch.where(n > 0, terms.sum() / n.clamp_min(1), _zero(emb))
 
 
 class Temperatures(nn.Module):
@@ -82,10 +91,10 @@ class Temperatures(nn.Module):
         i = self.PAIRS.index(pair)
         return self.log_scale[i].clamp(max=self.max_log_scale).exp()
 
-    def values(self) -> dict[str, float]:
-        """Current temperatures, for logging."""
+    def values(self) -> dict[str, torch.Tensor]:
+        """Current temperatures (0-d tensors on the device; the loop reads them back on logging steps)."""
         with torch.no_grad():
-            return {p: float(1.0 / self.scale(p).item()) for p in self.PAIRS}
+            return {p: 1.0 / self.scale(p) for p in self.PAIRS}
 
 
 def stage1_losses(

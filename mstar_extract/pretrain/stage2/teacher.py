@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from mstar_extract import __version__
-from mstar_extract.errors import MstarError, UsageError
+from mstar_extract.errors import MstarError, UsageError, first_line
+from mstar_extract.pretrain.stage1.transmil import TransMIL
 from mstar_extract.store.atomic import atomic_path
 
 log = logging.getLogger("mstar")
@@ -58,15 +59,16 @@ class TargetsInfo:
 
 
 def teacher_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of the teacher file (cached beside it like weights files, keyed by size and mtime)."""
+    """sha256 of the teacher file (cached in the tool's cache folder like weights files, keyed by path, size and
+    mtime; see :func:`mstar_extract.models.weights.sha256_file`)."""
     from mstar_extract.models.weights import sha256_file
 
     return sha256_file(path)
 
 
-def load_teacher(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> torch.nn.Module:
+def load_teacher(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> TransMIL:
     """The frozen stage-1 aggregator from its export file: eval mode, ``requires_grad=False``, on ``device``."""
-    from mstar_extract.pretrain.export import load_teacher as _load
+    from mstar_extract.pretrain.stage1.export import load_teacher as _load
 
     p = Path(path)
     if not p.is_file():
@@ -90,7 +92,7 @@ def read_bag_features(path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any
     try:
         bag = read_bag(path)
     except (OSError, KeyError) as exc:
-        raise MstarError(f"{path}: not a readable feature bag ({type(exc).__name__}: {exc})") from None
+        raise MstarError(f"{path}: not a readable feature bag ({first_line(exc, with_type=True)})") from None
     feats = np.asarray(bag.features, dtype=np.float32)
     coords = np.asarray(bag.coords, dtype=np.int64).reshape(-1, 2)
     if feats.ndim != 2 or feats.shape[0] != coords.shape[0]:
@@ -127,7 +129,7 @@ def targets_valid(path: Path, entry: SlideEntry, teacher_hash: str) -> bool:
 
 
 @torch.inference_mode()
-def slide_targets(teacher: torch.nn.Module, features: np.ndarray, device: torch.device | str) -> np.ndarray:
+def slide_targets(teacher: TransMIL, features: np.ndarray, device: torch.device | str) -> np.ndarray:
     """Per-patch contextual embeddings (N, T) float32 of one slide's features (N, D), in float32."""
     x = torch.from_numpy(features).to(device=device, dtype=torch.float32).unsqueeze(0)
     _, patches = teacher.patch_embeddings(x)
@@ -190,7 +192,7 @@ def compute_targets(
     out = Path(targets_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = TargetsInfo(computed=[], reused=[])
-    teacher: torch.nn.Module | None = None
+    teacher: TransMIL | None = None
     for i, entry in enumerate(entries):
         if i % world_size != rank:
             continue

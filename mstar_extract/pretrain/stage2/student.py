@@ -1,21 +1,20 @@
-"""Stage 2's trainable parts: the student patch extractor + ``proj``, its EMA copy, and the student export.
+"""Stage 2's trainable parts: the student patch extractor + ``proj``, and its EMA copy.
 
 * :class:`StudentWithProj` — the student ViT (built and initialised through the model registry, so ``--init
-  mstar|uni|PATH|random`` resolves exactly like ``mstar extract --weights``) and ``proj`` = Linear(D→512). Its
-  forward returns both the student features (for the EMA term) and the projected prediction (for the teacher
-  term), so one DDP-wrapped module covers both.
-* :class:`EmaModel` — a frozen exponential moving average of the student (never receives gradients), with a
-  constant or cosine-to-1.0 momentum schedule.
-* :func:`export_student` — ``student.pth``: a plain state dict of the student's timm model, verified by a
-  ``strict=True`` load into a freshly built network of the same registry spec (for ``mstar``/``uni``:
-  ``vit_large_patch16_224(init_values=1e-5, num_classes=0, dynamic_img_size=True)``, the released format).
+  mstar|uni|PATH`` resolves exactly like ``mstar extract --weights``; ``random`` keeps the registry network's
+  seeded random initialisation) and ``proj`` = Linear(D→512). Its forward returns both the student features
+  (for the EMA term) and the projected prediction (for the teacher term), so one DDP-wrapped module covers both.
+* :class:`EmaModel` — a frozen exponential moving average of the student (never receives gradients), updated
+  with fused multi-tensor ops, with a constant or cosine-to-1.0 momentum schedule (:func:`ema_momentum`).
+* :func:`param_groups` — AdamW groups with optional layer-wise lr decay.
+
+The exports (``student.pth``, ``proj.pth``, the model card) live in :mod:`mstar_extract.pretrain.stage2.export`.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -67,16 +66,21 @@ def resolve_init(init: str, arch: str) -> tuple["EncoderSpec", str]:
     return get_spec(arch), str(path)
 
 
-def prepare_student_init(init: str, arch: str, warn_stream: Any = None) -> tuple["EncoderSpec", "ResolvedWeights"]:
+def prepare_student_init(init: str, arch: str) -> tuple["EncoderSpec", "ResolvedWeights"]:
     """Resolve ``student.init`` before any work: the registry spec and the weights file (hub download/cache,
-    sha256) or random. Errors are one line (UsageError / WeightsError)."""
-    from mstar_extract.models.weights import resolve_weights
+    sha256) or random. Errors are one line (UsageError / WeightsError).
+
+    ``random`` is a deliberate start from scratch here, not extraction's ``--weights random`` smoke test, so
+    that command's warning is not printed (the run says how the student was initialised in its own words)."""
+    from mstar_extract.models.weights import RANDOM_SHA256, ResolvedWeights, resolve_weights
 
     spec, weights = resolve_init(init, arch)
-    return spec, resolve_weights(spec, weights, warn_stream=warn_stream)
+    if weights == "random":
+        return spec, ResolvedWeights("random", None, RANDOM_SHA256)
+    return spec, resolve_weights(spec, weights)
 
 
-def build_student_backbone(init: str, arch: str, warn_stream: Any = None, seed: int | None = None,
+def build_student_backbone(init: str, arch: str, seed: int | None = None,
                            prepared: tuple["EncoderSpec", "ResolvedWeights"] | None = None,
                            ) -> tuple[nn.Module, "EncoderSpec", StudentInit]:
     """Build the student network through the registry and load its initial weights strictly.
@@ -86,7 +90,7 @@ def build_student_backbone(init: str, arch: str, warn_stream: Any = None, seed: 
     """
     from mstar_extract.models.weights import load_weights
 
-    spec, resolved = prepared or prepare_student_init(init, arch, warn_stream)
+    spec, resolved = prepared or prepare_student_init(init, arch)
     if seed is not None:
         torch.manual_seed(seed)
     model = spec.build()
@@ -132,7 +136,7 @@ class EmaModel(nn.Module):
         self.module = copy.deepcopy(source)
         self.module.requires_grad_(False)
         if getattr(self.module, "grad_checkpointing", False):  # copied from a checkpointed student: no use without grads
-            self.module.set_grad_checkpointing(False)
+            getattr(self.module, "set_grad_checkpointing")(False)
         self.train(False)
 
     def train(self, mode: bool = True) -> "EmaModel":  # noqa: ARG002 - the EMA never trains
@@ -146,13 +150,35 @@ class EmaModel(nn.Module):
 
     @torch.no_grad()
     def update(self, source: nn.Module, momentum: float) -> None:
-        """``ema = momentum * ema + (1 - momentum) * source`` for parameters; buffers are copied."""
+        """``ema = momentum * ema + (1 - momentum) * source`` for parameters; buffers are copied.
+
+        One fused multi-tensor ``lerp`` over all parameters (no per-tensor launches, no host synchronisation)."""
+        ema_p, src_p, ema_b, src_b = self._pairs(source)
+        if ema_p:
+            torch._foreach_lerp_(ema_p, src_p, 1.0 - float(momentum))
+        if ema_b:
+            torch._foreach_copy_(ema_b, src_b)
+
+    def _pairs(self, source: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """(EMA params, source params, EMA buffers, source buffers), matched by name (cached per source)."""
+        cached = getattr(self, "_pair_cache", None)
+        if cached is not None and cached[0] is source:
+            return cached[1]
         src = dict(source.named_parameters())
+        src_buf = dict(source.named_buffers())
+        ema_p: list[torch.Tensor] = []
+        src_p: list[torch.Tensor] = []
+        ema_b: list[torch.Tensor] = []
+        src_b: list[torch.Tensor] = []
         for name, p in self.module.named_parameters():
-            p.lerp_(src[name].detach().to(p.dtype), 1.0 - float(momentum))
-        src_b = dict(source.named_buffers())
+            ema_p.append(p)
+            src_p.append(src[name].detach())
         for name, b in self.module.named_buffers():
-            b.copy_(src_b[name])
+            ema_b.append(b)
+            src_b.append(src_buf[name])
+        pairs = (ema_p, src_p, ema_b, src_b)
+        object.__setattr__(self, "_pair_cache", (source, pairs))
+        return pairs
 
 
 def ema_momentum(step: int, total_steps: int, base: float, schedule: str) -> float:
@@ -185,7 +211,8 @@ def param_groups(
         for g in groups:
             g.setdefault("lr_scale", 1.0)
     else:
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name, p in student.named_parameters():
             if not p.requires_grad:
                 continue
@@ -197,34 +224,6 @@ def param_groups(
     groups.append({"params": [model.proj.weight], "weight_decay": weight_decay, "lr_scale": proj_lr_scale})
     groups.append({"params": [model.proj.bias], "weight_decay": 0.0, "lr_scale": proj_lr_scale})
     return [g for g in groups if g["params"]]
-
-
-def student_state_dict(model: StudentWithProj) -> dict[str, torch.Tensor]:
-    """The student's plain timm state dict (no ``module.``/``student.`` prefixes), contiguous CPU fp32 tensors."""
-    return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.student.state_dict().items()}
-
-
-def verify_student_file(path: str | os.PathLike[str], spec: "EncoderSpec") -> None:
-    """Load ``path`` with ``strict=True`` into a fresh ``spec`` network (raises WeightsError on any mismatch)."""
-    from mstar_extract.models.weights import load_into, load_state_dict_file
-
-    load_into(spec.build(), load_state_dict_file(path), spec, path)
-
-
-def export_student(model: StudentWithProj, spec: "EncoderSpec", student_path: str | os.PathLike[str],
-                   proj_path: str | os.PathLike[str], verify: bool = True) -> None:
-    """Write ``student.pth`` (plain timm state dict) and ``proj.pth`` (``weight``, ``bias``), atomically.
-
-    With ``verify`` the student file is re-read and loaded ``strict=True`` into a newly built network.
-    """
-    from mstar_extract.store.atomic import atomic_path
-
-    with atomic_path(student_path) as tmp:
-        torch.save(student_state_dict(model), tmp)
-    with atomic_path(proj_path) as tmp:
-        torch.save({k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.proj.state_dict().items()}, tmp)
-    if verify:
-        verify_student_file(student_path, spec)
 
 
 def count_parameters(modules: Iterable[nn.Module]) -> int:

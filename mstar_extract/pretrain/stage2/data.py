@@ -16,7 +16,6 @@ model-ready patches as extraction — and ``targets`` float32 (B, T).
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import os
 from collections import OrderedDict
@@ -28,9 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mstar_extract.errors import MstarError, UsageError
-from mstar_extract.pretrain.teacher import SlideEntry, read_targets, targets_path
-
+from mstar_extract.errors import MstarError, UsageError, first_line
+from mstar_extract.pretrain.stage2.teacher import SlideEntry, read_targets, targets_path
 
 # ----------------------------------------------------------------------------------------------- manifest
 
@@ -77,11 +75,6 @@ def read_stage2_manifest(path: str | os.PathLike[str]) -> list[SlideEntry]:
     if not entries:
         raise UsageError(f"{p}: manifest has no rows")
     return entries
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a (small) file's bytes — the manifest hash of the model card."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- schedule
@@ -193,7 +186,7 @@ class Stage2Batches(Dataset):
         if s in self._cache:
             self._cache.move_to_end(s)
             return self._cache[s]
-        from mstar_extract.pretrain.stage2_read import open_patch_reader
+        from mstar_extract.pretrain.stage2.read import open_patch_reader
 
         src = self.sources[s]
         targets, coords, _ = read_targets(src.targets)
@@ -222,8 +215,8 @@ class Stage2Batches(Dataset):
                 where = str(self.sources[u.slide].slide)
                 raise MstarError(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - any reader failure names the slide, in one line
-                raise MstarError(f"{self.sources[u.slide].slide}: cannot read patches ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+                raise MstarError(f"{self.sources[u.slide].slide}: cannot read patches "
+                                 f"({first_line(exc, with_type=True)})") from None
             if targets.shape[1] == 0:
                 targets = np.empty((self.batch_size, t.shape[1]), np.float32)
             targets[n:n + len(got)] = t[got]

@@ -23,10 +23,14 @@ from mstar_extract.testing.bombs import write_flat_tiff, write_png_bomb, write_s
 GB = 2**30
 _CAPPED = r"""
 import resource, subprocess, sys
-cap = int(sys.argv[1])
+cap, timeout = int(sys.argv[1]), float(sys.argv[2])
 def limit():
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-code = subprocess.run(sys.argv[2:], preexec_fn=limit).returncode
+try:
+    code = subprocess.run(sys.argv[3:], preexec_fn=limit, timeout=timeout).returncode  # killed on timeout
+except subprocess.TimeoutExpired:
+    code = 124
+    print(f"mstar did not finish within {timeout} s", file=sys.stderr)
 print(f"maxrss_kb={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
 sys.exit(code)
 """
@@ -36,8 +40,8 @@ def capped_mstar(*args: str, cap: int = 3 * GB, timeout: float = 240, env: dict 
     """(completed process, max RSS in bytes) of ``python -m mstar_extract ARGS`` run with at most ``cap`` bytes of
     address space. The old code needed more than 8 GB for the PNG, and never finished the TIFF."""
     e = {**os.environ, "MSTAR_PROGRESS_INTERVAL": "3600", "COLUMNS": "250", **(env or {})}
-    res = subprocess.run([sys.executable, "-c", _CAPPED, str(cap), sys.executable, "-m", "mstar_extract", *args],
-                         capture_output=True, text=True, env=e, timeout=timeout)
+    res = subprocess.run([sys.executable, "-c", _CAPPED, str(cap), str(timeout), sys.executable, "-m", "mstar_extract",
+                          *args], capture_output=True, text=True, env=e, timeout=timeout + 60)
     rss = int(re.findall(r"maxrss_kb=(\d+)", res.stderr)[-1]) * 1024
     return res, rss
 

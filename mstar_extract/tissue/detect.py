@@ -159,7 +159,8 @@ def black_ink_crossing_tissue(rgb: np.ndarray, mpp: float, params: SegmentationP
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
     v3 = cv2.medianBlur(np.ascontiguousarray(hsv[..., 2]), 3)
     s3 = cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), 3)
-    c3 = cv2.medianBlur(np.ascontiguousarray((rgb.max(axis=2) - rgb.min(axis=2)).astype(np.uint8)), 3)
+    r, g, b = cv2.split(np.ascontiguousarray(rgb))
+    c3 = cv2.medianBlur(cv2.subtract(cv2.max(cv2.max(r, g), b), cv2.min(cv2.min(r, g), b)), 3)  # chroma
     dark = v3 <= params.dark_max_value
     seeds = dark & (s3 <= params.dark_max_sat) & (c3 <= params.dark_max_chroma)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(seeds.astype(np.uint8), connectivity=8)

@@ -204,7 +204,9 @@ def test_mstar_workers_and_device_honoured_then_status_decides_resubmission(slid
                                                                            tmp_path: Path) -> None:
     out = tmp_path / "out"
     missing = tmp_path / "lost.svs"
-    r = run(*extract_args(str(slides["p2"]), str(missing), str(out)),
+    listing = tmp_path / "more.txt"  # a missing path inside a list is a per-slide failure (on the command line: exit 2)
+    listing.write_text(f"{missing}\n")
+    r = run(*extract_args(str(slides["p2"]), str(listing), str(out)),
             env=_env(MSTAR_WORKERS="2", MSTAR_DEVICE="cpu", MSTAR_WEIGHTS="random"))
     assert r.returncode == 1, r.stderr[-3000:]
     assert "on cpu" in r.stderr and "2 reader worker(s)" in r.stderr  # both variables reached the run

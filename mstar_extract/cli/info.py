@@ -111,7 +111,7 @@ def info(slides: tuple[str, ...], as_json: bool, backend: str, mpp_override: flo
     from mstar_extract.errors import EXIT_FAILED, EXIT_OK, SlideError
     from mstar_extract.inputs import resolve_slides
 
-    entries = resolve_slides(slides)
+    entries = resolve_slides(slides, missing_ok=True)  # a missing file is reported like a broken one
     records: list[dict[str, Any]] = []
     failed = 0
     for entry in entries:

@@ -57,7 +57,36 @@ def slide_input_options(func: F) -> F:
                      help="skip: a failed slide is recorded and the others go on; fail: stop after the first failure. Exit code 1 either way."),
         click.option("--overwrite", is_flag=True, default=False,
                      help="Redo slides whose outputs are already complete (default: skip them)."),
+        *pixel_limit_options(),
     ])
+
+
+def _pixel_limit(flag: str, env: str, default: str, help_text: str) -> Callable[[F], F]:
+    """An option that validates a pixel count (or its variable) and exports it to the run's worker processes."""
+
+    def store(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        from mstar_extract.slides import limits
+
+        try:
+            n = limits.parse_pixels(value, "") if value is not None else limits.parse_pixels(env_default(env, default), env)
+        except UsageError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        limits.export(env, n)
+
+    return click.option(flag, default=None, metavar="PIXELS", expose_value=False, callback=store,
+                        help=f"{help_text} Accepts 250M, 2G, ... [default: {default}, or ${env}]")
+
+
+def pixel_limit_options() -> list[Callable[[F], F]]:
+    """--max-image-pixels, --max-read-pixels (:mod:`mstar_extract.slides.limits`): refuse image bombs at once."""
+    return [
+        _pixel_limit("--max-image-pixels", "MSTAR_MAX_IMAGE_PIXELS", "250M",
+                     "Refuse plain images (PNG, JPEG, flat TIFF) with more pixels, from their header: they are decoded "
+                     "whole into memory (about 7 bytes per pixel)."),
+        _pixel_limit("--max-read-pixels", "MSTAR_MAX_READ_PIXELS", "2G",
+                     "Refuse a slide when segmenting it would decode more pixels of one level (a slide without a "
+                     "pyramid): bounds the time one slide's segmentation can take."),
+    ]
 
 
 def resolution_options(func: F) -> F:

@@ -63,6 +63,9 @@ class ExtractSettings:
     lock_timeout: float = 600.0
     cache_dir: str | None = None
     token: str | None = None
+    decode: str = "full"
+    """``full``: model inputs bit-identical to the official mSTAR pipeline; ``reduced``: ``--fast-decode``
+    (reduced-size JPEG decoding, docs/reader.md). Recorded in every bag as the ``decode`` attr."""
 
 
 def output_paths(out_dir: str | os.PathLike[str], slide_id: str) -> dict[str, Path]:
@@ -104,9 +107,9 @@ def check_complete(entry: Any, out_dir: Path, settings: ExtractSettings, encoder
 
 def expected_settings(settings: ExtractSettings) -> dict[str, Any]:
     """Bag attributes that a complete bag must share with this run's options to count as done (so one OUT never
-    silently mixes patch sizes, resolutions or stored dtypes). Coordinates from ``--coords-dir`` bring their own
-    geometry, so only the dtype is compared then."""
-    expect: dict[str, Any] = {"dtype": settings.dtype}
+    silently mixes patch sizes, resolutions, stored dtypes or decode paths). Coordinates from ``--coords-dir`` bring
+    their own geometry, so only the dtype and the decode path are compared then."""
+    expect: dict[str, Any] = {"dtype": settings.dtype, "decode": settings.decode}
     if not settings.coords_dir:
         tiling = settings.tile.tiling
         expect.update(patch_size=tiling.patch_size, overlap=tiling.overlap, target_mpp=tiling.target()[0])
@@ -162,7 +165,8 @@ def write_outputs(entry: Any, out_dir: Path, plan: ReadPlan, features: np.ndarra
         write_pt(paths["pt"], feats)
     attrs = bag_attrs(plan, slide_id=entry.slide_id, slide_path=str(entry.path), model=encoder.name,
                       weights_sha256=encoder.weights_sha256, feature_dim=encoder.feature_dim,
-                      precision=encoder.precision, input_size=encoder.input_size, n_bad_patches=int(n_bad))
+                      precision=encoder.precision, input_size=encoder.input_size, n_bad_patches=int(n_bad),
+                      decode=settings.decode)
     write_bag(paths["bag"], feats, coords, attrs, dtype=settings.dtype)
     return paths["bag"]
 
@@ -260,7 +264,7 @@ def run_extract(
 
     planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mstar-plan")
     pool = ReaderPool(workers=settings.workers, batch_size=batch_size, out_size=encoder.input_size,
-                      skip_bad_patches=settings.skip_bad_patches, lookahead=settings.lookahead)
+                      skip_bad_patches=settings.skip_bad_patches, lookahead=settings.lookahead, decode=settings.decode)
     streams = pool.results()
     patches = Progress(reporter, None, "extract: patches", "patches", position=1)
     try:

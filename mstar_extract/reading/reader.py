@@ -159,11 +159,20 @@ class PatchReader:
             self._tiles.direct = not patches_overlap(plan.coords, plan.read_size * plan.level_downsample)
         self._warned_off_grid = False
         if self._tiles is not None and decode == "reduced":
-            r = plan.read_size
-            for sc in (8, 4, 2):
-                if r % sc == 0 and r // sc >= self.out_size and self._tiles.can_scale(sc) and self._tiles.set_scale(sc):
-                    break
+            self._choose_scale()
         log.debug("%s: reading level %d with the %s path", self.path, plan.level, self.method)
+
+    def _choose_scale(self) -> None:
+        """``--fast-decode``: the largest DCT scale (8, 4, 2) that keeps the footprint >= the model input and
+        divides every patch corner (so no patch moves by a fraction of a reduced pixel), if the tiles allow it."""
+        assert self._tiles is not None
+        r = self.plan.read_size
+        lc, _ = self._level_coords(self.plan.coords)
+        g = int(np.gcd.reduce(np.abs(lc).reshape(-1))) if lc.size else 0
+        for sc in (8, 4, 2):
+            if (r % sc == 0 and r // sc >= self.out_size and (g == 0 or g % sc == 0) and self._tiles.can_scale(sc)
+                    and self._tiles.set_scale(sc)):
+                return
 
     # -- slide handle ---------------------------------------------------------------------------------------
     def _level_size(self) -> tuple[int, int]:

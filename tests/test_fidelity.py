@@ -340,7 +340,8 @@ def test_vit_large_features_fp32(slides, vit_large, tmp_path):
     sub = ReadPlan(coords, 0, 1.0, 512, 256, 512, 0.5, 20.0, None, None, w, h)
     fast_sub = ReadPlan(picks, 0, 1.0, 512, 256, 512, 0.5, 20.0, None, None, w, h)
     spec = get_spec("mstar")
-    enc = Encoder(spec, vit_large, resolve_weights(spec, "random", warn_stream=io.StringIO()), torch.device("cpu"), "fp32")
+    weights = resolve_weights(spec, "random", warn_stream=io.StringIO())
+    enc = Encoder(spec, vit_large, weights, torch.device("cpu"), "fp32")
     with torch.inference_mode():
         ref = vit_large(reference_tensors(path, sub.coords, 0, 512)).numpy()
         exact = enc.embed(read_with_pool(sub, path)).numpy()

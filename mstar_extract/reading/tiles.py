@@ -7,14 +7,12 @@ LRU cache, so neighbouring patches share the work; a patch is assembled on a reu
 resize (:mod:`.resize`, PIL bilinear) then reads without any conversion. Anything else returns ``None`` from
 :meth:`TiffTileSource.open` and the reader falls back to the slide backend.
 
-Decoders: JPEG tiles (compression 7) with Pillow's libjpeg-turbo decoder, the colour space set from the TIFF
-photometric tag as libtiff does (YCbCr -> RGB conversion for photometric 6, raw components for photometric 2,
-as in Aperio's RGB-coded JPEG), shared ``JPEGTables`` spliced in; other compressions with tifffile/imagecodecs.
-
-Pixels equal OpenSlide's ``read_region(...).convert('RGB')`` (the mSTAR/CLAM reference): the full JPEG decode
-is libjpeg-turbo with the same settings (islow IDCT, fancy chroma upsampling, colour space from the TIFF
-photometric tag), and pixels outside the level or in absent (sparse) tiles are black, as OpenSlide's
-transparent pixels become after ``convert('RGB')`` (tested against OpenSlide in tests/test_fidelity.py).
+Pixels equal OpenSlide's ``read_region(...).convert('RGB')`` (the mSTAR/CLAM reference; tested against OpenSlide
+in tests/test_fidelity.py): JPEG tiles (compression 7) are decoded by Pillow's libjpeg-turbo decoder with
+OpenSlide's settings (islow IDCT, fancy chroma upsampling, the colour space from the TIFF photometric tag as
+libtiff sets it: YCbCr -> RGB for photometric 6, raw components for photometric 2 as in Aperio's RGB-coded
+JPEG), shared ``JPEGTables`` spliced in; other compressions go through tifffile/imagecodecs. Pixels outside the
+level or in absent (sparse) tiles are black, as OpenSlide's transparent pixels become after ``convert('RGB')``.
 ``set_scale`` switches to reduced-size decoding (libjpeg DCT scaling, ``--fast-decode``), which is not exact.
 """
 
@@ -24,7 +22,6 @@ import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
-
 from typing import Any
 
 import numpy as np

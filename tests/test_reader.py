@@ -311,7 +311,12 @@ def test_bench_read_cli(fixture_slides):
     for key in ("patches_per_s", "device", "batch_size", "workers", "precision", "n_patches", "seconds"):
         assert key in doc
     assert doc["n_patches"] > 0 and doc["precision"] is None and doc["workers"] == 0
-    assert doc["slides"][0]["read"] == doc["n_patches"]
+    assert doc["slides"][0]["read"] == doc["n_patches"] and doc["decode"] == "full"
+    res = CliRunner().invoke(main, ["bench", "read", str(fixture_slides["svs40"].path), "--workers", "0", "--json",
+                                    "--fast-decode"])
+    assert res.exit_code == 0, res.output
+    fast = json.loads(res.stdout)
+    assert fast["decode"] == "reduced" and fast["n_patches"] == doc["n_patches"]
 
 
 def test_workers_exit_when_the_main_process_dies(fixture_slides, tmp_path):

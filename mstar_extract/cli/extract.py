@@ -9,7 +9,8 @@ import click
 from mstar_extract.cli.common import output_options
 from mstar_extract.cli.report import no_report_option, report_after_run
 from mstar_extract.cli.options import (
-    model_options, resolution_options, segmentation_options, select_slides, slide_input_options, tile_settings_from,
+    fast_decode_option, model_options, native_resolution_warning, resolution_options, segmentation_options,
+    select_slides, slide_input_options, tile_settings_from,
 )
 
 
@@ -27,6 +28,7 @@ def extract_options(func: Any) -> Any:
                      help="Reuse patch coordinates from mstar tile (coords/), CLAM (patches/) or TRIDENT (*_patches.h5) instead of segmenting."),
         click.option("--skip-bad-patches", is_flag=True, default=False,
                      help="Drop patches whose pixels cannot be decoded (after one retry) and count them in the manifest, instead of failing the slide."),
+        fast_decode_option(),
         click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
                      help="Seconds without a heartbeat after which another job's slide lock counts as stale. [default: $MSTAR_LOCK_TIMEOUT, else 600]"),
     ]
@@ -55,6 +57,7 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
       mstar extract examples/slides out/ --weights random      # offline smoke test
       mstar extract slides/ out/ --weights mSTAR.pth --batch-size 512 --dtype float16
       mstar extract slides/ out/ --coords-dir clam_out/ --format both
+      mstar extract slides/ out/ --fast-decode                 # faster reading, inputs not bit-exact
       sbatch --array=0-15 ... mstar extract slides/ out/ --shard auto
     """
     from mstar_extract.errors import UsageError, WeightsError
@@ -73,7 +76,12 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
         skip_bad_patches=kw.pop("skip_bad_patches"),
         workers=default_workers(kw.pop("workers"), n_procs=len(devices) if devices else 1),
         lock_timeout=default_lock_timeout(kw.pop("lock_timeout")),
+        decode="reduced" if kw.pop("fast_decode") else "full",
     )
+    if not settings.coords_dir:  # coordinate files bring their own resolution
+        note = native_resolution_warning(tile.tiling, settings.model)
+        if note:
+            reporter.warn(note)
     try:
         code = launch_extract(entries, out, settings, reporter, devices=devices, overwrite=kw.pop("overwrite"),
                               on_error=kw.pop("on_error"))

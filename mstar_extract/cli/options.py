@@ -188,6 +188,28 @@ def select_slides(slides: tuple[str, ...], shard: str | None):
     return work_share(entries, parse_shard(shard))
 
 
+def fast_decode_option() -> Callable[[F], F]:
+    """``--fast-decode``: reduced-size JPEG decoding instead of the reference's exact pixels (docs/reader.md)."""
+    return click.option(
+        "--fast-decode", is_flag=True, default=False,
+        help="Decode JPEG tiles at reduced size (1/2, 1/4 or 1/8 when the patch is downscaled that much) and snap "
+             "off-grid corners: faster reading, but the model input is no longer bit-identical to the official mSTAR "
+             "pipeline (measured deviation in docs/reader.md). Bags record decode=reduced. [default: exact, decode=full]")
+
+
+NATIVE_MPP = 0.5
+"""mSTAR (and UNI, its stage-1 teacher) were trained on 20x (0.5 µm/px) patches."""
+
+
+def native_resolution_warning(tiling: Any, model: str = "mstar") -> str | None:
+    """One line when the run's target resolution is not mSTAR's native 20x / 0.5 µm/px, else None."""
+    mpp, mag = tiling.target()
+    if abs(mpp - NATIVE_MPP) <= 1e-3 * NATIVE_MPP:
+        return None
+    return (f"target {mag:g}x ({mpp:g} µm/px) is not the resolution {model} was trained on (20x, 0.5 µm/px); "
+            "features at other resolutions are allowed but differ from the published ones")
+
+
 def model_options(weights_default: str | None = None, weights_help: str | None = None) -> Callable[[F], F]:
     """--model, --weights, --device, --batch-size, --precision, --compile/--no-compile (extract and bench)."""
     weights_help = weights_help or (

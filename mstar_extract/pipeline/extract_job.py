@@ -69,6 +69,9 @@ class ExtractSettings:
     lock_timeout: float = 600.0
     cache_dir: str | None = None
     token: str | None = None
+    decode: str = "full"
+    """``full``: model inputs bit-identical to the official mSTAR pipeline; ``reduced``: ``--fast-decode``
+    (reduced-size JPEG decoding, docs/reader.md). Recorded in every bag as the ``decode`` attr."""
 
 
 def wants_pt(settings: ExtractSettings) -> bool:
@@ -120,9 +123,9 @@ def check_complete(entry: Any, layout: OutLayout, settings: ExtractSettings, enc
 
 def expected_settings(settings: ExtractSettings) -> dict[str, Any]:
     """Bag attributes that a complete bag must share with this run's options to count as done (so one OUT never
-    silently mixes patch sizes, resolutions or stored dtypes). Coordinates from ``--coords-dir`` bring their own
-    geometry, so only the dtype is compared then."""
-    expect: dict[str, Any] = {"dtype": settings.dtype}
+    silently mixes patch sizes, resolutions, stored dtypes or decode paths). Coordinates from ``--coords-dir`` bring
+    their own geometry, so only the dtype and the decode path are compared then."""
+    expect: dict[str, Any] = {"dtype": settings.dtype, "decode": settings.decode}
     if not settings.coords_dir:
         tiling = settings.tile.tiling
         expect.update(patch_size=tiling.patch_size, overlap=tiling.overlap, target_mpp=tiling.target()[0])
@@ -185,7 +188,8 @@ def write_outputs(entry: Any, layout: OutLayout, plan: ReadPlan, features: np.nd
         write_pt(layout.pt(entry.slide_id), feats)
     attrs = bag_attrs(plan, slide_id=entry.slide_id, slide_path=str(entry.path), model=encoder.name,
                       weights_sha256=encoder.weights_sha256, feature_dim=encoder.feature_dim,
-                      precision=encoder.precision, input_size=encoder.input_size, n_bad_patches=int(n_bad))
+                      precision=encoder.precision, input_size=encoder.input_size, n_bad_patches=int(n_bad),
+                      decode=settings.decode)
     write_bag(bag, feats, coords, attrs, dtype=settings.dtype)
     return bag
 
@@ -281,7 +285,7 @@ class ExtractRun:
         s = self.settings
         self.planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mstar-plan")
         self.pool = ReaderPool(workers=s.workers, batch_size=self.batch_size, out_size=self.encoder.input_size,
-                               skip_bad_patches=s.skip_bad_patches, lookahead=s.lookahead)
+                               skip_bad_patches=s.skip_bad_patches, lookahead=s.lookahead, decode=s.decode)
         self.streams = self.pool.results()
         self.patches = Progress(self.reporter, None, "extract: patches", "patches", position=1)
 

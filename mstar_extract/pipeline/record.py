@@ -39,7 +39,7 @@ def features_record(settings: "ExtractSettings", weights_sha256: str | None = No
     rec: dict[str, Any] = {
         "model": settings.model,
         "dtype": settings.dtype,
-        "decode": getattr(settings, "decode", "full"),
+        "decode": settings.decode,
     }
     if weights_sha256 is not None:
         rec["weights_sha256"] = weights_sha256

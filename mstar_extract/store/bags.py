@@ -13,6 +13,8 @@ Conventions:
   written through :func:`mstar_extract.store.atomic.atomic_path`, so a reader never sees a partial bag; the
   marker also rejects files produced by a writer that was not atomic).
 * An empty bag ``(0, D)`` is valid: the slide had no tissue.
+* ``decode`` says which reader path made the model inputs: ``full`` (bit-identical to the official mSTAR
+  pipeline, the default) or ``reduced`` (``--fast-decode``); see docs/reader.md.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ COORDS_ATTRS: tuple[str, ...] = (
 
 NULLABLE = ("target_magnification", "level0_mpp", "level0_magnification", "target_mpp")
 """Numeric attrs that may be unknown (stored as NaN)."""
+
+DECODES: tuple[str, ...] = ("full", "reduced")
+"""Values of the ``decode`` root attr."""
 
 COMPLETE_ATTR = "complete"
 CHUNK_BYTES = 1 << 20
@@ -132,9 +137,14 @@ def bag_attrs(
     feature_dim: int,
     precision: str,
     input_size: int = 224,
+    decode: str = "full",
     **extra: Any,
 ) -> dict[str, Any]:
-    """The root attrs of a bag for a slide tiled by ``plan`` (``created``/version are added on write)."""
+    """The root attrs of a bag for a slide tiled by ``plan`` (``created``/version are added on write).
+
+    ``decode`` is the reader path of the model inputs (:data:`DECODES`)."""
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
     attrs: dict[str, Any] = {
         "slide_id": slide_id,
         "slide_path": os.fspath(slide_path),
@@ -151,6 +161,7 @@ def bag_attrs(
         "level0_height": int(plan.level0_height),
         "input_size": int(input_size),
         "precision": precision,
+        "decode": decode,
         "overlap": int(plan.overlap),
         "coords_source": plan.source,
         "settings": dict(plan.settings),

@@ -385,15 +385,22 @@ def test_bags_record_decode_and_resume_refuses_another(fixture_slides, tmp_path)
     r = run_cli("extract", slide, str(out), *TINY)
     assert r.exit_code == 0, r.output
     assert read_bag(out / "features" / "svs20.h5").attrs["decode"] == "full"
+    # OUT's settings record refuses the other decode path before any work (exit 2) ...
+    r = run_cli("extract", slide, str(out), *TINY, "--fast-decode")
+    assert r.exit_code == 2, r.output
+    assert "--fast-decode: decode reduced (OUT has full)" in r.output and "--overwrite" in r.output
+    assert read_bag(out / "features" / "svs20.h5").attrs["decode"] == "full"  # never a mixed OUT
+    # ... and without a record (an OUT of an older version) the bag's own decode attr fails the slide
+    (out / "mstar_settings.json").unlink()
     r = run_cli("extract", slide, str(out), *TINY, "--fast-decode")
     assert r.exit_code == 1, r.output
     assert "decode is 'full', expected 'reduced'" in r.output and "--overwrite" in r.output
-    assert read_bag(out / "features" / "svs20.h5").attrs["decode"] == "full"  # never a mixed OUT
+    assert read_bag(out / "features" / "svs20.h5").attrs["decode"] == "full"
     r = run_cli("extract", slide, str(out), *TINY, "--fast-decode", "--overwrite")
     assert r.exit_code == 0, r.output
     assert read_bag(out / "features" / "svs20.h5").attrs["decode"] == "reduced"
     r = run_cli("extract", slide, str(out), *TINY)
-    assert r.exit_code == 1 and "decode is 'reduced', expected 'full'" in r.output
+    assert r.exit_code == 2 and "decode full (OUT has reduced)" in r.output
 
 
 def test_native_resolution_warning(fixture_slides, tmp_path):

@@ -33,7 +33,7 @@ from mstar_extract.store.layout import OutLayout
 RECORD_VERSION = 1
 GROUPS = ("tiling", "features")
 
-_OPTIONS = {"target_mpp": "--mpp/--magnification", "weights_sha256": "--weights"}
+_OPTIONS = {"target_mpp": "--mpp/--magnification", "weights_sha256": "--weights", "decode": "--fast-decode: decode"}
 """Option names that are not ``--<key with dashes>``."""
 
 Record = Mapping[str, Mapping[str, Any]]

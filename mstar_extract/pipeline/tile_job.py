@@ -124,7 +124,8 @@ def write_tile_outputs(out_dir: str | os.PathLike[str] | OutLayout, slide_id: st
     the completion marker), where OUT's layout puts them; returns their paths."""
     from mstar_extract.store.coords import write_coords
 
-    files = layout_for(out_dir, settings).slide(slide_id)
+    layout = layout_for(out_dir, settings)
+    files = layout.slide(slide_id)
     paths = {"coords": files.coords, "qc": files.qc, "geojson": files.contours}
     if settings.qc:
         from mstar_extract.qc import write_qc, write_thumbnail
@@ -137,7 +138,8 @@ def write_tile_outputs(out_dir: str | os.PathLike[str] | OutLayout, slide_id: st
         from mstar_extract.tissue.contours import find_contours
         from mstar_extract.tissue.geojson import write_geojson
 
-        pen = to_level0(find_contours(mask.pen, 1.0, 0.0, 0.0), mask.scale_x, mask.scale_y) if mask.pen.any() else []
+        with_pen = layout.geojson_pen and mask.pen.any()
+        pen = to_level0(find_contours(mask.pen, 1.0, 0.0, 0.0), mask.scale_x, mask.scale_y) if with_pen else []
         write_geojson(paths["geojson"], mask.contours, pen, slide_id)
     write_coords(paths["coords"], plan, slide_id, str(slide.path), settings.coords_format, slide.level_dimensions)
     return paths

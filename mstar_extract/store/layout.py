@@ -140,6 +140,8 @@ class OutLayout:
     """Write ``pt`` files whatever ``--format`` says (CLAM's training code reads only those)."""
     context_keys: tuple[str, ...] = ()
     """The :class:`LayoutContext` fields that name folders (recorded in OUT's settings record)."""
+    geojson_pen = True
+    """Add the pen outlines (class ``Pen``) to the contours GeoJSON."""
 
     def __init__(self, out_dir: str | os.PathLike[str], context: LayoutContext | None = None) -> None:
         self.root = Path(out_dir)
@@ -278,6 +280,7 @@ class TridentLayout(OutLayout):
     name = "trident"
     coords_format = "trident"
     context_keys = ("magnification", "patch_size", "overlap")
+    geojson_pen = False  # TRIDENT takes every polygon of contours_geojson/<id>.geojson as tissue
 
     @property
     def patch_dir(self) -> str:

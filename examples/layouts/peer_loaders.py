@@ -214,10 +214,9 @@ def check_trident(trident: Path, out: Path, slides: Path, work: Path) -> None:
     import torch
 
     sys.path.insert(0, str(trident))
-    from trident import Processor, load_wsi
+    from trident import load_wsi
     from trident.IO import read_coords
     from trident.patch_encoder_models.load import CustomInferenceEncoder
-    from trident.slide_encoder_models.load import MeanSlideEncoder
 
     class Embed(torch.nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:  # uint8 (B, 224, 224, 3) from the transform below
@@ -247,6 +246,17 @@ def check_trident(trident: Path, out: Path, slides: Path, work: Path) -> None:
         cos, how = compare(t_feats, feats)
         check(f"TRIDENT extract_patch_features on {sid}_patches.h5 matches our bag",
               np.array_equal(t_coords, coords_ours) and cos > 0.999, how)
+    check_trident_jobs(out, slides, job, enc_name)
+
+
+def check_trident_jobs(out: Path, slides: Path, job: str, enc_name: str) -> None:
+    """TRIDENT's Processor on OUT as its job folder: patching and patch features already done, slide features."""
+    import h5py
+    import torch
+    from trident import Processor
+    from trident.patch_encoder_models.load import CustomInferenceEncoder
+    from trident.slide_encoder_models.load import MeanSlideEncoder
+
     proc = Processor(job_dir=str(out), wsi_source=str(slides), wsi_ext=[".svs"])
     patches = {p.name: p.stat().st_mtime_ns for p in (out / job / "patches").glob("*.h5")}
     proc.run_patching_job(target_magnification=20, patch_size=256, overlap=0, visualize=False)

@@ -67,9 +67,9 @@ def compare(a: np.ndarray, b: np.ndarray) -> tuple[float, str]:
 
 
 SAME = 0.9999
-"""Lowest cosine that counts as "the same pixels". Exact (|d| = 0) when mstar read the pixels as they are; a 40x
-scan without a 20x level is read for 20x with JPEG DCT scaling by default (docs/reader.md), which moves pixels by
-a few grey levels (cosine > 0.99999), while a wrong footprint gives cosine < 0.99 (see the mSTAR fallback check)."""
+"""Lowest cosine that counts as "the same pixels": the features are exact (max |d| 0) when mstar reads the pixels
+as stored (the default); ``--fast-decode`` moves them by about a grey level (cosine > 0.99999), while a wrong
+footprint gives cosine < 0.99 (see the mSTAR fallback check)."""
 
 
 # ------------------------------------------------------------------------------------------------- prepare

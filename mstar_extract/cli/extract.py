@@ -58,6 +58,7 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
       mstar extract slides/ out/ --weights mSTAR.pth --batch-size 512 --dtype float16
       mstar extract slides/ out/ --coords-dir clam_out/ --format both
       mstar extract slides/ out/ --fast-decode                 # faster reading, inputs not bit-exact
+      mstar extract slides/ out/ --layout trident    # out/ as a TRIDENT job folder (docs/layouts.md)
       sbatch --array=0-15 ... mstar extract slides/ out/ --shard auto
     """
     from mstar_extract.errors import UsageError, WeightsError

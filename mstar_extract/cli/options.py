@@ -24,11 +24,13 @@ import click
 
 from mstar_extract.cli.common import env_default
 from mstar_extract.errors import UsageError
+from mstar_extract.store.layout import LAYOUTS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 BACKENDS = ("auto", "openslide", "tiffslide", "image")
 COORDS_FORMATS = ("trident", "clam")
+LAYOUT_NAMES = tuple(LAYOUTS)
 
 
 def _apply(func: F, decorators: list[Callable[[F], F]]) -> F:
@@ -90,7 +92,8 @@ def pixel_limit_options() -> list[Callable[[F], F]]:
 
 
 def resolution_options(func: F) -> F:
-    """--magnification/--mpp, --patch-size, --overlap, --min-tissue, --exact-mpp, --snap-tolerance, --coords-format."""
+    """--magnification/--mpp, --patch-size, --overlap, --min-tissue, --exact-mpp, --snap-tolerance, --coords-format,
+    --layout."""
     from mstar_extract.tiling import DEFAULT_MIN_TISSUE
 
     return _apply(func, [
@@ -108,8 +111,10 @@ def resolution_options(func: F) -> F:
                      help="Scale by the exact mpp ratio instead of snapping level 0 to its nominal objective (0.2527 µm/px -> 40x)."),
         click.option("--snap-tolerance", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True,
                      help="Relative tolerance for snapping level 0's magnification (10 / mpp) to a nominal objective."),
-        click.option("--coords-format", type=click.Choice(COORDS_FORMATS), default="trident", show_default=True,
-                     help="coords/<id>.h5 attributes: TRIDENT's (patch_size at target, patch_size_level0, ...) or CLAM's (patch_level, patch_size at that level)."),
+        click.option("--coords-format", type=click.Choice(COORDS_FORMATS), default=None,
+                     help="coords/<id>.h5 attributes: TRIDENT's (patch_size at target, patch_size_level0, ...) or CLAM's (patch_level, patch_size at that level). --layout clam/trident fix it. [default: the layout's; trident for mstar]"),
+        click.option("--layout", type=click.Choice(LAYOUT_NAMES), default="mstar", show_default=True,
+                     help="Where files go in OUT (docs/layouts.md): mstar (features/, coords/, ...); clam (patches/, h5_files/, pt_files/: CLAM's and the mSTAR repo's scripts read OUT as is); trident (TRIDENT's job folder: <mag>x_<ps>px_<overlap>px_overlap/patches/, .../features_<model>/). One OUT keeps one layout."),
     ])
 
 
@@ -172,8 +177,8 @@ def tile_settings_from(kw: dict[str, Any], debug: bool = False):
     tiling = tiling_params_from(kw)
     return TileSettings(
         segmentation=seg, tiling=tiling, backend=kw.pop("backend", "auto"), mpp_override=kw.pop("mpp_override", None),
-        tissue_mask=kw.pop("tissue_mask", None), coords_format=kw.pop("coords_format", "trident"),
-        qc=kw.pop("qc", True), debug=debug,
+        tissue_mask=kw.pop("tissue_mask", None), coords_format=kw.pop("coords_format", None),
+        qc=kw.pop("qc", True), debug=debug, layout=kw.pop("layout", "mstar"),
     )
 
 

@@ -24,12 +24,13 @@ def tile(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
 
     SLIDES are files, folders (searched recursively), glob patterns, CSV/TXT lists, or '-' for a list on stdin.
     Writes OUT/coords/<id>.h5, OUT/qc/<id>.jpg, OUT/contours/<id>.geojson and OUT/manifest.csv
-    (see docs/tiling.md). Exit code 0 when every slide is done/skipped/no-tissue, 1 if any failed, 2 for usage errors.
+    (see docs/tiling.md; --layout clam|trident names them as CLAM or TRIDENT do: docs/layouts.md). Exit code 0 when every slide is done/skipped/no-tissue, 1 if any failed, 2 for usage errors.
 
     \b
     Examples:
       mstar tile slides/ out/
       mstar tile slides/ out/ --magnification 40 --patch-size 224 --min-tissue 0.25
+      mstar tile slides/ out/ --layout clam          # out/patches/<id>.h5 for CLAM's/mSTAR's extractor
       find /data -name '*.svs' | mstar tile - out/ --jsonl
     """
     from mstar_extract.envdefaults import default_workers

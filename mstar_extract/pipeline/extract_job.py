@@ -31,9 +31,10 @@ from mstar_extract.console import Progress, Reporter
 from mstar_extract.errors import reason_of
 from mstar_extract.pipeline.runner import SlideOutcome, SlideRunner
 from mstar_extract.pipeline.tile_job import (
-    TileSettings, check_slide_ids, layout_for, open_with_resolution, prepare_out, segment_and_plan, write_tile_outputs,
+    ClamReaderNote, TileSettings, check_slide_ids, layout_for, open_with_resolution, prepare_out, segment_and_plan,
+    write_tile_outputs,
 )
-from mstar_extract.store.layout import OutLayout
+from mstar_extract.store.layout import OutLayout, layout_class
 from mstar_extract.tiling import ReadPlan
 
 log = logging.getLogger("mstar")
@@ -75,7 +76,8 @@ class ExtractSettings:
 
 
 def wants_pt(settings: ExtractSettings) -> bool:
-    return settings.format in ("pt", "both")
+    """``--format pt|both``, or a layout that always has them (``clam``: CLAM's training code reads only those)."""
+    return settings.format in ("pt", "both") or layout_class(settings.tile.layout).always_pt
 
 
 def extract_layout(out_dir: str | os.PathLike[str] | OutLayout, settings: ExtractSettings) -> OutLayout:
@@ -190,7 +192,7 @@ def write_outputs(entry: Any, layout: OutLayout, plan: ReadPlan, features: np.nd
                       weights_sha256=encoder.weights_sha256, feature_dim=encoder.feature_dim,
                       precision=encoder.precision, input_size=encoder.input_size, n_bad_patches=int(n_bad),
                       decode=settings.decode)
-    write_bag(bag, feats, coords, attrs, dtype=settings.dtype)
+    write_bag(bag, feats, coords, attrs, dtype=settings.dtype, features_attrs=layout.features_attrs(entry.slide_id))
     return bag
 
 
@@ -270,6 +272,7 @@ class ExtractRun:
         self.planning: deque[Future] = deque()
         self.reading: deque[Planned] = deque()
         self.depth = 1 + max(0, settings.lookahead)
+        self.note = ClamReaderNote(reporter, settings.tile, writes_coords=not settings.coords_dir)
         self.stop = False
         self.exhausted = False
         self.planner: ThreadPoolExecutor | None = None
@@ -343,6 +346,7 @@ class ExtractRun:
                 self.record(self.finish_empty(planned))
                 continue
             entry = planned.entry
+            self.note.check(entry.slide_id, planned.plan.patch_size_level0)
             self.pool.submit(SlideJob(entry.slide_id, str(entry.path), planned.plan, self.settings.tile.backend))
             self.reading.append(planned)
 

@@ -191,9 +191,11 @@ def write_bag(
     attrs: Mapping[str, Any],
     dtype: str = "float32",
     coords_attrs: Mapping[str, Any] | None = None,
+    features_attrs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a feature bag atomically; ``attrs`` must hold every :data:`REQUIRED_ROOT_ATTRS` except
-    ``mstar_extract_version``/``created`` (filled in). Returns the final path."""
+    ``mstar_extract_version``/``created`` (filled in). ``features_attrs`` go on the ``features`` dataset (the
+    ``trident`` layout's ``name``, ``savetodir``, ``encoder``, as TRIDENT writes them). Returns the final path."""
     import h5py
 
     if dtype not in FEATURE_DTYPES:
@@ -230,6 +232,8 @@ def write_bag(
                 f.create_dataset("coords", shape=(0, 2), dtype=np.int64)
             for k, v in c_attrs.items():
                 f["coords"].attrs[k] = _to_attr(v)
+            for k, v in (features_attrs or {}).items():
+                f["features"].attrs[k] = _to_attr(v)
             for k, v in root.items():
                 f.attrs[k] = _to_attr(v)
             f.attrs["n_patches"] = int(n)

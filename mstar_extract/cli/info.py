@@ -13,7 +13,6 @@ Imports here stay light (no torch): the slide layer pulls in numpy, openslide an
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import click
@@ -128,9 +127,9 @@ def info(slides: tuple[str, ...], as_json: bool, backend: str, mpp_override: flo
         if reporter.jsonl:
             reporter.event("slide", **rec)
         elif not as_json and rec["error"] is None:
-            click.echo(human_block(rec) + "\n")
+            reporter.write_stdout(human_block(rec) + "\n\n")
     if as_json and not reporter.jsonl:
-        sys.stdout.write(json.dumps(records, indent=2) + "\n")
+        reporter.write_stdout(json.dumps(records, indent=2) + "\n")
     code = EXIT_FAILED if failed else EXIT_OK
     reporter.event("summary", command="info", total=len(records), counts={"ok": len(records) - failed, "failed": failed},
                    exit_code=code)

@@ -116,6 +116,33 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the block: one that arrives meanwhile is delivered (to the handler that was
+    in place) when the block ends. Python runs signal handlers in the main thread only, so this makes a block of
+    the main thread atomic for them whatever thread the signal hit; elsewhere it does nothing. Used around
+    :meth:`SlideLock.acquire` and :meth:`SlideLock.release`, which therefore never stop half-way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        pending.append(signum)
+
+    old: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not None:  # None: a handler installed from C, left alone
+                old[sig] = signal.signal(sig, hold)
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
+
+
 # ------------------------------------------------------------------------------------------------ lock identity
 def hostname() -> str:
     """This node's host name, as written into locks."""
@@ -401,8 +428,12 @@ class SlideLock:
     def acquire(self) -> bool:
         """Try to take the lock (never blocks). True when this process now holds it.
 
-        From the first step on, :meth:`release` undoes whatever this call did, even when a signal interrupts it
-        (the owner process is noted before any file is made)."""
+        SIGINT/SIGTERM wait until it returns (:func:`deferred_signals`); and should the process be stopped inside
+        anyway, :meth:`release` undoes whatever it did (the owner process is noted before any file is made)."""
+        with deferred_signals():
+            return self._acquire()
+
+    def _acquire(self) -> bool:
         if self.held:
             return True
         self._owner_pid = os.getpid()
@@ -443,6 +474,8 @@ class SlideLock:
             except OSError:
                 continue  # a transient file-system error (e.g. NFS ESTALE): try again at the next beat
             if not mine:
+                if self._stop.is_set():
+                    return  # released meanwhile
                 self.lost = True
                 log.warning("lost the lock of slide %s (another process took it over)", self.slide_id)
                 return
@@ -464,12 +497,25 @@ class SlideLock:
     # -- release ---------------------------------------------------------------------------------------------
     def release(self) -> None:
         """Stop the heartbeat and delete the lock file if it is still ours. Safe to call twice, and after an
-        :meth:`acquire` that a signal interrupted at any point (the file, if made, carries this lock's token)."""
+        :meth:`acquire` that a signal interrupted at any point (the file, if made, carries this lock's token).
+        SIGINT/SIGTERM wait until it returns (:func:`deferred_signals`)."""
         if self._owner_pid != os.getpid():
             return  # never acquired here, already released, or a forked child
+        try:
+            with deferred_signals():
+                self._release()
+        except BaseException:
+            if self._owner_pid == os.getpid():  # a signal came before they were held back: finish first
+                self._release()
+            raise
+
+    def _release(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+            try:
+                self._thread.join(timeout=5)
+            except RuntimeError:
+                pass  # a signal stopped Thread.start() before the thread ran: nothing to wait for
         self._thread = None
         self.held = False
         if self._temp is not None:

@@ -110,6 +110,7 @@ def info(slides: tuple[str, ...], as_json: bool, backend: str, mpp_override: flo
     from mstar_extract.errors import EXIT_FAILED, EXIT_OK, SlideError
     from mstar_extract.inputs import resolve_slides
 
+    reporter.note_closed_stdout = False  # `mstar info ... | head` cuts a report: no note on stderr
     entries = resolve_slides(slides)
     records: list[dict[str, Any]] = []
     failed = 0

@@ -231,7 +231,7 @@ class SlideRunner:
                             unfinished=list(self.unfinished), **extra)
         done = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.counts.items() if v) or "nothing to do"
         if self.unfinished:
-            done += f" ({len(self.unfinished)} held by another process and not done)"
+            done += f", of which {len(self.unfinished)} held by another process and not done"
         if interrupted is not None:
             done = (done + ", " if self.counts and any(self.counts.values()) else "") + "interrupted"
         patches = sum(o.n_patches or 0 for o in self.outcomes)

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from mstar_extract.console import Reporter
 from mstar_extract.errors import SlideError, reason_of
-from mstar_extract.pipeline.runner import SlideOutcome, SlideRunner
+from mstar_extract.pipeline.runner import HELD_BY_OTHERS, SlideOutcome, SlideRunner
 from mstar_extract.store.layout import LayoutContext, OutLayout, make_layout, validate_slide_id
 from mstar_extract.tiling import ReadPlan, TilingParams
 from mstar_extract.tissue.params import SegmentationParams
@@ -212,7 +212,7 @@ class _TileRun:
     def ready(self, entry: Any) -> bool:
         """Lock the slide and check for complete outputs; True when the slide must be computed."""
         if not self.runner.begin(entry):  # another live process holds the slide's lock: accounted as skipped
-            self.runner.finish(SlideOutcome.skipped(entry, "taken by another process"))
+            self.runner.finish(SlideOutcome.skipped(entry, HELD_BY_OTHERS))
             return False
         if not self.overwrite and not getattr(entry, "error", None):
             done = completed_outcome(entry, self.layout, self.settings)

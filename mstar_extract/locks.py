@@ -96,11 +96,20 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+REDELIVER_S = 0.01
+"""Delay before a signal whose exception a finalizer swallowed is delivered again (:func:`sigterm_as_interrupt`)."""
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` in the main thread; the old handler is restored after.
 
-    Outside the main thread (where Python cannot install handlers) this does nothing.
+    A signal handler runs wherever the main thread is, also inside a ``__del__`` or a weakref callback (the
+    garbage collector runs them at any moment); CPython prints an exception raised there as "Exception ignored
+    in ..." with a traceback and goes on, so the signal would be lost. Within the block, such a swallowed
+    :class:`Terminated` or ``KeyboardInterrupt`` is delivered again :data:`REDELIVER_S` later instead
+    (``sys.unraisablehook``), and lands in ordinary code. Outside the main thread (where Python cannot install
+    handlers) this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -109,10 +118,25 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def _raise(signum: int, frame: Any) -> None:
         raise Terminated(signum)
 
+    old_hook = sys.unraisablehook
+
+    def _redeliver(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if not isinstance(exc, KeyboardInterrupt):
+            old_hook(unraisable)
+            return
+        signum = getattr(exc, "signum", signal.SIGINT)
+        # to the main thread itself, so that a blocking call there (a sleep, a wait) is interrupted too
+        timer = threading.Timer(REDELIVER_S, signal.pthread_kill, (threading.main_thread().ident, signum))
+        timer.daemon = True
+        timer.start()
+
     old = signal.signal(signal.SIGTERM, _raise)
+    sys.unraisablehook = _redeliver
     try:
         yield
     finally:
+        sys.unraisablehook = old_hook
         signal.signal(signal.SIGTERM, old)
 
 

@@ -347,3 +347,38 @@ def test_a_full_disk_while_a_lock_is_created_leaves_no_lock(tmp_path: Path) -> N
     lock = try_acquire(tmp_path, "full")  # the rerun gets the slide at once
     assert lock is not None and lock.took_over is None
     lock.release()
+
+
+_SLOW_DEL = (
+    "import sys, time\n"
+    "from mstar_extract.locks import Terminated, sigterm_as_interrupt\n"
+    "class Slow:\n"
+    "    def __del__(self):\n"
+    "        print('in del', flush=True)\n"
+    "        t = time.time()\n"
+    "        while time.time() - t < 3:\n"
+    "            pass\n"
+    "try:\n"
+    "    with sigterm_as_interrupt():\n"
+    "        s = Slow()\n"
+    "        del s\n"
+    "        time.sleep(60)\n"
+    "        print('not interrupted', flush=True)\n"
+    "except Terminated:\n"
+    "    print('terminated', flush=True)\n"
+    "    sys.exit(143)\n"
+)
+
+
+def test_sigterm_inside_a_finalizer_is_not_lost(tmp_path: Path) -> None:
+    """The garbage collector runs ``__del__`` and weakref callbacks at any moment; a SIGTERM handled there used to
+    be printed as "Exception ignored in ..." with a traceback and lost (the SIGTERM storm met it in a weakref
+    callback: the run went on and exited 0). Now it is delivered again and ends the run."""
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_DEL], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "in del"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out.split()) == (143, ["terminated"]), (out, err)
+    assert "Exception ignored" not in err and "Traceback" not in err, err

@@ -206,3 +206,15 @@ def test_the_run_waits_for_a_held_slide_that_its_holder_finishes(slides: dict[st
     assert json.loads(rest.splitlines()[-1])["unfinished"] == []
     assert "waiting for 1 slide(s) held by other processes" in err
     assert status(out)[1]["complete"] is True
+
+
+def test_several_processes_give_the_worst_exit_code() -> None:
+    """`--devices`: one exit code for the device processes (a whole-run error, then a failure, then slides left to
+    other jobs; a process killed by a signal counts as failed)."""
+    from mstar_extract.errors import worst_exit_code
+
+    assert worst_exit_code([0, 0]) == 0
+    assert worst_exit_code([0, EXIT_INCOMPLETE]) == EXIT_INCOMPLETE
+    assert worst_exit_code([EXIT_INCOMPLETE, 1, 0]) == 1
+    assert worst_exit_code([1, 3, EXIT_INCOMPLETE]) == 3
+    assert worst_exit_code([0, -9]) == 1 and worst_exit_code([None, 0]) == 1

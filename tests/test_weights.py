@@ -148,11 +148,15 @@ def test_unreadable_files(tmp_path: Path, tiny: torch.nn.Module) -> None:
     assert "'hf' or 'random'" in _one_line(exc)
 
 
-def test_random_weights_warn_loudly(capsys: pytest.CaptureFixture[str]) -> None:
-    resolved = resolve_weights(get_spec("mstar"), "random")
+def test_random_weights_warn_in_one_line() -> None:
+    import io
+
+    stream = io.StringIO()
+    resolved = resolve_weights(get_spec("mstar"), "random", warn_stream=stream)
     assert resolved.sha256 == RANDOM_SHA256 and resolved.path is None
-    err = capsys.readouterr().err
+    err = stream.getvalue()
     assert "RANDOM weights" in err and "MEANINGLESS" in err and "smoke tests" in err
+    assert err.count("\n") == 1 and err.startswith("mstar: warning:")  # one line, not a banner (issue 12)
 
 
 def test_sha256_cache_is_reused_until_the_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,9 +8,10 @@ import click
 
 from mstar_extract.cli.common import output_options
 from mstar_extract.cli.report import no_report_option, report_after_run
+from mstar_extract.cli.help import EXTRACT_SECTIONS, SectionedCommand
 from mstar_extract.cli.options import (
-    fast_decode_option, model_options, native_resolution_warning, resolution_options, segmentation_options,
-    select_slides, slide_input_options, tile_settings_from,
+    fast_decode_option, lock_timeout_option, model_options, native_resolution_warning, resolution_options,
+    segmentation_options, select_slides, slide_input_options, tile_settings_from,
 )
 
 
@@ -29,15 +30,14 @@ def extract_options(func: Any) -> Any:
         click.option("--skip-bad-patches", is_flag=True, default=False,
                      help="Drop patches whose pixels cannot be decoded (after one retry) and count them in the manifest, instead of failing the slide."),
         fast_decode_option(),
-        click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
-                     help="Seconds without a heartbeat after which another job's slide lock counts as stale. [default: $MSTAR_LOCK_TIMEOUT, else 600]"),
+        lock_timeout_option,
     ]
     for d in reversed(decorators):
         func = d(func)
     return func
 
 
-@click.command(context_settings={"max_content_width": 110})
+@click.command(cls=SectionedCommand, sections=EXTRACT_SECTIONS, context_settings={"max_content_width": 110})
 @slide_input_options
 @resolution_options
 @segmentation_options
@@ -49,7 +49,8 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
 
     SLIDES are files, folders (searched recursively), glob patterns, CSV/TXT lists, or '-' for a list on stdin.
     Slides whose bag is already complete are skipped (use --overwrite to redo them); several jobs may share OUT.
-    Exit code 0 when every slide is done/skipped/no-tissue, 1 if any failed, 2 for usage errors or missing weights.
+    Exit code 0 when every slide is done/skipped/no-tissue, 1 if any failed, 2 for usage errors or missing weights,
+    3 for a whole-run error, 4 when slides held by other jobs were not done (README, "Exit codes").
 
     \b
     Examples:

@@ -39,11 +39,25 @@ def _apply(func: F, decorators: list[Callable[[F], F]]) -> F:
     return func
 
 
+def _need_slides_and_out(ctx: click.Context, param: click.Parameter, out: str | None) -> str:
+    """OUT's callback. Click fills the last argument first, so a forgotten OUT would read as a missing SLIDES
+    (``mstar extract slides/``); say what is missing instead, with the usage line (exit 2)."""
+    slides = ctx.params.get("slides") or ()
+    if out is None:
+        raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == "slides"),
+                                     message="Give the slides and the output folder: SLIDES... OUT.")
+    if not slides:
+        raise click.MissingParameter(ctx=ctx, param=param, message=f"{out!r} was taken as SLIDES; add the output folder.")
+    return out
+
+
 def slide_input_options(func: F) -> F:
     """SLIDES... OUT, --backend, --mpp-override, --workers, --shard, --on-error, --overwrite."""
     return _apply(func, [
-        click.argument("slides", nargs=-1, required=True, metavar="SLIDES..."),
-        click.argument("out", type=click.Path(file_okay=False), metavar="OUT"),
+        # both optional for click, checked by OUT's callback (which names the missing one)
+        click.argument("slides", nargs=-1, required=False, metavar="SLIDES..."),
+        click.argument("out", type=click.Path(file_okay=False), metavar="OUT", required=False,
+                       callback=_need_slides_and_out),
         click.option("--backend", type=click.Choice(BACKENDS), default=lambda: env_default("MSTAR_BACKEND", "auto"),
                      show_default="auto, or $MSTAR_BACKEND",
                      help="Slide reader. auto chooses per file (docs/backends.md): OpenSlide or tiffslide for "
@@ -89,6 +103,15 @@ def pixel_limit_options() -> list[Callable[[F], F]]:
                      "Refuse a slide when segmenting it would decode more pixels of one level (a slide without a "
                      "pyramid): bounds the time one slide's segmentation can take."),
     ]
+
+
+def lock_timeout_option(func: F) -> F:
+    """--lock-timeout (tile and extract)."""
+    return click.option(
+        "--lock-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+        help="Seconds without a heartbeat after which another job's slide lock counts as stale (taken over); also "
+             "the longest wait, at the end, for slides that other jobs hold. "
+             "[default: $MSTAR_LOCK_TIMEOUT, else 600]")(func)
 
 
 def resolution_options(func: F) -> F:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -379,16 +378,19 @@ def cached_hub_file(spec: EncoderSpec, cache_dir: str | os.PathLike[str] | None 
 # -------------------------------------------------------------------------------------------- resolution
 
 
+def random_warning(spec: EncoderSpec) -> str:
+    """The one line that ``--weights random`` prints."""
+    return (f"warning: --weights random: model {spec.name!r} has RANDOM weights, the features are MEANINGLESS "
+            f"(smoke tests only; bags record weights_sha256='random')")
+
+
 def warn_random(spec: EncoderSpec, stream: Any = None) -> None:
-    """The loud stderr warning of ``--weights random``."""
-    stream = stream or sys.stderr
-    bar = "!" * 78
-    stream.write(
-        f"mstar: warning: {bar}\n"
-        f"mstar: warning: --weights random: model {spec.name!r} has RANDOM weights; the features are MEANINGLESS.\n"
-        f"mstar: warning: use this for smoke tests only (bags record weights_sha256='random').\n"
-        f"mstar: warning: {bar}\n"
-    )
+    """Say in one stderr line that ``--weights random`` makes meaningless features: through the ``mstar`` logger
+    (so ``-q`` silences it), or on ``stream`` when one is given."""
+    if stream is None:
+        log.warning(random_warning(spec))
+        return
+    stream.write(f"mstar: {random_warning(spec)}\n")
     stream.flush()
 
 

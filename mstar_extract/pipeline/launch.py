@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mstar_extract.console import Reporter, setup_logging
-from mstar_extract.errors import EXIT_FAILED, EXIT_OK, MstarError, first_line
+from mstar_extract.errors import EXIT_FAILED, MstarError, first_line, worst_exit_code
 from mstar_extract.pipeline.extract_job import ExtractSettings, run_extract
 
 
@@ -125,5 +125,4 @@ def launch_extract(entries: Sequence[Any], out: str | os.PathLike[str], settings
     from mstar_extract.manifest import merge_manifest
 
     merge_manifest(out)
-    codes = [p.exitcode for p in procs]
-    return EXIT_OK if all(c == 0 for c in codes) else EXIT_FAILED
+    return worst_exit_code([p.exitcode for p in procs])

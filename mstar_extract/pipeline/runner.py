@@ -13,7 +13,19 @@ Used by ``mstar tile`` and ``mstar extract``; the command owns the loop::
 JSONL events (stable field names; documented in the README): ``started`` {slide_id, path, command};
 ``done`` / ``skipped`` / ``no_tissue`` / ``failed`` {slide_id, path, status, n_patches, seconds, error, mpp,
 command}; ``summary`` {command, total, counts{done, skipped, no_tissue, failed}, seconds, exit_code, out_dir,
-and ``interrupted: true`` after Ctrl-C/SIGTERM}. Full schema: docs/cli-events.md.
+unfinished, and ``interrupted: true`` after Ctrl-C/SIGTERM}. Full schema: docs/cli-events.md.
+
+**Slides held by other processes.** A slide whose lock another live process holds is recorded ``skipped`` with
+the reason :data:`HELD_BY_OTHERS`. Such a slide is not done: before its summary the run waits for the slides it
+left to others (polling their locks every :data:`HELD_POLL_S` s) until each lock is released or stale, at most
+the lock timeout, and then looks at the merged manifest. A held slide that its holder did not record as
+``done``/``no_tissue`` is listed in the summary's ``unfinished`` and makes the exit code
+:data:`~mstar_extract.errors.EXIT_INCOMPLETE` (4) unless a slide failed (1): a run never exits 0 while slides
+of its list are not done. (No wait after a failure or an interruption: the exit code is decided then.)
+
+**Signals.** :meth:`SlideRunner.claim` registers a slide's :class:`~mstar_extract.locks.SlideLock` before
+acquiring it and :meth:`SlideRunner.release` forgets it only once it is released, so Ctrl-C/SIGTERM at any
+moment (:meth:`release_all` in the callers' clean-up) leaves no lock file behind.
 """
 
 from __future__ import annotations
@@ -24,9 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from mstar_extract.console import Progress, Reporter
-from mstar_extract.errors import EXIT_FAILED, EXIT_OK
-from mstar_extract.manifest import STATUSES, ManifestRow, ManifestWriter, SlideRecord
+from mstar_extract.errors import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK
+from mstar_extract.manifest import FINISHED_STATUSES, STATUSES, ManifestRow, ManifestWriter, SlideRecord
 from mstar_extract.store.layout import OutLayout
+
+HELD_BY_OTHERS = "taken by another process"
+"""The reason of a ``skipped`` outcome whose slide another live process holds (it is not done)."""
+HELD_POLL_S = 0.5
+"""Seconds between two looks at the locks of held slides while the run waits for them."""
 
 
 @dataclass
@@ -67,6 +84,10 @@ class SlideRunner:
         self._start = time.monotonic()
         self._active: dict[str, Any] = {}
         self._locks: dict[str, Any] = {}
+        self.held: dict[str, Any] = {}
+        """Slides another live process held when this run reached them (slide id -> entry)."""
+        self.unfinished: list[str] = []
+        """Held slides still not done when the run ended (set by :meth:`close`)."""
         self._manifest: ManifestWriter | None = None
         self._progress: Progress | None = None
         self._closed = False
@@ -90,21 +111,24 @@ class SlideRunner:
         False when another live process holds it. The lock is released in :meth:`release`."""
         if not self.use_locks:
             return True
-        from mstar_extract.locks import try_acquire
+        from mstar_extract.locks import SlideLock
 
+        slide_id = str(entry.slide_id)
         kw = {} if self.lock_timeout is None else {"timeout_s": float(self.lock_timeout)}
-        lock = try_acquire(self.out_dir, str(entry.slide_id), **kw)
-        if lock is None:
-            return False
-        self._locks[str(entry.slide_id)] = lock
-        return True
+        lock = self._locks[slide_id] = SlideLock(self.out_dir, slide_id, **kw)  # registered before any file exists
+        if lock.acquire():
+            return True
+        self.release(slide_id)
+        return False
 
     def release(self, slide_id: str) -> None:
-        """Give up ownership of a slide taken by :meth:`claim` (deletes its lock file)."""
+        """Give up ownership of a slide taken by :meth:`claim` (deletes its lock file). The lock stays registered
+        until it is released, so an interrupted release is finished by :meth:`release_all`."""
         self._active.pop(slide_id, None)
-        lock = self._locks.pop(slide_id, None)
+        lock = self._locks.get(slide_id)
         if lock is not None:
             lock.release()
+            self._locks.pop(slide_id, None)
 
     def release_all(self) -> None:
         """Give up every slide this process still holds (the run ends early, by any exception)."""
@@ -116,6 +140,7 @@ class SlideRunner:
         (another process owns it — the caller may record it as skipped with :meth:`finish`)."""
         _ = self.progress  # the bar appears with the first slide
         if not self.claim(entry):
+            self.held[str(entry.slide_id)] = entry
             return False
         self._active[str(entry.slide_id)] = entry
         self.reporter.event("started", slide_id=str(entry.slide_id), path=str(entry.path), command=self.command)
@@ -136,6 +161,41 @@ class SlideRunner:
         self.progress.update(1)
         self.progress.set_postfix(self._postfix())
 
+    def _exit_code(self) -> int:
+        if self.n_failed:
+            return EXIT_FAILED
+        return EXIT_INCOMPLETE if self.unfinished else EXIT_OK
+
+    def wait_for_held(self, poll_s: float = HELD_POLL_S) -> None:
+        """Wait while other live processes hold the slides this run left to them: until each lock is released or
+        stale, at most the lock timeout (the default 600 s when it is 0 or unset). One line says so."""
+        from mstar_extract.envdefaults import DEFAULT_LOCK_TIMEOUT_S
+        from mstar_extract.locks import hostname, lock_path, read_lock
+
+        limit = float(self.lock_timeout) if self.lock_timeout else DEFAULT_LOCK_TIMEOUT_S
+        me, deadline = hostname(), time.monotonic() + limit
+
+        def still_held() -> list[str]:
+            held = []
+            for slide_id in self.held:
+                info = read_lock(lock_path(self.out_dir, slide_id))
+                if info is not None and info.stale_reason(limit, me) is None:
+                    held.append(slide_id)
+            return held
+
+        waiting = still_held()
+        if waiting:
+            self.reporter.info(f"{self.command}: waiting for {len(waiting)} slide(s) held by other processes "
+                               f"(at most {limit:g} s): {_some(waiting)}")
+        while waiting and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            waiting = still_held()
+
+    def _unfinished(self, merged: list[ManifestRow]) -> list[str]:
+        """The held slides that no process has recorded as done/no_tissue (merged manifest)."""
+        finished = {r.slide_id for r in merged if r.status in FINISHED_STATUSES}
+        return sorted(sid for sid in self.held if sid not in finished)
+
     def _postfix(self) -> str:
         return ", ".join(f"{k} {v}" for k, v in self.counts.items() if v)
 
@@ -150,22 +210,28 @@ class SlideRunner:
         that ends the run early; the summary then carries ``"interrupted": true`` and the exit code the process
         will have (130, or 128 + the signal number)."""
         if self._closed:
-            return EXIT_FAILED if self.n_failed else EXIT_OK
+            return self._exit_code()
         self._closed = True
         if self._progress is not None:
             self._progress.close()
         self.release_all()
-        if self._manifest is not None or self.outcomes:
-            self.manifest.merge()
-        code = EXIT_FAILED if self.n_failed else EXIT_OK
+        if interrupted is None and not self.n_failed and self.held:
+            self.wait_for_held()
+        merged = self.manifest.merge() if self._manifest is not None or self.outcomes else []
+        if interrupted is None:
+            self.unfinished = self._unfinished(merged)
+        code = self._exit_code()
         if interrupted is not None:
             signum = getattr(interrupted, "signum", None)
             code = 128 + int(signum) if signum else 130
         seconds = time.monotonic() - self._start
         extra = {"interrupted": True} if interrupted is not None else {}
         self.reporter.event("summary", command=self.command, total=self.total, counts=dict(self.counts),
-                            seconds=round(seconds, 3), exit_code=code, out_dir=str(self.out_dir), **extra)
+                            seconds=round(seconds, 3), exit_code=code, out_dir=str(self.out_dir),
+                            unfinished=list(self.unfinished), **extra)
         done = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in self.counts.items() if v) or "nothing to do"
+        if self.unfinished:
+            done += f", of which {len(self.unfinished)} held by another process and not done"
         if interrupted is not None:
             done = (done + ", " if self.counts and any(self.counts.values()) else "") + "interrupted"
         patches = sum(o.n_patches or 0 for o in self.outcomes)
@@ -174,4 +240,14 @@ class SlideRunner:
             self.reporter.warn(line)
         else:
             self.reporter.info(line)
+        if self.unfinished:
+            self.reporter.warn(f"{len(self.unfinished)} slide(s) held by other processes are not done: "
+                               f"{_some(self.unfinished)} (exit code {EXIT_INCOMPLETE}; 'mstar status "
+                               f"{self.out_dir}' shows them, a rerun does them)")
         return code
+
+
+def _some(ids: list[str], n: int = 5) -> str:
+    """The first ``n`` ids, comma-separated, and how many more."""
+    more = f" and {len(ids) - n} more" if len(ids) > n else ""
+    return ", ".join(ids[:n]) + more

@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from mstar_extract.console import Reporter
 from mstar_extract.errors import SlideError, UsageError, reason_of
-from mstar_extract.pipeline.runner import SlideOutcome, SlideRunner
+from mstar_extract.pipeline.runner import HELD_BY_OTHERS, SlideOutcome, SlideRunner
 from mstar_extract.store.layout import LayoutContext, OutLayout, layout_class, make_layout, validate_slide_id
 from mstar_extract.tiling import ReadPlan, TilingParams
 from mstar_extract.tissue.params import SegmentationParams
@@ -249,7 +249,7 @@ class _TileRun:
     def ready(self, entry: Any) -> bool:
         """Lock the slide and check for complete outputs; True when the slide must be computed."""
         if not self.runner.begin(entry):  # another live process holds the slide's lock: accounted as skipped
-            self.runner.finish(SlideOutcome.skipped(entry, "taken by another process"))
+            self.runner.finish(SlideOutcome.skipped(entry, HELD_BY_OTHERS))
             return False
         if not self.overwrite and not getattr(entry, "error", None):
             done = completed_outcome(entry, self.layout, self.settings)
@@ -274,18 +274,30 @@ def run_tile(
     reporter: Reporter | None = None,
     overwrite: bool = False,
     on_error: str = "skip",
+    lock_timeout: float | None = None,
 ) -> int:
-    """Tile ``entries`` into ``out_dir`` with up to ``workers`` processes; returns the exit code (0, or 1 when
-    any slide failed). ``on_error="fail"`` stops starting new slides after the first failure. Raises
-    UsageError before any work for a bad slide id or settings that differ from OUT's record."""
+    """Tile ``entries`` into ``out_dir`` with up to ``workers`` processes; returns the exit code (0; 1 when
+    any slide failed; 4 when slides held by other processes were not done, see :mod:`.runner`).
+    ``on_error="fail"`` stops starting new slides after the first failure. ``lock_timeout``: seconds after which
+    another process's slide lock counts as stale (default 600). SIGTERM ends the run like Ctrl-C (locks
+    released). Raises UsageError before any work for a bad slide id or settings that differ from OUT's record."""
     from mstar_extract.envdefaults import DEFAULT_LOCK_TIMEOUT_S
+    from mstar_extract.locks import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        return _run_tile(entries, out_dir, settings, workers, reporter or Reporter(), overwrite, on_error,
+                         DEFAULT_LOCK_TIMEOUT_S if lock_timeout is None else float(lock_timeout))
+
+
+def _run_tile(entries: Sequence[Any], out_dir: str | os.PathLike[str], settings: TileSettings, workers: int,
+              reporter: Reporter, overwrite: bool, on_error: str, lock_timeout: float) -> int:
     from mstar_extract.pipeline.record import run_record
 
-    reporter = reporter or Reporter()
     layout = layout_for(out_dir, settings)
-    prepare_out(entries, layout, run_record(settings), overwrite, DEFAULT_LOCK_TIMEOUT_S)
+    prepare_out(entries, layout, run_record(settings), overwrite, lock_timeout)
     out = layout.root
-    run = _TileRun(SlideRunner(out, reporter, total=len(entries), command="tile"), layout, settings, overwrite, on_error)
+    runner = SlideRunner(out, reporter, total=len(entries), command="tile", lock_timeout=lock_timeout)
+    run = _TileRun(runner, layout, settings, overwrite, on_error)
     n_workers = max(1, min(int(workers), len(entries)))
     try:
         if n_workers == 1:

@@ -268,6 +268,11 @@ def read_bag(path: str | os.PathLike[str]) -> Bag:
         )
 
 
+def _show(value: Any) -> str:
+    """A value in a one-line reason: floats with 6 significant digits (0.666667, not 0.6666666666666666)."""
+    return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
 def _matches(have: Any, want: Any) -> bool:
     if isinstance(want, float) or isinstance(have, float):
         try:
@@ -329,7 +334,7 @@ def validate_bag(path: str | os.PathLike[str], expect: Mapping[str, Any] | None 
                 else:
                     have = _from_attr(key, f.attrs[key]) if key in f.attrs else None
                     if key not in f.attrs or not _matches(have, want):
-                        return f"{key} is {have!r}, expected {want!r}"
+                        return f"{key} is {_show(have)}, expected {_show(want)}"
     except OSError as exc:
         return f"not a readable HDF5 file (truncated or corrupt): {first_line(exc)}"
     except (KeyError, ValueError, TypeError) as exc:

@@ -156,11 +156,11 @@ def record_settings(layout: OutLayout, run: Record, overwrite: bool = False, wai
     layout.root.mkdir(parents=True, exist_ok=True)
     lock = SlideLock(layout.root, "settings record", path=layout.settings_lock, timeout_s=30.0, heartbeat_s=5.0)
     deadline = time.monotonic() + wait_s
-    while not lock.acquire():
-        if time.monotonic() > deadline:
-            raise RunError(f"{layout.settings_lock}: held by another process for more than {wait_s:.0f} s")
-        time.sleep(0.05)
-    try:
+    try:  # acquire inside: a signal while the lock is being made leaves no lock (SlideLock.release)
+        while not lock.acquire():
+            if time.monotonic() > deadline:
+                raise RunError(f"{layout.settings_lock}: held by another process for more than {wait_s:.0f} s")
+            time.sleep(0.05)
         stored = read_record(layout)
         _check(layout, stored, run, overwrite)
         doc = _merged(stored, run, overwrite)

@@ -9,7 +9,8 @@ import click
 from mstar_extract.cli.common import output_options
 from mstar_extract.cli.report import no_report_option, report_after_run
 from mstar_extract.cli.options import (
-    model_options, resolution_options, segmentation_options, select_slides, slide_input_options, tile_settings_from,
+    model_options, resolution_options, segmentation_options, select_slides, slide_encoder_option, slide_input_options,
+    tile_settings_from,
 )
 
 
@@ -40,6 +41,7 @@ def extract_options(func: Any) -> Any:
 @resolution_options
 @segmentation_options
 @extract_options
+@slide_encoder_option
 @no_report_option
 @output_options()
 def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
@@ -72,7 +74,7 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
         compile=kw.pop("compile"), dtype=kw.pop("dtype"), format=kw.pop("fmt"), coords_dir=kw.pop("coords_dir"),
         skip_bad_patches=kw.pop("skip_bad_patches"),
         workers=default_workers(kw.pop("workers"), n_procs=len(devices) if devices else 1),
-        lock_timeout=default_lock_timeout(kw.pop("lock_timeout")),
+        lock_timeout=default_lock_timeout(kw.pop("lock_timeout")), slide_encoder=kw.pop("slide_encoder"),
     )
     try:
         code = launch_extract(entries, out, settings, reporter, devices=devices, overwrite=kw.pop("overwrite"),

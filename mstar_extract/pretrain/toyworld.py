@@ -71,7 +71,11 @@ def toy_report(c: int, rng: np.random.Generator) -> str:
     return " ".join(str(w) for w in words)
 
 
-def make_class_slide(path: Path, c: int, seed: int, size_um: tuple[float, float] = (1800.0, 1400.0)) -> Path:
+SLIDE_UM = (1800.0, 1400.0)
+"""Default slide size in µm (about 27 tissue patches of 256 px at 20x)."""
+
+
+def make_class_slide(path: Path, c: int, seed: int, size_um: tuple[float, float] = SLIDE_UM) -> Path:
     """One SVS slide (20x, 0.5 µm/px) whose tissue islands have class ``c``'s stain intensity."""
     from mstar_extract.testing.fixtures import make_svs
     from mstar_extract.testing.scene import random_scene
@@ -113,8 +117,10 @@ def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     return path
 
 
-def make_toy_world(out: str | Path, n_train: int = 10, n_test: int = 4, n_classes: int = 3, seed: int = 0) -> ToyWorld:
-    """Write ``n_train`` training and ``n_test`` held-apart slides per class and everything else under ``out``.
+def make_toy_world(out: str | Path, n_train: int = 10, n_test: int = 4, n_classes: int = 3, seed: int = 0,
+                   size_um: tuple[float, float] = SLIDE_UM) -> ToyWorld:
+    """Write ``n_train`` training and ``n_test`` held-apart slides per class (``size_um`` each) and everything else
+    under ``out``.
 
     Bags are not written here: ``mstar extract slides/train bags --model timm:test_vit --weights frozen.pth``
     writes them where ``stage1_manifest.csv`` and ``stage2_manifest.csv`` expect them (``bags/features``)."""
@@ -130,7 +136,7 @@ def make_toy_world(out: str | Path, n_train: int = 10, n_test: int = 4, n_classe
             c = i % n_classes
             sid = f"{split[:2]}{i:03d}"
             path = root / "slides" / split / f"{sid}.svs"
-            make_class_slide(path, c, seed * 10007 + (0 if split == "train" else 5003) + i)
+            make_class_slide(path, c, seed * 10007 + (0 if split == "train" else 5003) + i, size_um)
             if split == "train":
                 train.append(path)
                 s1.append([sid, f"bags/features/{sid}.h5", toy_report(c, rng), labels[c], "train"])

@@ -247,6 +247,14 @@ def test_zeroshot_scores_equal_the_official_method(runs: dict, tmp_path: Path) -
     assert m["n_labelled"] == 3 and m["chance"] == pytest.approx(1 / 3) and m["classes"] == classes
     for j in (1, 5, 10, 50, 100):
         assert m["by_j"][str(j)]["accuracy"] == pytest.approx(np.mean(hits[j]))
+    # a checkpoint without our text record (as mSTAR's authors would publish one) + --text-model: same scores
+    official = torch.load(ckpt, weights_only=True)
+    torch.save({"model_state_dict": official["model_state_dict"]}, tmp_path / "bare.pth")
+    r = cli("zeroshot", bags / "s1.h5", tmp_path / "out2", "--checkpoint", tmp_path / "bare.pth", "--prompts",
+            tmp_path / "p.json", "--text-model", cfg.text.model, "--device", "cpu")
+    assert r.returncode == 0 and "does not record its patch extractor" in r.stderr
+    again = next(csv.DictReader(open(tmp_path / "out2" / "zeroshot.csv")))
+    assert all(float(again[k]) == pytest.approx(float(rows["s1"][k]), abs=1e-5) for k in again if k.startswith("score_"))
 
 
 def test_prompt_and_checkpoint_problems_are_one_line_usage_errors(runs: dict, tmp_path: Path) -> None:

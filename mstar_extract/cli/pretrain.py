@@ -105,9 +105,12 @@ def export(stage1: str, stage2: str, out: str, reporter: Any) -> int:
     Example:
       mstar pretrain export --stage1 runs/stage1 --stage2 runs/stage2 zeroshot.pth
     """
-    from mstar_extract.pretrain.zeroshot_export import export_from_runs
+    from mstar_extract.pretrain.zeroshot_export import export_from_runs, load_zeroshot, official_code_note
 
     path = export_from_runs(stage1, stage2, out)
+    note = official_code_note(load_zeroshot(path))
+    if note:
+        reporter.warn(note)
     reporter.info(f"zero-shot checkpoint {path}")
     click.echo(str(path))
     return 0

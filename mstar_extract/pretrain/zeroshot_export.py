@@ -69,6 +69,16 @@ def assemble(text_obj: dict[str, Any], proj: dict[str, torch.Tensor], patch_feat
             "patch_features": patch_features, "provenance": provenance}
 
 
+def official_code_note(obj: dict[str, Any]) -> str | None:
+    """A warning when mSTAR's own code would embed prompts differently from how stage 1 was trained, else None."""
+    pooling = (obj.get("text") or {}).get("pooling", "cls")
+    if pooling != "cls":
+        return (f"the report encoder was trained with text.pooling={pooling}; mSTAR's own zero-shot code embeds "
+                "prompts with the CLS token, so only `mstar zeroshot` (which follows the recorded pooling) scores "
+                "this checkpoint as trained")
+    return None
+
+
 def write_zeroshot(path: str | Path, obj: dict[str, Any]) -> Path:
     from mstar_extract.store.atomic import atomic_path
 
@@ -155,5 +165,7 @@ def export_after_stage2(teacher_file: Path, text_file: str | None, proj: dict[st
         return None, (f"no zero-shot checkpoint: no stage-1 report encoder export at {where}; make one with "
                       f"`mstar pretrain export --stage1 <stage-1 run> --stage2 <this run> {out.name}`")
     provenance = {**provenance, "text_file": str(found), "text_sha256": _sha(found)}
-    path = write_zeroshot(out, assemble(load_text_export(found), proj, patch_features, provenance))
-    return path, f"zero-shot checkpoint {path}"
+    obj = assemble(load_text_export(found), proj, patch_features, provenance)
+    path = write_zeroshot(out, obj)
+    note = official_code_note(obj)
+    return path, f"zero-shot checkpoint {path}" + (f" (note: {note})" if note else "")

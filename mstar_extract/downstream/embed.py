@@ -68,12 +68,11 @@ def embed_bag(entry: Any, bag: Path, out: Path, encoder: SlideEncoder, overwrite
 
     t0 = time.monotonic()
     problem = validate_bag(bag)
+    if problem is None:
+        attrs, n, d = _bag_facts(bag)
+        problem = encoder.bag_problem(attrs, d)
     if problem is not None:
-        return SlideOutcome.failed(entry, f"{bag}: {problem}", seconds=0.0)
-    attrs, n, d = _bag_facts(bag)
-    problem = encoder.bag_problem(attrs, d)
-    if problem is not None:
-        return SlideOutcome.failed(entry, f"{bag}: {problem}", seconds=0.0)
+        return SlideOutcome.failed(entry, problem, seconds=0.0)
     if n == 0:
         return SlideOutcome(entry.slide_id, str(entry.path), "no_tissue", n_patches=0, seconds=0.0)
     identity = {"bag_created": str(attrs.get("created", "")), "n_patches": n,
@@ -115,7 +114,7 @@ def run_embed_slides(entries: Sequence[Any], out_dir: str | Path, settings: Embe
     try:
         for entry in entries:
             if entry.error:
-                runner.finish(SlideOutcome.failed(entry, f"{entry.path}: {entry.error}", seconds=0.0))
+                runner.finish(SlideOutcome.failed(entry, str(entry.error), seconds=0.0))
             elif not runner.begin(entry):
                 runner.finish(SlideOutcome.skipped(entry, "taken by another process"))
             else:

@@ -170,8 +170,10 @@ def test_short_run_learns_keeps_teacher_and_reuses_targets(toy: dict, tmp_path: 
 
     spec = get_spec("timm:test_vit")
     load_into(spec.build(), load_state_dict_file(res.student_path), spec, res.student_path)
-    proj = torch.load(res.proj_path, weights_only=True)
-    assert proj["weight"].shape == (32, 64) and proj["bias"].shape == (32,)
+    proj = torch.load(res.proj_path, weights_only=True)["model_state_dict"]  # mSTAR's layout (zero-shot code)
+    assert set(proj) == {"proj.weight", "proj.bias"}
+    assert proj["proj.weight"].shape == (32, 64) and proj["proj.bias"].shape == (32,)
+    assert res.zeroshot_path is None  # this toy teacher has no stage-1 report encoder beside it
     card = json.loads(res.card_path.read_text())
     assert card["teacher_sha256"] == teacher_hash and card["steps"] == res.steps
     assert card["init"]["init"] == "random" and card["manifest_sha256"] and card["n_patches"] == sum(toy["data"].n_patches)

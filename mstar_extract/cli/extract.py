@@ -11,7 +11,7 @@ from mstar_extract.cli.report import no_report_option, report_after_run
 from mstar_extract.cli.help import EXTRACT_SECTIONS, SectionedCommand
 from mstar_extract.cli.options import (
     fast_decode_option, lock_timeout_option, model_options, native_resolution_warning, resolution_options,
-    segmentation_options, select_slides, slide_input_options, tile_settings_from,
+    segmentation_options, select_slides, slide_encoder_option, slide_input_options, tile_settings_from,
 )
 
 
@@ -42,6 +42,7 @@ def extract_options(func: Any) -> Any:
 @resolution_options
 @segmentation_options
 @extract_options
+@slide_encoder_option
 @no_report_option
 @output_options()
 def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
@@ -77,7 +78,7 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
         compile=kw.pop("compile"), dtype=kw.pop("dtype"), format=kw.pop("fmt"), coords_dir=kw.pop("coords_dir"),
         skip_bad_patches=kw.pop("skip_bad_patches"),
         workers=default_workers(kw.pop("workers"), n_procs=len(devices) if devices else 1),
-        lock_timeout=default_lock_timeout(kw.pop("lock_timeout")),
+        lock_timeout=default_lock_timeout(kw.pop("lock_timeout")), slide_encoder=kw.pop("slide_encoder"),
         decode="reduced" if kw.pop("fast_decode") else "full",
     )
     if not settings.coords_dir:  # coordinate files bring their own resolution

@@ -20,7 +20,7 @@ SEGMENTATION = ("Tissue segmentation (docs/tiling.md; the defaults suit H&E)", (
 
 EXTRACT_SECTIONS: Sections = (
     ("Model", ("model", "weights", "device", "batch_size", "precision", "compile", "devices", "fast_decode")),
-    ("Output", ("layout", "dtype", "fmt", "overwrite", "on_error", "no_report")),
+    ("Output", ("layout", "dtype", "fmt", "slide_encoder", "overwrite", "on_error", "no_report")),
     ("Patches", ("magnification", "target_mpp", "patch_size", "overlap", "min_tissue", "coords_dir", "tissue_mask",
                  "exact_mpp", "snap_tolerance", "coords_format", "qc")),
     ("Slides and jobs", ("backend", "mpp_override", "skip_bad_patches", "workers", "shard", "lock_timeout",

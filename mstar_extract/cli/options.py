@@ -261,3 +261,11 @@ def model_options(weights_default: str | None = None, weights_help: str | None =
         ])
 
     return decorate
+
+
+def slide_encoder_option(func: F) -> F:
+    """``--slide-encoder PATH`` of ``extract``: a slide embedding right after each bag (docs/downstream.md)."""
+    return click.option(
+        "--slide-encoder", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+        help="Stage-1 aggregator (teacher.pt or aggregator_mstar.pth): also write OUT/slide_features/<slide_id>.h5 "
+             "for each bag, as `mstar embed-slides` does. [default: none]")(func)

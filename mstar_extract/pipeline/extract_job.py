@@ -73,6 +73,8 @@ class ExtractSettings:
     decode: str = "full"
     """``full``: model inputs bit-identical to the official mSTAR pipeline; ``reduced``: ``--fast-decode``
     (reduced-size JPEG decoding, docs/reader.md). Recorded in every bag as the ``decode`` attr."""
+    slide_encoder: str | None = None
+    """Stage-1 aggregator file: a slide embedding after each bag (:func:`mstar_extract.downstream.embed.embed_after_bag`)."""
 
 
 def wants_pt(settings: ExtractSettings) -> bool:
@@ -259,10 +261,11 @@ class ExtractRun:
     """
 
     def __init__(self, entries: Sequence[Any], layout: OutLayout, settings: ExtractSettings, encoder: Any,
-                 reporter: Reporter, overwrite: bool = False, on_error: str = "skip") -> None:
+                 reporter: Reporter, overwrite: bool = False, on_error: str = "skip", slide_encoder: Any = None) -> None:
         from mstar_extract.reading import DeviceFeeder
 
         self.layout, self.settings, self.encoder, self.reporter = layout, settings, encoder, reporter
+        self.slide_encoder = slide_encoder
         self.overwrite, self.on_error = overwrite, on_error
         self.batch_size = settings.batch_size or default_batch_size(encoder.device.type)
         self.runner = SlideRunner(layout.root, reporter, total=len(entries), command="extract",
@@ -303,7 +306,12 @@ class ExtractRun:
         self.runner.release_all()
 
     def record(self, outcome: SlideOutcome) -> None:
-        """The slide's one outcome (manifest row, event, lock released); ``--on-error fail`` stops after a failure."""
+        """The slide's one outcome (manifest row, event, lock released); ``--on-error fail`` stops after a failure.
+        With ``--slide-encoder`` a slide whose bag is complete gets its slide embedding first, under its lock."""
+        if self.slide_encoder is not None:
+            from mstar_extract.downstream.embed import embed_after_bag
+
+            outcome = embed_after_bag(self.slide_encoder, self.layout, outcome)
         self.runner.finish(outcome)
         if outcome.status == "failed" and self.on_error == "fail":
             self.stop = True
@@ -449,10 +457,32 @@ def run_extract(
     if encoder is None:
         encoder = Encoder.create(settings.model, settings.weights, device=settings.device, precision=settings.precision,
                                  compile=settings.compile, cache_dir=settings.cache_dir, token=settings.token)
-    run = ExtractRun(entries, layout, settings, encoder, reporter, overwrite=overwrite, on_error=on_error)
+    slide_encoder = load_slide_encoder(settings, encoder)
+    run = ExtractRun(entries, layout, settings, encoder, reporter, overwrite=overwrite, on_error=on_error,
+                     slide_encoder=slide_encoder)
     reporter.info(f"model {encoder.name} ({encoder.weights.description}) on {encoder.device}, {encoder.precision}, "
                   f"batch {run.batch_size}, {settings.workers} reader worker(s)")
     # temp files of other hosts' live jobs sharing OUT (cluster file system) are kept until older than the lock timeout
     prepare_out(entries, layout, run_record(settings.tile, settings, encoder.weights_sha256), overwrite,
                 settings.lock_timeout)
-    return run.run()
+    code = run.run()
+    if slide_encoder is not None:
+        from mstar_extract.downstream.embed import finish_table
+
+        finish_table(layout, reporter)
+    return code
+
+
+def load_slide_encoder(settings: ExtractSettings, encoder: Any) -> Any:
+    """``--slide-encoder``'s aggregator on the model's device, checked against the model before any work (a
+    UsageError when it was trained on other patch features); None without the option."""
+    if not settings.slide_encoder:
+        return None
+    from mstar_extract.downstream.aggregator import SlideEncoder
+    from mstar_extract.errors import UsageError
+
+    slide_encoder = SlideEncoder.load(settings.slide_encoder, encoder.device)
+    problem = slide_encoder.extractor_problem(encoder.name, encoder.weights_sha256, encoder.feature_dim)
+    if problem is not None:
+        raise UsageError(f"--slide-encoder: {problem}")
+    return slide_encoder

@@ -12,6 +12,9 @@ The ``mstar`` layout (the default)::
       manifest.csv                  merged manifest (:mod:`mstar_extract.manifest`)
       mstar_settings.json           the settings OUT's outputs were made with (:mod:`mstar_extract.store.record`)
       report.html, report_assets/   the run's HTML report (:mod:`mstar_extract.report`)
+      slide_features/<slide_id>.h5  one slide embedding (embed-slides, extract --slide-encoder; :mod:`mstar_extract.downstream`)
+      slide_features.h5, slide_features.csv   every slide embedding of OUT in one table
+      zeroshot.csv, zeroshot_metrics.json    zero-shot predictions and, with labels, accuracy (mstar zeroshot)
       .manifest/<host>-<pid>-<ns>.csv   one manifest part per process
       .locks/<slide_id>.lock        one lock per slide being processed (:mod:`mstar_extract.locks`)
       .mstar_settings.lock          held for the few milliseconds it takes to update mstar_settings.json
@@ -66,6 +69,8 @@ LOCK_SUFFIX = ".lock"
 SETTINGS_RECORD_NAME = "mstar_settings.json"
 REPORT_NAME = "report.html"
 REPORT_ASSETS_DIR = "report_assets"
+SLIDE_FEATURES_DIR = "slide_features"
+ZEROSHOT_NAME = "zeroshot"
 
 
 # --------------------------------------------------------------------------------------------------- slide ids
@@ -223,6 +228,37 @@ class OutLayout:
         return SlidePaths(slide_id=self._id(slide_id), bag=self.bag(slide_id), pt=self.pt(slide_id),
                           coords=self.coords(slide_id), qc=self.qc(slide_id), contours=self.contours(slide_id),
                           lock=self.lock(slide_id), thumbnail=self.thumbnail(slide_id))
+
+    # -- slide embeddings and zero-shot (mstar_extract.downstream; the same in every layout) ----------------------
+    @property
+    def slide_features_dir(self) -> Path:
+        """``OUT/slide_features``: one ``<slide_id>.h5`` per slide; ``mstar embed-slides`` keeps its manifest, its
+        manifest parts and its locks here too (so its rows never mix with an extraction's in ``OUT/manifest.csv``)."""
+        return self.root / SLIDE_FEATURES_DIR
+
+    def slide_features(self, slide_id: str) -> Path:
+        """One slide's embedding file."""
+        return self._inside(SLIDE_FEATURES_DIR, f"{self._id(slide_id)}.h5")
+
+    @property
+    def slide_features_table(self) -> Path:
+        """Every slide embedding under :attr:`slide_features_dir` in one HDF5 file."""
+        return self.root / f"{SLIDE_FEATURES_DIR}.h5"
+
+    @property
+    def slide_features_csv(self) -> Path:
+        """One row per slide embedding: provenance and file."""
+        return self.root / f"{SLIDE_FEATURES_DIR}.csv"
+
+    @property
+    def zeroshot_predictions(self) -> Path:
+        """Per-slide zero-shot predictions and pooled scores for every top-j."""
+        return self.root / f"{ZEROSHOT_NAME}.csv"
+
+    @property
+    def zeroshot_metrics(self) -> Path:
+        """Accuracy and balanced accuracy per top-j (when labels were given)."""
+        return self.root / f"{ZEROSHOT_NAME}_metrics.json"
 
     # -- the two checks every per-slide path goes through -----------------------------------------------------
     @staticmethod

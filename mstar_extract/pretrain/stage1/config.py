@@ -82,6 +82,7 @@ class ExportConfig:
 
     teacher: str = opt("teacher.pt", "Stage-2 teacher file (aggregator config + weights), relative to the run folder.")
     mstar: str = opt("aggregator_mstar.pth", "Aggregator in mSTAR's downstream layout ({'model_state_dict': {'vision_encoder.<key>': ...}}).")
+    text: str = opt("text_mstar.pth", "Report encoder in mSTAR's zero-shot layout ({'model_state_dict': {'text_encoder.<AutoModelForMaskedLM key>', 'proj_text.*'}}, plus its config and tokenizer).")
 
 
 @dataclasses.dataclass

@@ -34,7 +34,7 @@ from mstar_extract.pretrain.stage1.data import (
     read_manifest,
     split_records,
 )
-from mstar_extract.pretrain.stage1.export import export_mstar, export_teacher
+from mstar_extract.pretrain.stage1.export import export_mstar, export_teacher, export_text, feature_model_of
 from mstar_extract.pretrain.stage1.genes import load_gene_embeddings
 from mstar_extract.pretrain.stage1.losses import stage1_losses
 from mstar_extract.pretrain.stage1.model import Stage1Model, loss_weights, masks_of, move
@@ -179,13 +179,20 @@ def resume_loop(loop: TrainLoop, resume: str | None, run_dir: Path, cfg_dict: di
 
 
 def export_run(raw: Stage1Model, cfg: Stage1Config, cfg_dict: dict[str, Any], step: int, epoch: int, run_dir: Path,
-               reporter: Reporter) -> None:
-    """Rank 0: the stage-2 teacher file and the aggregator in mSTAR's downstream layout."""
+               reporter: Reporter, data: Stage1Data) -> None:
+    """Rank 0: the stage-2 teacher file, the aggregator in mSTAR's downstream layout, and the report encoder in
+    mSTAR's zero-shot layout; the first two record the patch-feature model of the training bags."""
     meta = {"step": step, "epoch": epoch, "config": cfg_dict}
-    teacher = export_teacher(raw.aggregator, dataclasses.asdict(cfg.aggregator), run_dir / cfg.export.teacher, meta)
-    mst = export_mstar(raw.aggregator, run_dir / cfg.export.mstar)
-    reporter.info(f"stage 1 done at step {step}: teacher {teacher}, mSTAR layout {mst}")
-    reporter.event("done", step=step, teacher=str(teacher), mstar=str(mst))
+    bags = [r.features for r in data.train.records + data.val.records if r.features is not None]
+    feature_model, warning = feature_model_of(bags)
+    if warning:
+        reporter.warn(warning)
+    agg_cfg = dataclasses.asdict(cfg.aggregator)
+    teacher = export_teacher(raw.aggregator, agg_cfg, run_dir / cfg.export.teacher, meta, feature_model)
+    mst = export_mstar(raw.aggregator, run_dir / cfg.export.mstar, agg_cfg, feature_model)
+    text = export_text(raw.text, data.collate.tokenizer, cfg.text, run_dir / cfg.export.text, {"step": step})
+    reporter.info(f"stage 1 done at step {step}: teacher {teacher}, mSTAR layout {mst}, report encoder {text}")
+    reporter.event("done", step=step, teacher=str(teacher), mstar=str(mst), text=str(text))
 
 
 def _run(cfg: Stage1Config, resume: str | None, reporter: Reporter, info: D.DistInfo) -> int:
@@ -217,6 +224,6 @@ def _run(cfg: Stage1Config, resume: str | None, reporter: Reporter, info: D.Dist
         )
     state = loop.run()
     if info.is_main:
-        export_run(raw, cfg, cfg_dict, state.step, state.epoch, run_dir, reporter)
+        export_run(raw, cfg, cfg_dict, state.step, state.epoch, run_dir, reporter, data)
     D.barrier()
     return 0

@@ -101,9 +101,11 @@ class Stage2ExportConfig:
     """Files written at the end of training (relative to the run folder)."""
 
     student: str = opt("student.pth", "Student patch extractor: plain timm state dict (released mSTAR format; `mstar extract --weights`).")
-    proj: str = opt("proj.pth", "The projection head (`weight`, `bias`).")
+    proj: str = opt("proj.pth", "The projection head in mSTAR's layout ({'model_state_dict': {'proj.weight', 'proj.bias'}}).")
     card: str = opt("model_card.json", "Model card: config, manifest hash, steps, teacher hash, init.")
     verify: bool = opt(True, "Re-load student.pth strict=True into a freshly built network after writing it.")
+    zeroshot: Optional[str] = opt("zeroshot.pth", "Zero-shot checkpoint in mSTAR's layout (stage-1 report encoder + proj; `mstar zeroshot --checkpoint`); null = none.")
+    text: Optional[str] = opt(None, "Stage-1 report encoder export for the zero-shot checkpoint; null = the `text_mstar.pth` written beside teacher.file.")
 
 
 @dataclasses.dataclass

@@ -4,9 +4,12 @@
   float32), verified by a ``strict=True`` load into a freshly built network of the same registry spec (for
   ``mstar``/``uni``: ``vit_large_patch16_224(init_values=1e-5, num_classes=0, dynamic_img_size=True)``, the
   released mSTAR format), so ``mstar extract --weights student.pth`` uses it.
-* ``proj.pth`` — ``{"weight": (T, D), "bias": (T,)}``.
+* ``proj.pth`` — ``{"model_state_dict": {"proj.weight": (T, D), "proj.bias": (T,)}}``, the layout mSTAR's
+  zero-shot code reads its ``proj`` from.
 * ``model_card.json`` — format :data:`CARD_FORMAT`: architecture, preprocessing, how the student was
   initialised, teacher and manifest hashes, sizes, steps, sha256 of both exports, final metrics, the config.
+* ``zeroshot.pth`` — the zero-shot checkpoint (:mod:`mstar_extract.pretrain.zeroshot_export`): the stage-1
+  report encoder beside the teacher file + ``proj``, when that stage-1 export exists.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class ExportedFiles:
     student: Path
     proj: Path
     card: Path
+    zeroshot: Path | None = None
+    zeroshot_note: str = "no zero-shot checkpoint (export.zeroshot: null)"
 
 
 def student_state_dict(model: StudentWithProj) -> dict[str, torch.Tensor]:
@@ -73,8 +78,10 @@ def export_student(model: StudentWithProj, spec: "EncoderSpec", student_path: st
     """
     with atomic_path(student_path) as tmp:
         torch.save(student_state_dict(model), tmp)
+    from mstar_extract.pretrain.zeroshot_export import official_proj
+
     with atomic_path(proj_path) as tmp:
-        torch.save({k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.proj.state_dict().items()}, tmp)
+        torch.save(official_proj(model.proj.weight, model.proj.bias), tmp)
     if verify:
         verify_student_file(student_path, spec)
 
@@ -129,5 +136,22 @@ def export_run(cfg: "Stage2Config", model: StudentWithProj, spec: "EncoderSpec",
     files = ExportedFiles(run_dir / cfg.export.student, run_dir / cfg.export.proj, run_dir / cfg.export.card)
     export_student(model, spec, files.student, files.proj, verify=cfg.export.verify)
     card = model_card(cfg, model, spec, init, prov, files, final_metrics)
+    if cfg.export.zeroshot:
+        export_zeroshot(cfg, model, card, prov, run_dir, files)
+    card["zeroshot_file"] = cfg.export.zeroshot if files.zeroshot else None
     write_text_atomic(files.card, json.dumps(card, indent=2, default=str) + "\n")
     return files
+
+
+def export_zeroshot(cfg: "Stage2Config", model: StudentWithProj, card: dict[str, Any], prov: Provenance, run_dir: Path,
+                    files: ExportedFiles) -> None:
+    """The zero-shot checkpoint (stage-1 report encoder + this run's ``proj``) into ``files``, or the reason why not."""
+    from mstar_extract.pretrain.zeroshot_export import export_after_stage2, official_proj
+
+    assert cfg.export.zeroshot
+    proj = official_proj(model.proj.weight, model.proj.bias)["model_state_dict"]
+    feats = {"model": card["model"], "weights_sha256": card["student_sha256"], "feature_dim": card["feature_dim"]}
+    provenance = {"teacher_sha256": prov.teacher_sha256, "student_sha256": card["student_sha256"],
+                  "proj_sha256": card["proj_sha256"]}
+    files.zeroshot, files.zeroshot_note = export_after_stage2(prov.teacher_file, cfg.export.text, proj, feats,
+                                                              provenance, run_dir / cfg.export.zeroshot)

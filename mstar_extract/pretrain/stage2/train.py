@@ -47,6 +47,7 @@ class Stage2Result:
     student_path: Path | None = None
     proj_path: Path | None = None
     card_path: Path | None = None
+    zeroshot_path: Path | None = None
 
 
 @dataclass
@@ -111,6 +112,8 @@ def start_run(cfg: Stage2Config, info: D.DistInfo, reporter: Reporter, manifest_
 def _run(run: Stage2Run, resume: str | None) -> Stage2Result:
     from mstar_extract.pretrain.stage2.student import prepare_student_init
 
+    if run.cfg.train.cpu_threads and run.info.device.type == "cpu":
+        torch.set_num_threads(run.cfg.train.cpu_threads)
     resume_path = ckpt.resolve_resume(resume, run.run_dir)
     state = load_resume_state(run, resume_path)  # a bad or foreign checkpoint stops the run before any work
     # a fresh run checks (or fetches) the student's weights before the targets are computed
@@ -310,8 +313,10 @@ def finish(run: Stage2Run, loop: Stage2Loop, student: Student, n_patches: list[i
         files = export_run(run.cfg, student.raw, student.spec, student.init, prov, run.run_dir,
                            result.history[-1] if result.history else None)
         result.student_path, result.proj_path, result.card_path = files.student, files.proj, files.card
-        reporter.info(f"stage 2 done at step {final.step}: student {files.student}")
-        reporter.event("done", step=final.step, student=str(files.student), proj=str(files.proj), card=str(files.card))
+        result.zeroshot_path = files.zeroshot
+        reporter.info(f"stage 2 done at step {final.step}: student {files.student}; {files.zeroshot_note}")
+        reporter.event("done", step=final.step, student=str(files.student), proj=str(files.proj), card=str(files.card),
+                       zeroshot=str(files.zeroshot) if files.zeroshot else None)
     D.barrier()
 
 

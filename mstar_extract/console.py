@@ -133,8 +133,10 @@ class Reporter:
             self.stderr.flush()
 
     def warn(self, message: str) -> None:
-        self.stderr.write(f"mstar: warning: {message}\n")
-        self.stderr.flush()
+        """A warning line on stderr unless ``--quiet`` (which shows errors only)."""
+        if not self.quiet:
+            self.stderr.write(f"mstar: warning: {message}\n")
+            self.stderr.flush()
 
     @contextmanager
     def progress(self, total: int | None, desc: str, unit: str = "it", position: int = 0) -> Iterator["Progress"]:

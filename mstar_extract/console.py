@@ -7,6 +7,10 @@ Rules (README "Shell pipelines, JSONL events and exit codes", issue 8):
 * an expected error is one line ``mstar: <file>: <reason>``; a traceback only with ``--debug``.
 * without a terminal on stderr, progress bars become one periodic log line every ``interval`` seconds
   (``MSTAR_PROGRESS_INTERVAL``, default 30) instead of carriage-return spam.
+* a closed stdout (``mstar extract ... --jsonl | head -1``) never stops the work: :meth:`Reporter.write_stdout`
+  catches the broken pipe, points file descriptor 1 at ``/dev/null`` (so nothing, not even Python's flush at
+  exit, writes to the dead pipe again; the Python documentation's recipe for SIGPIPE) and drops the machine
+  output from then on; a run says so in one stderr line and goes on to its normal exit code.
 """
 
 from __future__ import annotations
@@ -26,6 +30,22 @@ log = logging.getLogger("mstar")
 QUIET, NORMAL, VERBOSE, DEBUG = -1, 0, 1, 2
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler on whatever ``sys.stderr`` is when a record is emitted (not the one of the moment it was made):
+    a caller that swaps ``sys.stderr`` (a test's capture, a CLI runner) still gets the lines."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(verbosity: int) -> None:
     """Configure the ``mstar`` logger on stderr: quiet=errors only, normal=warnings, -v=info, --debug=debug."""
     level = {QUIET: logging.ERROR, NORMAL: logging.WARNING, VERBOSE: logging.INFO}.get(verbosity, logging.DEBUG)
@@ -33,10 +53,26 @@ def setup_logging(verbosity: int) -> None:
     root.setLevel(level)
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("mstar: %(levelname)s: %(message)s" if verbosity >= DEBUG else "mstar: %(message)s"))
     root.addHandler(handler)
     root.propagate = False
+
+
+def silence_stdout(stream: IO[str] | None = None) -> None:
+    """Point ``stream``'s file descriptor (default: ``sys.stdout``'s) at ``/dev/null`` after its reader went away,
+    so that later writes and the interpreter's flush at exit succeed quietly instead of raising BrokenPipeError
+    (the recipe of the Python documentation, "Note on SIGPIPE"). Streams without a descriptor are left alone."""
+    stream = sys.stdout if stream is None else stream
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _jsonable(value: Any) -> Any:
@@ -62,6 +98,11 @@ class Reporter:
     stdout: IO[str] = field(default_factory=lambda: sys.stdout)
     stderr: IO[str] = field(default_factory=lambda: sys.stderr)
 
+    stdout_closed: bool = False
+    """True once the reader of stdout went away (broken pipe): machine output is dropped from then on."""
+    note_closed_stdout: bool = True
+    """Say in one stderr line that events stop when stdout closes (a run; not a report that ``| head`` cut)."""
+
     @property
     def debug(self) -> bool:
         return self.verbosity >= DEBUG
@@ -72,11 +113,27 @@ class Reporter:
 
     def event(self, event: str, **fields: Any) -> None:
         """Write one JSONL event (``{"event": ..., **fields}``) to stdout when ``--jsonl`` is on."""
-        if not self.jsonl:
+        if not self.jsonl or self.stdout_closed:
             return
         record = {"event": event, **fields}
-        self.stdout.write(json.dumps(_jsonable(record), sort_keys=False) + "\n")
-        self.stdout.flush()
+        self.write_stdout(json.dumps(_jsonable(record), sort_keys=False) + "\n", announce=self.note_closed_stdout)
+
+    def write_stdout(self, text: str, announce: bool = False) -> bool:
+        """Write machine output to stdout and flush it; False once the reader has closed stdout (never raises
+        for that). ``announce``: say so in one stderr line (a run that goes on: its events stop there)."""
+        if self.stdout_closed:
+            return False
+        try:
+            self.stdout.write(text)
+            self.stdout.flush()
+            return True
+        except (BrokenPipeError, ValueError):  # ValueError: the stream object itself was closed
+            self.stdout_closed = True
+            silence_stdout(self.stdout)
+            if announce:
+                self.warn("stdout was closed (broken pipe): no more events on stdout; the run goes on "
+                          "(every outcome is in OUT/manifest.csv)")
+            return False
 
     def error(self, message: str, exc: BaseException | None = None) -> None:
         """One line on stderr (always shown, even with ``--quiet``); the traceback only with ``--debug``."""
@@ -92,8 +149,10 @@ class Reporter:
             self.stderr.flush()
 
     def warn(self, message: str) -> None:
-        self.stderr.write(f"mstar: warning: {message}\n")
-        self.stderr.flush()
+        """A warning line on stderr unless ``--quiet`` (which shows errors only)."""
+        if not self.quiet:
+            self.stderr.write(f"mstar: warning: {message}\n")
+            self.stderr.flush()
 
     @contextmanager
     def progress(self, total: int | None, desc: str, unit: str = "it", position: int = 0) -> Iterator["Progress"]:

@@ -12,6 +12,23 @@ EXIT_USAGE = 2
 EXIT_RUN = 3
 """A whole-run error stopped the run early (OUT full or read-only, the GPU out of memory at the chosen batch
 size, a failed compile, a sticky CUDA error): the slides not yet finished are left untouched for the next job."""
+EXIT_INCOMPLETE = 4
+"""No slide failed, but slides of the list were held by other live processes (their locks) and were still not
+finished when this run ended, after waiting for them (``mstar_extract.pipeline.runner``): they are not done yet;
+``mstar status OUT`` tells when they are, a rerun does what is left."""
+
+
+def worst_exit_code(codes: "list[int | None]") -> int:
+    """One exit code for several processes of one run (``--devices``): a whole-run error (3) before a failed slide
+    (1), before slides left to other processes (4), before 0; a process killed by a signal (negative or None)
+    counts as 1."""
+    rank = {EXIT_RUN: 3, EXIT_FAILED: 2, EXIT_INCOMPLETE: 1, EXIT_OK: 0}
+    worst = EXIT_OK
+    for code in codes:
+        code = EXIT_FAILED if code is None or code < 0 else code
+        if rank.get(code, 2) > rank.get(worst, 2):
+            worst = code if code in rank else EXIT_FAILED
+    return worst
 
 
 class MstarError(Exception):

@@ -5,11 +5,15 @@ A spec may be:
 - a slide file (any name; an unknown extension fails later, per slide, when it is opened);
 - a directory: searched recursively for known slide extensions (``slides.SLIDE_EXTENSIONS``), skipping hidden
   files and folders (names starting with ``.``, which includes this tool's own ``.<name>.*.tmp`` temp files);
+  symbolic links are followed, but every real folder is searched once (a link loop such as ``ln -s . d/x`` ends),
+  a file reached by several paths (a link to a slide beside it) is one slide under its link-free path, and a
+  broken link with a slide name is a slide that fails with "file not found" (:mod:`mstar_extract.discover`);
   multi-file formats are one slide each: the ``.dcm`` files of one DICOM WSI series (its label, overview and
   thumbnail instances included) are one slide, a MIRAX ``X.mrxs`` is one slide whose data folder ``X/`` is
   not searched, and the JPEG files that a Hamamatsu ``X.vms`` lists are its parts, not slides
   (:mod:`mstar_extract.slides.formats`);
-- a glob pattern (``*``, ``?``, ``[``; ``**`` recurses): matching slide files, and directories searched as above;
+- a glob pattern (``*``, ``?``, ``[``; ``**`` recurses, visiting each real folder once as above): matching slide
+  files, and directories searched as above;
 - a list file ``*.csv`` / ``*.tsv`` / ``*.txt``: CSV with a header holding a ``path`` column and optional
   ``slide_id`` and ``mpp`` columns (tab-separated when the header has tabs), or — for ``.txt`` without a
   ``path`` header — one path per line; relative paths are relative to the list file's folder;
@@ -18,8 +22,9 @@ A spec may be:
 In lists, blank lines and lines starting with ``#`` are ignored. The slide id is the file name without its
 slide extension (``a.ome.tif`` -> ``a``) unless the list gives one; for DICOM, any file of a series (or a
 folder holding one series) names the series, whose id is the folder's name when the folder holds one series
-(rule for several: :mod:`mstar_extract.slides.dicom`). A path that does not exist becomes an
-entry with ``error`` set (a per-slide failure later, not a crash). The same file named twice is kept once;
+(rule for several: :mod:`mstar_extract.slides.dicom`). A SLIDES argument that does not exist (not a glob
+pattern) is a usage error before any work; a path inside a list that does not exist becomes an entry with
+``error`` set (a per-slide failure later, not a crash). The same file named twice is kept once;
 two different files with the same id raise :class:`UsageError` naming both, before any work.
 
 Slide ids name output files, so each is checked here (:func:`mstar_extract.store.layout.slide_id_problem`: no
@@ -41,7 +46,8 @@ from pathlib import Path
 from typing import Iterable, Sequence, TextIO
 
 from mstar_extract.errors import UsageError
-from mstar_extract.slides.formats import group_slide_files, is_mrxs_data_dir, is_slide_file, slide_identity
+from mstar_extract.discover import file_key, glob_slides, missing_reason, one_path_per_file, scan_dir
+from mstar_extract.slides.formats import is_slide_file, slide_identity
 from mstar_extract.store.layout import validate_slide_id
 
 log = logging.getLogger("mstar")
@@ -66,17 +72,6 @@ def _is_hidden(path: Path, root: Path) -> bool:
     except ValueError:
         parts = (path.name,)
     return any(p.startswith(".") for p in parts)
-
-
-def _scan_dir(root: Path) -> list[Path]:
-    """Slides under ``root`` (recursive), hidden files/folders and MIRAX data folders skipped, one file per
-    DICOM series, sorted."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not is_mrxs_data_dir(d, filenames))
-        names = [n for n in filenames if not n.startswith(".") and is_slide_file(n)]
-        found.extend(group_slide_files(Path(dirpath), names))
-    return sorted(found)
 
 
 def _parse_mpp(value: str | None, where: str) -> float | None:
@@ -127,7 +122,8 @@ def _entry(base: Path, raw: str, slide_id: str | None, mpp: float | None) -> Sli
         path = base / path
     path = Path(os.path.normpath(path))
     if not path.exists():
-        return SlideEntry(slide_id or slide_identity(path).slide_id, path, mpp, "file not found")
+        reason = "file not found" if not path.is_symlink() else f"file not found: {missing_reason(path)}"
+        return SlideEntry(slide_id or slide_identity(path).slide_id, path, mpp, reason)
     ident = slide_identity(path)  # a DICOM series: its level-0 file and the series' id
     return SlideEntry(slide_id or ident.slide_id, ident.path, mpp, ident.error)
 
@@ -144,7 +140,7 @@ def _expand(spec: str, stdin: TextIO | None) -> list[SlideEntry]:
         return parse_list(stream.read(), Path.cwd(), "stdin")
     path = Path(os.path.expanduser(spec))
     if path.is_dir() and not is_slide_file(path):
-        found = _scan_dir(path)
+        found = scan_dir(path)
         if not found:
             log.warning("no slide files found in folder %s", spec)
         return [_entry(Path.cwd(), str(p), None, None) for p in found]
@@ -155,38 +151,62 @@ def _expand(spec: str, stdin: TextIO | None) -> list[SlideEntry]:
             raise UsageError(f"cannot read slide list {spec}: {exc}") from exc
         return parse_list(text, path.parent, spec, force_csv=path.suffix.lower() in (".csv", ".tsv"))
     if not path.exists() and _GLOB_CHARS & set(spec):
-        out: list[SlideEntry] = []
-        pattern = os.path.expanduser(spec)
-        # hidden names are skipped only below the pattern's literal folder (a path like /data/.cache/*.svs is fine)
-        root = Path(os.path.dirname(pattern[: min(pattern.find(c) for c in _GLOB_CHARS if c in pattern)]))
-        for match in sorted(glob.glob(pattern, recursive=True)):
-            m = Path(match)
-            if _is_hidden(m, root):
-                continue
-            if m.is_dir() and not is_slide_file(m):
-                out.extend(_entry(Path.cwd(), str(p), None, None) for p in _scan_dir(m))
-            elif is_slide_file(m):
-                out.append(_entry(Path.cwd(), match, None, None))
-        if not out:
-            log.warning("no slide files match %s", spec)
-        return out
+        return _expand_glob(spec)
     return [_entry(Path.cwd(), spec, None, None)]
 
 
-def resolve_slides(specs: Sequence[str] | Iterable[str], stdin: TextIO | None = None) -> list[SlideEntry]:
+def _expand_glob(spec: str) -> list[SlideEntry]:
+    """The slides a glob pattern names: matching slide files, and matching folders searched
+    (:mod:`mstar_extract.discover`)."""
+    pattern = os.path.expanduser(spec)
+    # hidden names are skipped only below the pattern's literal folder (a path like /data/.cache/*.svs is fine)
+    literal = os.path.dirname(pattern[: min(pattern.find(c) for c in _GLOB_CHARS if c in pattern)])
+    if "**" in pattern:  # glob.glob would follow link loops under '**' forever
+        found = glob_slides(literal, pattern[len(literal):])
+    else:
+        found = []
+        for match in sorted(glob.glob(pattern)):
+            m = Path(match)
+            if _is_hidden(m, Path(literal)):
+                continue
+            if m.is_dir() and not is_slide_file(m):
+                found.extend(scan_dir(m))
+            elif is_slide_file(m):
+                found.append(m)
+    out = [_entry(Path.cwd(), str(p), None, None) for p in one_path_per_file(found)]
+    if not out:
+        log.warning("no slide files match %s", spec)
+    return out
+
+
+def check_specs_exist(specs: Sequence[str]) -> None:
+    """Raise :class:`UsageError` naming every SLIDES argument that does not exist (a glob pattern and ``-`` are
+    not paths; a broken symbolic link does not exist). Costs one ``stat`` per argument, before any search."""
+    missing = [(spec, Path(os.path.expanduser(spec))) for spec in specs
+               if spec != "-" and not (_GLOB_CHARS & set(spec)) and not os.path.exists(os.path.expanduser(spec))]
+    if missing:
+        what = "; ".join(f"'{spec}': {missing_reason(path)}" for spec, path in missing)
+        raise UsageError(f"SLIDES argument{'s' if len(missing) > 1 else ''} not found: {what}")
+
+
+def resolve_slides(specs: Sequence[str] | Iterable[str], stdin: TextIO | None = None,
+                   missing_ok: bool = False) -> list[SlideEntry]:
     """Expand SLIDES specs (see module docstring) into entries sorted by slide id, then path.
 
-    Raises :class:`UsageError` for an unreadable or malformed list, duplicate slide ids, or when nothing at
-    all was found.
+    Raises :class:`UsageError` for a SLIDES argument that does not exist (unless ``missing_ok``: then it becomes
+    an entry with ``error`` set, as a missing path inside a list always does), an unreadable or malformed list,
+    duplicate slide ids, or when nothing at all was found.
     """
     specs = list(specs)
     if not specs:
         raise UsageError("no slides given (files, folders, glob patterns, a CSV/TXT list, or '-' for stdin)")
-    by_path: dict[Path, SlideEntry] = {}
+    if not missing_ok:
+        check_specs_exist(specs)
+    by_path: dict[tuple[object, ...], SlideEntry] = {}
     for spec in specs:
         for entry in _expand(spec, stdin):
             _checked(entry, str(entry.path))  # ids from file names (list rows were checked as they were read)
-            key = entry.path.resolve() if entry.error is None else entry.path
+            key = file_key(entry.path)  # one file reached by two paths (a link) is one slide
             prev = by_path.get(key)
             if prev is None or (prev.mpp is None and entry.mpp is not None):
                 by_path[key] = entry if prev is None else SlideEntry(prev.slide_id, prev.path, entry.mpp, prev.error)

@@ -1,9 +1,15 @@
 """Per-slide lock files: any number of processes, on any number of nodes, share one output folder (issue 5).
 
-A process that wants to work on a slide creates ``OUT/.locks/<slide_id>.lock`` with
-``os.open(O_CREAT | O_EXCL | O_WRONLY)``: the file system lets exactly one creator succeed (atomic on local
-file systems, on NFSv3 and later, and on Lustre/GPFS/BeeGFS). The file holds JSON ``{slide_id, host, pid,
-start, cmd, token}``. Protocol for callers (the lock protects only the *in-progress* window)::
+A process that wants to work on a slide creates ``OUT/.locks/<slide_id>.lock`` with its content already in
+it: the JSON ``{slide_id, host, pid, start, cmd, token, proc_start}`` is written and fsynced to a temp file
+(``.<lock name>.<host>.<pid>.<8 hex>.tmp``), which is then hard-linked to the lock's name with ``os.link``.
+A link never replaces an existing file, so exactly one creator succeeds (atomic on local file systems, on NFSv3
+and later, and on Lustre/GPFS/BeeGFS: the classic O_EXCL-with-content trick of NFS), and a lock file is never
+seen empty or half-written, even when the disk fills while it is created (the temp write fails and no lock
+appears: :class:`~mstar_extract.errors.RunError`). On NFS a retransmitted LINK can answer "exists" although
+it worked; the temp's link count (2) tells. File systems without hard links fall back to
+``os.open(O_CREAT | O_EXCL)`` + write (a failed write removes the file). Protocol for callers (the lock
+protects only the *in-progress* window)::
 
     lock = try_acquire(out_dir, slide_id)
     if lock is None:            # another live process is working on it -> count as skipped
@@ -21,11 +27,21 @@ checks that the file still carries this lock's token; if another process took th
 frozen for longer than the timeout), :attr:`SlideLock.lost` becomes true and a warning is logged.
 
 **Stale locks** are taken over (with a warning line) when the owner is on this host and its pid is gone (or was
-reused by a newer process), or when the lock is older than ``timeout_s`` (any host; ``timeout_s <= 0``
-disables this). Takeover is race-free among takers: the taker renames the stale file to a unique name (only
-one rename can succeed), checks that what it renamed is the very lock it judged stale (token), deletes it, and
-then competes for a fresh ``O_EXCL`` create like everyone else. If it renamed a *fresh* lock by mistake (someone
+reused by a newer process), when the lock is older than ``timeout_s`` (any host; ``timeout_s <= 0``
+disables this), or when its content cannot be read (empty, truncated, not JSON: left by an older version when
+the disk filled, or damaged) and it is older than :data:`UNREADABLE_GRACE_S` (5 s), whatever the timeout: this
+version never makes such a file, so an unreadable lock is never a live owner's.
+
+Takeover is race-free among takers: the taker renames the stale file to a unique name (only one rename can
+succeed), checks that what it renamed is the very lock it judged stale (token), deletes it, and then competes
+for a fresh create like everyone else. If it renamed a *fresh* lock by mistake (someone
 else completed a takeover in between), it links it back with ``os.link`` (which never overwrites).
+
+**No window for signals.** :meth:`SlideLock.acquire` notes the owner process *before* the file is created, and
+:meth:`SlideLock.release` removes a lock file carrying this lock's token whether or not ``acquire`` returned
+(and this lock's temp or takeover files), so a caller that registers the :class:`SlideLock` object before calling
+``acquire`` (as :class:`mstar_extract.pipeline.runner.SlideRunner` does) and releases every registered lock on
+Ctrl-C/SIGTERM leaves no lock behind, whatever bytecode the signal interrupts.
 
 Shared file systems: ages compare the server's mtime with this node's clock, so node clocks must agree to
 well within the timeout (NTP does this); NFS attribute caching (``acregmax``, â‰¤ 60 s) also stays far below it.
@@ -33,6 +49,7 @@ well within the timeout (NTP does this); NFS attribute caching (``acregmax``, â‰
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -49,7 +66,8 @@ from typing import Any, Iterator
 from urllib.parse import unquote
 
 from mstar_extract.envdefaults import DEFAULT_LOCK_TIMEOUT_S
-from mstar_extract.errors import MstarError
+from mstar_extract.errors import MstarError, RunError
+from mstar_extract.store.atomic import temp_path_for
 from mstar_extract.store.layout import LOCK_SUFFIX, OutLayout, lock_file_name
 from mstar_extract.store.layout import LOCKS_DIR as LOCKS_DIR  # re-exported: the folder of the lock files
 
@@ -57,6 +75,12 @@ log = logging.getLogger("mstar")
 
 # DEFAULT_LOCK_TIMEOUT_S (600 s, from envdefaults): a lock not refreshed for this long is stale.
 DEFAULT_HEARTBEAT_S = 30.0
+UNREADABLE_GRACE_S = 5.0
+"""A lock whose content cannot be read (empty, truncated, not JSON) is stale once older than this many seconds,
+whatever ``--lock-timeout`` says. Locks are written with their content before they appear, so only an older
+version's lock, caught between its ``O_EXCL`` create and its write (microseconds; forever when the disk was
+full), can be unreadable; 5 s covers a slow write on a loaded shared file system many times over."""
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EXDEV}
 
 
 class LockHeldError(MstarError):
@@ -72,11 +96,20 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+REDELIVER_S = 0.01
+"""Delay before a signal whose exception a finalizer swallowed is delivered again (:func:`sigterm_as_interrupt`)."""
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` in the main thread; the old handler is restored after.
 
-    Outside the main thread (where Python cannot install handlers) this does nothing.
+    A signal handler runs wherever the main thread is, also inside a ``__del__`` or a weakref callback (the
+    garbage collector runs them at any moment); CPython prints an exception raised there as "Exception ignored
+    in ..." with a traceback and goes on, so the signal would be lost. Within the block, such a swallowed
+    :class:`Terminated` or ``KeyboardInterrupt`` is delivered again :data:`REDELIVER_S` later instead
+    (``sys.unraisablehook``), and lands in ordinary code. Outside the main thread (where Python cannot install
+    handlers) this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -85,11 +118,53 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def _raise(signum: int, frame: Any) -> None:
         raise Terminated(signum)
 
+    old_hook = sys.unraisablehook
+
+    def _redeliver(unraisable: Any) -> None:
+        exc = unraisable.exc_value
+        if not isinstance(exc, KeyboardInterrupt):
+            old_hook(unraisable)
+            return
+        signum = getattr(exc, "signum", signal.SIGINT)
+        # to the main thread itself, so that a blocking call there (a sleep, a wait) is interrupted too
+        timer = threading.Timer(REDELIVER_S, signal.pthread_kill, (threading.main_thread().ident, signum))
+        timer.daemon = True
+        timer.start()
+
     old = signal.signal(signal.SIGTERM, _raise)
+    sys.unraisablehook = _redeliver
     try:
         yield
     finally:
+        sys.unraisablehook = old_hook
         signal.signal(signal.SIGTERM, old)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the block: one that arrives meanwhile is delivered (to the handler that was
+    in place) when the block ends. Python runs signal handlers in the main thread only, so this makes a block of
+    the main thread atomic for them whatever thread the signal hit; elsewhere it does nothing. Used around
+    :meth:`SlideLock.acquire` and :meth:`SlideLock.release`, which therefore never stop half-way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        pending.append(signum)
+
+    old: dict[int, Any] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not None:  # None: a handler installed from C, left alone
+                old[sig] = signal.signal(sig, hold)
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 # ------------------------------------------------------------------------------------------------ lock identity
@@ -150,6 +225,8 @@ class LockInfo:
     mtime: float
     ino: int
     age_s: float
+    readable: bool = True
+    """False when the content is not a JSON object naming an owner (empty, truncated, damaged)."""
 
     def same_file(self, other: "LockInfo") -> bool:
         """Is ``other`` (read later) the very lock this one describes?"""
@@ -160,6 +237,10 @@ class LockInfo:
     def stale_reason(self, timeout_s: float, this_host: str | None = None) -> str | None:
         """Why this lock may be taken over, or ``None`` when its owner must be presumed alive."""
         this_host = this_host or hostname()
+        if not self.readable:
+            if self.age_s > UNREADABLE_GRACE_S:
+                return f"its content cannot be read (empty or damaged) and it is {self.age_s:.0f} s old"
+            return None  # an older version's lock being written right now
         if self.host == this_host and self.pid is not None and not pid_alive(self.pid, self.proc_start):
             return f"its process {self.pid} on {self.host} is gone"
         if timeout_s > 0 and self.age_s > timeout_s:
@@ -169,7 +250,7 @@ class LockInfo:
     def as_dict(self) -> dict[str, Any]:
         return {
             "slide_id": self.slide_id, "host": self.host, "pid": self.pid, "start": self.start,
-            "age_s": round(self.age_s, 1), "cmd": self.cmd,
+            "age_s": round(self.age_s, 1), "cmd": self.cmd, "readable": self.readable,
         }
 
 
@@ -210,6 +291,7 @@ def read_lock(path: str | os.PathLike[str], now: float | None = None) -> LockInf
         mtime=st.st_mtime,
         ino=st.st_ino,
         age_s=max(0.0, now - st.st_mtime),
+        readable=any(data.get(k) for k in ("host", "pid", "token")),
     )
 
 
@@ -229,6 +311,29 @@ def list_locks(out_dir: str | os.PathLike[str], now: float | None = None) -> lis
 def _command_line() -> str:
     cmd = " ".join(sys.argv) if sys.argv and sys.argv[0] else sys.executable
     return cmd if len(cmd) <= 1000 else cmd[:997] + "..."
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (``O_EXCL``: FileExistsError if it exists), write ``data`` in full and fsync it; on any
+    failure the file is removed again, so no empty or partial file stays behind."""
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink(path)
+        raise
+    os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 # ------------------------------------------------------------------------------------------------------- the lock
@@ -258,6 +363,10 @@ class SlideLock:
         self.took_over: str | None = None
         """Why a stale lock was taken over to get this one (``None`` if the slide was free)."""
         self._owner_pid = 0
+        """The process that started acquiring (0: none, or released); only it releases."""
+        self._temp: Path | None = None
+        self._aside: Path | None = None
+        self._seen: LockInfo | None = None
         self._sigterm: Any = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -270,55 +379,96 @@ class SlideLock:
         }).encode("utf-8")
 
     def _create(self) -> bool:
+        """Make the lock file with its content, never overwriting one; True when this call made it.
+        RunError when OUT cannot take the file (disk full, read-only, no permission)."""
+        tmp = self._temp = temp_path_for(self.path)
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            _write_new(tmp, self._content())
+            try:
+                os.link(tmp, self.path)
+                return True
+            except FileExistsError:
+                return os.stat(tmp).st_nlink == 2  # NFS: a retransmitted LINK that had worked says "exists"
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+            return self._create_in_place()  # a file system without hard links
         except FileExistsError:
             return False
-        try:
-            os.write(fd, self._content())
-            os.fsync(fd)
+        except OSError as exc:
+            raise RunError(f"{self.path}: cannot create the lock file: {exc.strerror or exc}") from exc
         finally:
-            os.close(fd)
+            _unlink(tmp)
+            self._temp = None
+
+    def _create_in_place(self) -> bool:
+        """``O_CREAT | O_EXCL`` then write: the fallback without hard links (a failed write removes the file)."""
+        try:
+            _write_new(self.path, self._content())
+        except FileExistsError:
+            return False
         return True
 
     def _take_over(self, seen: LockInfo, reason: str) -> bool:
         """Remove the stale lock ``seen`` if it is still the same file; True if this process removed it."""
-        aside = self.path.with_name(f"{self.path.name}.takeover-{hostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+        aside = self._aside = self.path.with_name(
+            f"{self.path.name}.takeover-{hostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+        self._seen = seen
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return False  # someone else removed it first
-        moved = read_lock(aside)
-        if moved is not None and seen.same_file(moved):
-            os.unlink(aside)
+        if self._put_aside_back():
             log.warning(
                 "taking over the lock of slide %s (held by host %s pid %s): %s",
                 self.slide_id, seen.host, seen.pid, reason,
             )
             self.took_over = reason
             return True
-        # We moved a fresh lock that another process created after its own takeover: put it back, never clobbering.
-        try:
-            os.link(aside, self.path)
-        except FileExistsError:
-            log.warning("lock of slide %s changed hands during a takeover; its owner will notice", self.slide_id)
-        finally:
-            try:
-                os.unlink(aside)
-            except FileNotFoundError:
-                pass
         return False
 
+    def _put_aside_back(self) -> bool:
+        """Deal with the file a takeover renamed aside: delete it when it is the stale lock that was judged (True);
+        else it is a fresh lock that another process made after its own takeover: link it back, never clobbering."""
+        aside, seen = self._aside, self._seen
+        if aside is None:
+            return False
+        try:
+            moved = read_lock(aside)
+            if moved is None:
+                return False
+            if seen is not None and seen.same_file(moved):
+                _unlink(aside)
+                return True
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                log.warning("lock of slide %s changed hands during a takeover; its owner will notice", self.slide_id)
+            _unlink(aside)
+            return False
+        finally:
+            self._aside = self._seen = None
+
     def acquire(self) -> bool:
-        """Try to take the lock (never blocks). True when this process now holds it."""
+        """Try to take the lock (never blocks). True when this process now holds it.
+
+        SIGINT/SIGTERM wait until it returns (:func:`deferred_signals`); and should the process be stopped inside
+        anyway, :meth:`release` undoes whatever it did (the owner process is noted before any file is made)."""
+        with deferred_signals():
+            return self._acquire()
+
+    def _acquire(self) -> bool:
         if self.held:
             return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._owner_pid = os.getpid()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"{self.path.parent}: cannot create the folder of the lock files: {exc.strerror or exc}") from exc
         me = hostname()
         for _ in range(5):
             if self._create():
                 self.held = True
-                self._owner_pid = os.getpid()
                 self._start_heartbeat()
                 return True
             seen = read_lock(self.path)
@@ -348,6 +498,8 @@ class SlideLock:
             except OSError:
                 continue  # a transient file-system error (e.g. NFS ESTALE): try again at the next beat
             if not mine:
+                if self._stop.is_set():
+                    return  # released meanwhile
                 self.lost = True
                 log.warning("lost the lock of slide %s (another process took it over)", self.slide_id)
                 return
@@ -368,24 +520,45 @@ class SlideLock:
 
     # -- release ---------------------------------------------------------------------------------------------
     def release(self) -> None:
-        """Stop the heartbeat and delete the lock file if it is still ours. Safe to call twice."""
-        if not self.held or os.getpid() != self._owner_pid:
-            return  # never released from a forked child
+        """Stop the heartbeat and delete the lock file if it is still ours. Safe to call twice, and after an
+        :meth:`acquire` that a signal interrupted at any point (the file, if made, carries this lock's token).
+        SIGINT/SIGTERM wait until it returns (:func:`deferred_signals`)."""
+        if self._owner_pid != os.getpid():
+            return  # never acquired here, already released, or a forked child
+        try:
+            with deferred_signals():
+                self._release()
+        except BaseException:
+            if self._owner_pid == os.getpid():  # a signal came before they were held back: finish first
+                self._release()
+            raise
+
+    def _release(self) -> None:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+            try:
+                self._thread.join(timeout=5)
+            except RuntimeError:
+                pass  # a signal stopped Thread.start() before the thread ran: nothing to wait for
         self._thread = None
         self.held = False
+        if self._temp is not None:
+            _unlink(self._temp)
+        if self._aside is not None:
+            self._put_aside_back()
         if self.still_mine():
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            _unlink(self.path)
+        self._owner_pid = 0
 
     def __enter__(self) -> "SlideLock":
         """Hold the lock for the block. In the main thread, when SIGTERM still has its default action, SIGTERM
         raises :class:`Terminated` inside the block so that the lock is released (old handler restored after)."""
-        if not self.held and not self.acquire():
+        try:
+            got = self.held or self.acquire()
+        except BaseException:
+            self.release()  # a signal or an error inside acquire: leave nothing behind
+            raise
+        if not got:
             raise LockHeldError(f"slide {self.slide_id} is being processed by another process ({self.path})")
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
             self._sigterm = sigterm_as_interrupt()

@@ -123,14 +123,9 @@ def qc_caption(slide_id: str, mask: TissueMask, plan: ReadPlan | None, min_tissu
     return " ".join(parts)
 
 
-def write_qc(path: str | os.PathLike[str], slide, mask: TissueMask, plan: ReadPlan | None, slide_id: str,
-             min_tissue: float | None = None, min_side: int = 900, max_side: int = 1600, quality: int = 88) -> Path:
-    """Render and write the QC JPEG of ``slide`` atomically; returns the path.
-
-    The picture reuses the image segmentation ran on (no second read of the slide), resized so that its longer
-    side lies in [``min_side``, ``max_side``] (upscaled when the slide is small, so lines stay readable); without
-    one (``--tissue-mask``), the slide is read at ``max_side``.
-    """
+def _picture_base(slide, mask: TissueMask, min_side: int, max_side: int) -> tuple[np.ndarray, float, float]:
+    """The image segmentation ran on (read at ``max_side`` without one), resized so that its longer side lies in
+    [``min_side``, ``max_side``]; returns it with its level-0 px per picture px (x, y)."""
     import cv2
 
     from mstar_extract.slides.downsample import read_max_side
@@ -148,11 +143,37 @@ def write_qc(path: str | os.PathLike[str], slide, mask: TissueMask, plan: ReadPl
         nw, nh = max(1, round(w * factor)), max(1, round(h * factor))
         thumb = cv2.resize(thumb, (nw, nh), interpolation=cv2.INTER_LINEAR if factor > 1 else cv2.INTER_AREA)
         sx, sy = sx * w / nw, sy * h / nh
-    img = render_qc(thumb, sx, sy, mask, plan, qc_caption(slide_id, mask, plan, min_tissue))
-    ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return thumb, sx, sy
+
+
+def _write_jpeg(path: str | os.PathLike[str], rgb: np.ndarray, quality: int, what: str) -> Path:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
-        raise OSError(f"could not encode QC picture for {slide_id}")
+        raise OSError(f"could not encode {what}")
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.tobytes())
     return path
+
+
+def write_qc(path: str | os.PathLike[str], slide, mask: TissueMask, plan: ReadPlan | None, slide_id: str,
+             min_tissue: float | None = None, min_side: int = 900, max_side: int = 1600, quality: int = 88) -> Path:
+    """Render and write the QC JPEG of ``slide`` atomically; returns the path.
+
+    The picture reuses the image segmentation ran on (no second read of the slide), resized so that its longer
+    side lies in [``min_side``, ``max_side``] (upscaled when the slide is small, so lines stay readable); without
+    one (``--tissue-mask``), the slide is read at ``max_side``.
+    """
+    thumb, sx, sy = _picture_base(slide, mask, min_side, max_side)
+    img = render_qc(thumb, sx, sy, mask, plan, qc_caption(slide_id, mask, plan, min_tissue))
+    return _write_jpeg(path, img, quality, f"QC picture for {slide_id}")
+
+
+def write_thumbnail(path: str | os.PathLike[str], slide, mask: TissueMask, max_side: int = 1000,
+                    quality: int = 88) -> Path:
+    """The plain thumbnail of ``slide`` (no drawing; longer side at most ``max_side``, as TRIDENT's
+    ``thumbnails/<id>.jpg``), from the image segmentation ran on, atomically; returns the path."""
+    thumb, _, _ = _picture_base(slide, mask, 1, max_side)
+    return _write_jpeg(path, thumb, quality, "thumbnail")

@@ -2,7 +2,9 @@
 
 :func:`collect_status` asks :mod:`mstar_extract.manifest` for the merged rows (which also rewrites
 ``OUT/manifest.csv`` unless told not to) and :mod:`mstar_extract.locks` for the lock files; a slide that has only
-a lock (being processed now, or left by a killed process) is listed as ``running`` or ``stale``. Each slide is
+a lock (being processed now, or left by a killed process) is listed as ``running`` or ``stale``. A slide whose
+latest row is ``skipped`` with a reason (``taken by another process``: a run left it to another process, which has
+recorded nothing for it since) is listed as ``held``: it is not done, so OUT is not complete. Each slide is
 one JSON-able dict: the manifest's columns (:meth:`~mstar_extract.manifest.ManifestRow.to_json`) plus ``lock``.
 The command-line layer (:mod:`mstar_extract.cli.status`) only prints a :class:`StatusReport`.
 """
@@ -18,8 +20,8 @@ from typing import Any
 from mstar_extract.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 OK_STATUSES = ("done", "skipped", "no_tissue")
-"""Latest outcomes that need no further work."""
-COUNT_KEYS = ("done", "skipped", "no_tissue", "failed", "running", "stale")
+"""Latest outcomes that need no further work (``skipped`` only without a reason: the outputs were complete)."""
+COUNT_KEYS = ("done", "skipped", "no_tissue", "failed", "held", "running", "stale")
 """The keys of :attr:`StatusReport.counts`, in display order."""
 
 
@@ -46,6 +48,11 @@ class StatusReport:
         return self.counts["failed"]
 
     @property
+    def n_held(self) -> int:
+        """Slides left to another process that recorded no outcome for them: not done."""
+        return self.counts["held"]
+
+    @property
     def n_running(self) -> int:
         return sum(1 for lk in self.locks if lk["state"] == "running")
 
@@ -62,7 +69,7 @@ class StatusReport:
     @property
     def complete(self) -> bool:
         """No failure, nothing running, nothing left half-done, and (with ``expected``) enough finished slides."""
-        if not self.has_manifest or self.n_failed or self.n_running or self.n_unfinished_stale:
+        if not self.has_manifest or self.n_failed or self.n_held or self.n_running or self.n_unfinished_stale:
             return False
         return self.expected is None or self.n_finished_ok >= self.expected
 
@@ -79,6 +86,7 @@ class StatusReport:
             "total": len(self.slides),
             "counts": self.counts,
             "failed": self.n_failed,
+            "held": self.n_held,
             "running": self.n_running,
             "stale_locks": sum(1 for lk in self.locks if lk["state"] == "stale"),
             "expected": self.expected,
@@ -122,7 +130,10 @@ def collect_status(out_dir: str | os.PathLike[str], lock_timeout_s: float, expec
     locks = _lock_states(out, lock_timeout_s)
     report.locks = [locks[k] for k in sorted(locks)]
     for r in rows or []:
-        report.slides.append({**r.to_json(), "lock": locks.get(r.slide_id)})
+        slide = {**r.to_json(), "lock": locks.get(r.slide_id)}
+        if r.status == "skipped" and r.error:  # left to another process, which recorded nothing since
+            slide["status"] = "held"
+        report.slides.append(slide)
     seen = {s["slide_id"] for s in report.slides}
     report.slides.extend(_lock_only_slide(sid, lk) for sid, lk in locks.items() if sid not in seen)
     report.slides.sort(key=lambda s: s["slide_id"])

@@ -87,8 +87,16 @@ def test_duplicate_ids_name_both_paths(tree):
     assert "'s1'" in str(err.value) and str(tree / "a" / "s1.svs") in str(err.value) and str(tree / "c" / "s1.tif") in str(err.value)
 
 
-def test_missing_path_is_a_per_slide_error(tree):
-    entries = resolve_slides([str(tree / "a" / "s1.svs"), str(tree / "nope.svs")])
+def test_missing_argument_is_a_usage_error_naming_it(tree):
+    """A SLIDES argument that does not exist stops the run before any work (inside a list it is per-slide)."""
+    with pytest.raises(UsageError) as err:
+        resolve_slides([str(tree / "a" / "s1.svs"), str(tree / "nope.svs"), str(tree / "gone")])
+    msg = str(err.value)
+    assert "\n" not in msg and f"'{tree / 'nope.svs'}': no such file or folder" in msg and str(tree / "gone") in msg
+    os.symlink(tree / "moved.svs", tree / "link.svs")
+    with pytest.raises(UsageError, match="broken symbolic link to"):
+        resolve_slides([str(tree / "link.svs")])
+    entries = resolve_slides([str(tree / "a" / "s1.svs"), str(tree / "nope.svs")], missing_ok=True)  # mstar info
     assert [(e.slide_id, e.error) for e in entries] == [("nope", "file not found"), ("s1", None)]
 
 
@@ -116,3 +124,45 @@ def test_glob_below_a_hidden_folder_still_matches(tmp_path):
     touch(base / ".cache" / "s3.svs")
     assert ids(resolve_slides([str(base / "*.svs")])) == ["s1"]
     assert ids(resolve_slides([str(base / "**" / "*.svs")])) == ["s1"]
+
+
+@pytest.fixture
+def linked(tmp_path: Path) -> Path:
+    """A slides folder with a link loop (``x -> .``), a link to a slide beside it, a self-link and a broken link
+    with slide names, and a link to a folder outside it. (Two loops made the old search run for ever: that case
+    runs in a subprocess with a timeout, ``tests/test_discovery_cli.py``.)"""
+    d = tmp_path / "d"
+    touch(d / "s1.svs")
+    touch(d / "sub" / "s2.svs")
+    touch(tmp_path / "elsewhere" / "s3.svs")
+    os.symlink(".", d / "x")
+    os.symlink("s1.svs", d / "alias.svs")
+    os.symlink("self.svs", d / "self.svs")
+    os.symlink("moved-away.svs", d / "broken.svs")
+    os.symlink(tmp_path / "elsewhere", d / "ext")
+    return d
+
+
+def test_link_loops_are_searched_once_and_broken_links_are_per_slide_failures(linked):
+    entries = resolve_slides([str(linked)])
+    assert [(e.slide_id, e.path.relative_to(linked).as_posix()) for e in entries] == [
+        ("broken", "broken.svs"), ("s1", "s1.svs"), ("s2", "sub/s2.svs"), ("s3", "ext/s3.svs"), ("self", "self.svs")]
+    errors = {e.slide_id: e.error for e in entries}
+    assert errors["broken"] == "file not found: broken symbolic link to 'moved-away.svs'"
+    assert errors["self"].startswith("file not found: broken symbolic link") and errors["s1"] is None
+
+
+def test_recursive_globs_follow_links_once(linked):
+    for pattern in ("**/*.svs", "**"):
+        entries = resolve_slides([str(linked / pattern)])
+        assert ids(entries) == ["broken", "s1", "s2", "s3", "self"], pattern
+        assert {e.slide_id: e.path for e in entries}["s1"] == linked / "s1.svs"  # the link-free path, not x/x/s1.svs
+    assert ids(resolve_slides([str(linked / "**" / "s?.svs")])) == ["s1", "s2", "s3"]
+
+
+def test_a_link_to_a_slide_is_that_slide(tmp_path):
+    touch(tmp_path / "scans" / "case7.svs")
+    os.symlink(tmp_path / "scans" / "case7.svs", tmp_path / "scans" / "a_link.svs")
+    os.symlink(tmp_path / "scans", tmp_path / "again")
+    (entry,) = resolve_slides([str(tmp_path)])
+    assert (entry.slide_id, entry.path) == ("case7", tmp_path / "scans" / "case7.svs")

@@ -249,3 +249,136 @@ def test_odd_slide_ids_get_distinct_lock_files(tmp_path: Path) -> None:
     assert sorted(i.slide_id for i in list_locks(tmp_path)) == sorted(ids)
     for lk in locks:
         lk.release()  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------- issue 12: content, unreadable locks, signals, full disk
+_HAMMER = (
+    "import sys\nfrom mstar_extract.locks import try_acquire\n"
+    "for i in range(int(sys.argv[2])):\n"
+    "    lock = try_acquire(sys.argv[1], 'hot', heartbeat_s=0)\n"
+    "    assert lock is not None\n"
+    "    lock.release()\n"
+)
+
+
+def test_a_lock_file_is_never_seen_without_its_content(tmp_path: Path) -> None:
+    """Another process creates and releases a lock 300 times while this one reads it as fast as it can: every
+    time the file exists it holds the owner's JSON (the content is linked into place, never written after)."""
+    path = lock_path(tmp_path, "hot")
+    path.parent.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", _HAMMER, str(tmp_path), "300"])
+    seen, unreadable = 0, []
+    while proc.poll() is None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        seen += 1
+        try:
+            assert json.loads(data)["token"]
+        except (ValueError, KeyError, AssertionError):
+            unreadable.append(data)
+    assert proc.returncode == 0
+    assert seen > 100, "the reader never met the lock: the test proved nothing"
+    assert unreadable == [], f"{len(unreadable)} of {seen} reads found an empty or partial lock: {unreadable[:3]}"
+    assert [p.name for p in path.parent.iterdir()] == []  # no temp file left either
+
+
+def test_an_unreadable_lock_is_taken_over_after_a_few_seconds_whatever_the_timeout(tmp_path: Path,
+                                                                                   mstar_log: _Catch) -> None:
+    grace = 5.0  # mstar_extract.locks.UNREADABLE_GRACE_S, as documented in docs/scale-out.md
+    for sid, content in (("empty", b""), ("partial", b'{"slide_id": "partial", "ho'), ("junk", b"\x00\xff")):
+        p = lock_path(tmp_path, sid)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content)
+        for timeout in (0, 10**9):  # 0 = never by age; a huge timeout: neither keeps an unreadable lock alive
+            assert try_acquire(tmp_path, sid, timeout_s=timeout) is None  # fresh: maybe being written right now
+        info = read_lock(p)
+        assert info is not None and info.stale_reason(10**9) is None
+        t = time.time() - grace - 1
+        os.utime(p, (t, t))
+        lock = try_acquire(tmp_path, sid, timeout_s=0)
+        assert lock is not None and "cannot be read" in (lock.took_over or ""), sid
+        assert read_lock(p).token == lock.token  # type: ignore[union-attr]
+        lock.release()
+        assert not p.exists()
+    assert sum("taking over the lock of slide" in line for line in mstar_log.lines) == 3
+
+
+def test_release_removes_a_lock_whose_acquire_never_returned(tmp_path: Path) -> None:
+    """What SIGTERM between the file's creation and ``acquire``'s return leaves: a file with this lock's token
+    and ``held`` still false. ``release`` removes it (and only it)."""
+    lock = SlideLock(tmp_path, "interrupted", heartbeat_s=0)
+    lock._owner_pid = os.getpid()  # acquire's first steps
+    lock.path.parent.mkdir(parents=True)
+    assert lock._create() and not lock.held  # the file is there, acquire was "interrupted" before returning
+    assert read_lock(lock.path).token == lock.token  # type: ignore[union-attr]
+    lock.release()
+    assert not lock.path.exists()
+    other = try_acquire(tmp_path, "taken", heartbeat_s=0)
+    loser = SlideLock(tmp_path, "taken", heartbeat_s=0)
+    assert other is not None and not loser.acquire()
+    loser.release()  # a lock that lost the race never removes the winner's file
+    assert other.path.exists() and other.still_mine()
+    other.release()
+
+
+_FULL_DISK = (
+    "import resource, sys\n"
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (40, 40))\n"  # files cannot grow past 40 bytes, like a full disk
+    "from mstar_extract.errors import RunError\n"
+    "from mstar_extract.locks import try_acquire\n"
+    "try:\n"
+    "    try_acquire(sys.argv[1], 'full', heartbeat_s=0)\n"
+    "except RunError as exc:\n"
+    "    print('RunError', exc)\n"
+    "    sys.exit(3)\n"
+    "print('no error')\n"
+)
+
+
+def test_a_full_disk_while_a_lock_is_created_leaves_no_lock(tmp_path: Path) -> None:
+    """Issue 12, item 4: the disk fills while the lock is written (a real file-size limit makes the write fail
+    as ENOSPC would): one RunError, and no empty or partial lock that would hide the slide from a rerun."""
+    r = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert r.stdout.startswith("RunError") and "cannot create the lock file" in r.stdout
+    assert list((tmp_path / LOCKS_DIR).iterdir()) == []
+    lock = try_acquire(tmp_path, "full")  # the rerun gets the slide at once
+    assert lock is not None and lock.took_over is None
+    lock.release()
+
+
+_SLOW_DEL = (
+    "import sys, time\n"
+    "from mstar_extract.locks import Terminated, sigterm_as_interrupt\n"
+    "class Slow:\n"
+    "    def __del__(self):\n"
+    "        print('in del', flush=True)\n"
+    "        t = time.time()\n"
+    "        while time.time() - t < 3:\n"
+    "            pass\n"
+    "try:\n"
+    "    with sigterm_as_interrupt():\n"
+    "        s = Slow()\n"
+    "        del s\n"
+    "        time.sleep(60)\n"
+    "        print('not interrupted', flush=True)\n"
+    "except Terminated:\n"
+    "    print('terminated', flush=True)\n"
+    "    sys.exit(143)\n"
+)
+
+
+def test_sigterm_inside_a_finalizer_is_not_lost(tmp_path: Path) -> None:
+    """The garbage collector runs ``__del__`` and weakref callbacks at any moment; a SIGTERM handled there used to
+    be printed as "Exception ignored in ..." with a traceback and lost (the SIGTERM storm met it in a weakref
+    callback: the run went on and exited 0). Now it is delivered again and ends the run."""
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_DEL], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "in del"
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out.split()) == (143, ["terminated"]), (out, err)
+    assert "Exception ignored" not in err and "Traceback" not in err, err

@@ -135,6 +135,9 @@ def test_device_and_precision_resolution() -> None:
 
 
 def test_tiny_encoder_embeds_uint8_batches(capsys: pytest.CaptureFixture[str]) -> None:
+    from mstar_extract.console import NORMAL, setup_logging
+
+    setup_logging(NORMAL)  # as the CLI does (without it the line goes to pytest's log capture, not stderr)
     enc = Encoder.create(TINY, weights="random", device="cpu")
     assert "MEANINGLESS" in capsys.readouterr().err
     assert enc.weights_sha256 == "random" and enc.precision == "fp32" and enc.feature_dim == 192

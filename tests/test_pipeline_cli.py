@@ -112,13 +112,14 @@ def test_tile_reports_a_slide_locked_by_another_process_as_skipped(slides: dict[
     from mstar_extract.locks import try_acquire
 
     out = tmp_path / "out"
-    lock = try_acquire(out, "p1")  # this live pytest process works on p1
+    lock = try_acquire(out, "p1", heartbeat_s=0.2)  # this live pytest process works on p1
     assert lock is not None
     try:
-        r = run("tile", str(slides["p0"]), str(slides["p1"]), str(out), "--jsonl", "--workers", "1", "--no-qc")
+        r = run("tile", str(slides["p0"]), str(slides["p1"]), str(out), "--jsonl", "--workers", "1", "--no-qc",
+                "--lock-timeout", "2")
     finally:
         lock.release()
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 4, r.stderr  # p1 is not done: never 0 (issue 12; tests/test_held_slides.py)
     events = jsonl(r.stdout)
     finals = final_by_slide(events)
     assert finals["p0"]["status"] == "done"
@@ -204,7 +205,9 @@ def test_mstar_workers_and_device_honoured_then_status_decides_resubmission(slid
                                                                            tmp_path: Path) -> None:
     out = tmp_path / "out"
     missing = tmp_path / "lost.svs"
-    r = run(*extract_args(str(slides["p2"]), str(missing), str(out)),
+    listing = tmp_path / "more.txt"  # a missing path inside a list is a per-slide failure (on the command line: exit 2)
+    listing.write_text(f"{missing}\n")
+    r = run(*extract_args(str(slides["p2"]), str(listing), str(out)),
             env=_env(MSTAR_WORKERS="2", MSTAR_DEVICE="cpu", MSTAR_WEIGHTS="random"))
     assert r.returncode == 1, r.stderr[-3000:]
     assert "on cpu" in r.stderr and "2 reader worker(s)" in r.stderr  # both variables reached the run
@@ -228,3 +231,49 @@ def test_version() -> None:
     assert r.returncode == 0 and r.stdout.strip() == f"mstar, version {__version__}"
     m = run_mstar("--version", timeout=120)  # with this process's environment
     assert m.returncode == 0 and m.stdout.strip() == f"mstar, version {__version__}"
+
+
+# ------------------------------------------------------------------------- issue 12, item 14: a new user's stumbles
+@pytest.mark.parametrize("command", ["tile", "extract"])
+def test_a_forgotten_out_is_reported_as_missing_out(slides: dict[str, Path], command: str) -> None:
+    r = run(command, str(slides["p0"].parent))  # `mstar extract slides/`
+    assert r.returncode == 2 and r.stdout == ""
+    assert f"Usage: mstar {command} [OPTIONS] SLIDES... OUT" in r.stderr
+    assert "Error: Missing argument 'OUT'." in r.stderr and "SLIDES'" not in r.stderr, r.stderr
+    nothing = run(command)
+    assert nothing.returncode == 2 and "Missing argument 'SLIDES...'" in nothing.stderr
+
+
+def test_help_lists_the_options_a_user_needs_first() -> None:
+    text = run("extract", "--help").stdout
+    order = ["Model:", "--model", "--weights", "--device", "--batch-size", "--precision", "Output:", "--dtype",
+             "--format", "Patches:", "--magnification", "--patch-size", "Slides and jobs:", "--workers", "Messages:",
+             "--jsonl", "Tissue segmentation", "--seg-mpp", "--pen-dilate-um"]
+    options = text[text.index("\nModel:"):]  # after the description and its examples
+    where = [options.index("\n  " + word if word.startswith("-") else "\n" + word) for word in order]
+    assert where == sorted(where), text
+    assert "Other options" not in text  # every option has its section
+    tile = run("tile", "--help").stdout
+    options = tile[tile.index("\nPatches:"):]
+    where = [options.index("\n  " + word if word.startswith("-") else "\n" + word)
+             for word in ["Patches:", "--patch-size", "--min-tissue", "Output:", "--coords-format",
+                          "Slides and jobs:", "--lock-timeout", "Messages:", "Tissue segmentation", "--seg-mpp"]]
+    assert where == sorted(where) and "--model" not in tile and "Other options" not in tile, tile
+
+
+@pytest.mark.slow
+def test_random_weights_warning_is_one_line_and_quiet_hides_it_and_floats_are_short(slides: dict[str, Path],
+                                                                                     tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    quiet = run(*extract_args(str(slides["p0"]), str(out), "--weights", "random", "--device", "cpu", "--workers",
+                              "0", "-q"))
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr  # -q: nothing of the warning
+    (out / "mstar_settings.json").unlink()  # as an OUT written by an older version, without a settings record
+    r = run(*extract_args(str(slides["p0"]), str(out), "--weights", "random", "--device", "cpu", "--workers", "0",
+                          "--magnification", "15", "--no-report"))
+    assert r.returncode == 1, r.stderr
+    warnings = [ln for ln in r.stderr.splitlines() if "RANDOM" in ln or "!!!" in ln]
+    assert len(warnings) == 1 and warnings[0].startswith("mstar: warning: --weights random"), r.stderr
+    failed = [ln for ln in r.stderr.splitlines() if ln.startswith("mstar: error:")]
+    assert len(failed) == 1 and "target_mpp is 0.5, expected 0.666667" in failed[0], r.stderr
+    assert "0.6666666" not in r.stderr

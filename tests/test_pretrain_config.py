@@ -8,7 +8,7 @@ import pytest
 
 from mstar_extract.errors import UsageError
 from mstar_extract.pretrain.config import apply_overrides, config_reference, dump_yaml, iter_fields, load_config
-from mstar_extract.pretrain.stage1_config import Stage1Config
+from mstar_extract.pretrain.stage1.config import Stage1Config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mstar_extract.errors import UsageError
-from mstar_extract.pretrain.data import (
+from mstar_extract.pretrain.stage1.data import (
     Stage1Dataset,
     attach_genes,
     bin_expression,
@@ -21,7 +21,7 @@ from mstar_extract.pretrain.data import (
     sample_patch_indices,
     split_records,
 )
-from mstar_extract.pretrain.genes import GeneEncoder, load_gene_embeddings
+from mstar_extract.pretrain.stage1.genes import GeneEncoder, load_gene_embeddings
 
 
 def bag(path: Path, n: int, d: int = 8) -> Path:
@@ -175,7 +175,7 @@ def test_gene_embedding_init(tmp_path: Path) -> None:
 def test_gene_encoder_size_at_paper_defaults() -> None:
     enc = GeneEncoder(n_genes=0 or 1, n_bins=51)
     blocks = sum(p.numel() for p in enc.blocks.parameters())
-    assert 0.9e6 < blocks < 1.1e6  # ≈1M parameters (design §6), plus the gene table
+    assert 0.9e6 < blocks < 1.1e6  # ≈1M parameters (the paper; docs/pretrain.md), plus the gene table
 
 
 def test_cli_reports_data_errors_in_one_line(tmp_path: Path) -> None:

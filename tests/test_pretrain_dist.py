@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mstar_extract.pretrain.toydata import make_toy_dataset, toy_overrides
+from mstar_extract.pretrain.stage1.toydata import make_toy_dataset, toy_overrides
 
 DIM = 16
 

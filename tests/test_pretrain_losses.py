@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from mstar_extract.pretrain.losses import Temperatures, batch_hard_triplet, info_nce, stage1_losses
+from mstar_extract.pretrain.stage1.losses import Temperatures, batch_hard_triplet, info_nce, stage1_losses
 
 
 def reference_info_nce(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:

@@ -14,13 +14,13 @@ import torch
 
 from mstar_extract.errors import UsageError
 from mstar_extract.pretrain.config import load_config
-from mstar_extract.pretrain.export import export_teacher, load_teacher
-from mstar_extract.pretrain.stage2 import run_stage2
-from mstar_extract.pretrain.stage2_config import AugmentConfig, Stage2Config
-from mstar_extract.pretrain.stage2_data import epoch_units, rank_batches, read_stage2_manifest
-from mstar_extract.pretrain.stage2_toydata import make_stage2_toy_data
-from mstar_extract.pretrain.teacher import compute_targets, read_targets, teacher_sha256
-from mstar_extract.pretrain.transmil import TransMIL
+from mstar_extract.pretrain.stage1.export import export_teacher, load_teacher
+from mstar_extract.pretrain.stage1.transmil import TransMIL
+from mstar_extract.pretrain.stage2.config import AugmentConfig, Stage2Config
+from mstar_extract.pretrain.stage2.data import epoch_units, rank_batches, read_stage2_manifest
+from mstar_extract.pretrain.stage2.teacher import compute_targets, read_targets, teacher_sha256
+from mstar_extract.pretrain.stage2.toydata import make_stage2_toy_data
+from mstar_extract.pretrain.stage2.train import run_stage2
 
 AGG = dict(in_dim=64, dim=32, heads=2, landmarks=8, pinv_iterations=6, residual_conv_kernel=3, dropout=0.0,
            attn_dropout=0.0)
@@ -36,7 +36,8 @@ def make_teacher(path: Path, seed: int = 0) -> Path:
 def toy(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("stage2_toy")
     data = make_stage2_toy_data(root / "data", n_slides=2, seed=0)
-    return {"root": root, "data": data, "teacher": make_teacher(root / "teacher.pt")}
+    # "targets": a targets folder shared by the tests that are not about computing targets (filled once, reused)
+    return {"root": root, "data": data, "teacher": make_teacher(root / "teacher.pt"), "targets": root / "targets"}
 
 
 def cfg_for(toy: dict, out: Path, *extra: str) -> Stage2Config:
@@ -92,8 +93,8 @@ def test_sharded_targets_split_the_slides_between_ranks(toy: dict, tmp_path: Pat
 def test_ema_never_receives_gradients() -> None:
     from mstar_extract.models.registry import get_spec
     from mstar_extract.pretrain.loop import build_optimizer
-    from mstar_extract.pretrain.stage2_losses import Stage2Loss
-    from mstar_extract.pretrain.student import EmaModel, StudentWithProj, param_groups
+    from mstar_extract.pretrain.stage2.losses import Stage2Loss
+    from mstar_extract.pretrain.stage2.student import EmaModel, StudentWithProj, param_groups
 
     torch.manual_seed(0)
     spec = get_spec("timm:test_vit")
@@ -137,7 +138,7 @@ def test_schedule_is_deterministic_balanced_and_covers_every_patch() -> None:
 
 
 def test_augmentation_is_seeded_and_keeps_uint8_patches() -> None:
-    from mstar_extract.pretrain.stage2_augment import augment_uint8
+    from mstar_extract.pretrain.stage2.augment import augment_uint8
 
     x = torch.randint(0, 256, (6, 32, 32, 3), dtype=torch.uint8)
     cfg = AugmentConfig()
@@ -169,8 +170,10 @@ def test_short_run_learns_keeps_teacher_and_reuses_targets(toy: dict, tmp_path: 
 
     spec = get_spec("timm:test_vit")
     load_into(spec.build(), load_state_dict_file(res.student_path), spec, res.student_path)
-    proj = torch.load(res.proj_path, weights_only=True)
-    assert proj["weight"].shape == (32, 64) and proj["bias"].shape == (32,)
+    proj = torch.load(res.proj_path, weights_only=True)["model_state_dict"]  # mSTAR's layout (zero-shot code)
+    assert set(proj) == {"proj.weight", "proj.bias"}
+    assert proj["proj.weight"].shape == (32, 64) and proj["proj.bias"].shape == (32,)
+    assert res.zeroshot_path is None  # this toy teacher has no stage-1 report encoder beside it
     card = json.loads(res.card_path.read_text())
     assert card["teacher_sha256"] == teacher_hash and card["steps"] == res.steps
     assert card["init"]["init"] == "random" and card["manifest_sha256"] and card["n_patches"] == sum(toy["data"].n_patches)
@@ -235,8 +238,8 @@ def test_docs_and_example_configs_match_the_defaults() -> None:
 
 def test_layer_decay_groups_and_distances() -> None:
     from mstar_extract.models.registry import get_spec
-    from mstar_extract.pretrain.stage2_losses import DISTANCES, Stage2Loss
-    from mstar_extract.pretrain.student import StudentWithProj, ema_momentum, param_groups
+    from mstar_extract.pretrain.stage2.losses import DISTANCES, Stage2Loss
+    from mstar_extract.pretrain.stage2.student import StudentWithProj, ema_momentum, param_groups
 
     spec = get_spec("timm:test_vit")
     model = StudentWithProj(spec.build(), spec.feature_dim, 8)
@@ -286,3 +289,144 @@ def test_bench_train_reports_patches_per_second() -> None:
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout[res.stdout.index("{"):])
     assert doc["patches_per_s"] > 0 and doc["batch_size"] == 4 and doc["steps"] == 2 and doc["device"] == "cpu"
+
+
+def _recorded_run(toy: dict, out: Path, *extra: str):
+    """Stage 2 built by its own steps (train.py), run under the host-sync recorder; each record carries the step
+    during which it happened (the label moves when the loader hands out the next batch)."""
+    from mstar_extract.console import Reporter
+    from mstar_extract.pretrain import dist as D
+    from mstar_extract.pretrain.stage2 import train as T
+    from mstar_extract.testing.syncs import HostSyncRecorder
+
+    cfg = cfg_for(toy, out, *extra)
+    info = D.init_distributed("cpu")
+    run = T.start_run(cfg, info, Reporter(verbosity=-1), *T._check(cfg))
+    T.compute_all_targets(run, T.Stage2Result(run.run_dir, 0))
+    student = T.build_student(run, None, None)
+    loop = T.build_loop(run, student, T.build_batches(run, student))
+    rec = HostSyncRecorder()
+    batches = loop.make_loader
+
+    def labelled(epoch: int, start: int):
+        for batch in batches(epoch, start):
+            rec.step = loop.state.step + 1
+            yield batch
+
+    loop.make_loader = labelled
+    with rec:
+        loop.run()
+    return loop, rec
+
+
+def test_training_steps_never_wait_for_the_device(toy: dict, tmp_path: Path) -> None:
+    """No step reads a value back from the device (no .item()/float(), nonzero, boolean-mask indexing): on a GPU
+    the host queues step after step. Metrics still hold exactly the logging steps' values."""
+    loop, rec = _recorded_run(toy, tmp_path / "run", "train.log_every=3", "train.max_steps=5", "augment.hflip=0.5",
+                              "augment.color_jitter=0.8", "augment.hue=0.05", f"teacher.targets_dir={toy['targets']}")
+    assert loop.state.step == 5
+    assert rec.records == [], [(r.step, r.op, r.where) for r in rec.records]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 3, 5]
+    for m in lines:
+        assert all(type(m[k]) is float for k in ("loss", "loss_teacher", "loss_ema", "grad_norm", "patches_per_s"))
+        assert m["loss"] == pytest.approx(m["loss_teacher"] + 0.6 * m["loss_ema"], rel=1e-5)
+
+
+def test_random_init_is_not_extractions_random_weights_warning(toy: dict, tmp_path: Path) -> None:
+    """`mstar pretrain --stage 2 --init random` trains from scratch on purpose: one info line, not extraction's
+    four-line `--weights random` warning about meaningless features."""
+    from click.testing import CliRunner
+
+    from mstar_extract.cli import main
+
+    args = ["pretrain", "--stage", "2", "--init", "random", "--out", str(tmp_path / "r")]
+    for s in ["train.max_steps=1", "train.batch_size=4", "data.slides_per_batch=2", "train.num_workers=0",
+              "student.arch=timm:test_vit", f"data.manifest={toy['data'].manifest}", f"teacher.file={toy['teacher']}",
+              f"teacher.targets_dir={toy['targets']}"]:
+        args += ["--set", s]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    err = res.stderr
+    assert "MEANINGLESS" not in err and "--weights random" not in err, err
+    assert "student.init=random: the student (timm:test_vit) starts from a random initialisation" in err
+
+
+def test_a_malicious_teacher_file_stops_stage_2_before_any_work(toy: dict, tmp_path: Path) -> None:
+    from mstar_extract.errors import MstarError
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (open, (str(marker), "w"))
+
+    obj = torch.load(toy["teacher"], weights_only=True)
+    obj["meta"] = {"x": Payload()}
+    evil = tmp_path / "teacher.pt"
+    torch.save(obj, evil)
+    with pytest.raises(MstarError, match=f"^{evil}: refused to load this teacher file"):
+        run_stage2(cfg_for(toy, tmp_path / "run", f"teacher.file={evil}"))
+    assert not marker.exists()
+    assert not list((tmp_path / "run" / "targets").glob("*.h5"))
+
+
+def _cuda_loop(precision: str, run_dir: Path, reporter=None):
+    """A stage-2 loop on the GPU (the bench's set-up: random timm:test_vit student, patches already on the device)."""
+    from mstar_extract.console import Reporter
+    from mstar_extract.pretrain.config import apply_overrides
+    from mstar_extract.pretrain.dist import DistInfo
+    from mstar_extract.pretrain.stage2.step import Stage2Loop, Student, build_optimizer_and_schedule
+    from mstar_extract.pretrain.stage2.student import EmaModel, StudentWithProj, build_student_backbone
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    cfg = apply_overrides(Stage2Config(), ["train.batch_size=8", f"train.precision={precision}", "train.log_every=4"])
+    backbone, spec, init = build_student_backbone("random", "timm:test_vit", seed=0)
+    net = StudentWithProj(backbone, spec.feature_dim, 32).to(dev).train()
+    student = Student(net, net, EmaModel(net.student).to(dev), spec, init)
+    opt, sched = build_optimizer_and_schedule(net, cfg, 20)
+    g = torch.Generator(device=dev).manual_seed(0)
+    batch = {"pixels": torch.randint(0, 256, (8, 160, 160, 3), dtype=torch.uint8, device=dev, generator=g),
+             "targets": torch.randn(8, 32, device=dev, generator=g)}
+    loop = Stage2Loop(student=student, cfg=cfg, optimizer=opt, scheduler=sched, info=DistInfo(device=dev),
+                      run_dir=run_dir, reporter=reporter or Reporter(verbosity=-1), config_dict={},
+                      make_loader=lambda e, s: [], batches_per_epoch=20)
+    return loop, batch
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_steps_do_not_synchronise(tmp_path: Path) -> None:
+    loop, batch = _cuda_loop("auto", tmp_path)
+    loop.train_step(batch)  # first step: allocations, cuDNN/cuBLAS set-up
+    loop.state.step += 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            res = loop.train_step(batch)
+            loop.state.step += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    rec = loop.log_step(res)  # the logging step reads back, once
+    assert rec["loss"] == rec["loss"] and rec["grad_norm"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_trains_with_a_grad_scaler(tmp_path: Path) -> None:
+    import io
+
+    from mstar_extract.console import Reporter
+
+    err = io.StringIO()
+    loop, batch = _cuda_loop("fp16", tmp_path, Reporter(stderr=err))
+    assert loop.amp_dtype == torch.float16 and loop.scaler.is_enabled()
+    assert err.getvalue().count("\n") == 1 and "GradScaler" in err.getvalue()
+    first = {k: v.detach().clone() for k, v in loop.student.raw.named_parameters()}
+    for _ in range(6):  # the scaler may skip the first steps (inf gradients at scale 65536) while it calibrates
+        res = loop.train_step(batch)
+        loop.state.step += 1
+    rec = loop.log_step(res)
+    assert rec["loss"] == rec["loss"] and loop.scaler.get_scale() > 0
+    assert any(not torch.equal(first[k], v) for k, v in loop.student.raw.named_parameters())

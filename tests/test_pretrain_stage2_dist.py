@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from mstar_extract.pretrain.config import load_config
-from mstar_extract.pretrain.export import export_teacher
-from mstar_extract.pretrain.stage2 import run_stage2
-from mstar_extract.pretrain.stage2_config import Stage2Config
-from mstar_extract.pretrain.stage2_toydata import make_stage2_toy_data
-from mstar_extract.pretrain.transmil import TransMIL
+from mstar_extract.pretrain.stage1.export import export_teacher
+from mstar_extract.pretrain.stage1.transmil import TransMIL
+from mstar_extract.pretrain.stage2.config import Stage2Config
+from mstar_extract.pretrain.stage2.toydata import make_stage2_toy_data
+from mstar_extract.pretrain.stage2.train import run_stage2
 
 AGG = dict(in_dim=64, dim=32, heads=2, landmarks=8, pinv_iterations=6, residual_conv_kernel=3, dropout=0.0,
            attn_dropout=0.0)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from mstar_extract.pretrain.config import load_config
-from mstar_extract.pretrain.export import export_teacher
-from mstar_extract.pretrain.stage2 import run_stage2
-from mstar_extract.pretrain.stage2_config import Stage2Config
-from mstar_extract.pretrain.stage2_toydata import make_stage2_toy_data
-from mstar_extract.pretrain.transmil import TransMIL
+from mstar_extract.pretrain.stage1.export import export_teacher
+from mstar_extract.pretrain.stage1.transmil import TransMIL
+from mstar_extract.pretrain.stage2.config import Stage2Config
+from mstar_extract.pretrain.stage2.toydata import make_stage2_toy_data
+from mstar_extract.pretrain.stage2.train import run_stage2
 
 AGG = dict(in_dim=64, dim=32, heads=2, landmarks=8, pinv_iterations=6, residual_conv_kernel=3, dropout=0.0,
            attn_dropout=0.0)
@@ -50,8 +50,8 @@ def test_vit_large_student_exports_the_released_format(vitl_run: dict) -> None:
     assert not result.missing_keys and not result.unexpected_keys
     out = net.eval()(torch.zeros(1, 3, 224, 224))
     assert out.shape == (1, 1024) and torch.isfinite(out).all()
-    proj = torch.load(res.proj_path, weights_only=True)
-    assert proj["weight"].shape == (32, 1024)
+    proj = torch.load(res.proj_path, weights_only=True)["model_state_dict"]
+    assert proj["proj.weight"].shape == (32, 1024)
     card = json.loads(res.card_path.read_text())
     assert card["architecture"] == "vit_large_patch16_224" and card["timm_kwargs"]["init_values"] == 1e-5
     assert card["steps"] == 1 and card["feature_dim"] == 1024

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mstar_extract.errors import MstarError
-from mstar_extract.pretrain.text import TextEncoder, load_tokenizer
-from mstar_extract.pretrain.toydata import make_tiny_bert
+from mstar_extract.pretrain.stage1.text import TextEncoder, load_tokenizer
+from mstar_extract.pretrain.stage1.toydata import make_tiny_bert
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from mstar_extract.console import Reporter
 from mstar_extract.pretrain import stage1
 from mstar_extract.pretrain.checkpoint import list_checkpoints
 from mstar_extract.pretrain.config import load_config
-from mstar_extract.pretrain.export import load_teacher, mstar_to_transmil_state
-from mstar_extract.pretrain.stage1_config import Stage1Config
-from mstar_extract.pretrain.toydata import make_toy_dataset, toy_overrides
+from mstar_extract.pretrain.stage1.config import Stage1Config
+from mstar_extract.pretrain.stage1.export import load_teacher, mstar_to_transmil_state
+from mstar_extract.pretrain.stage1.toydata import make_toy_dataset, toy_overrides
 
 DIM = 16
 
@@ -53,7 +53,7 @@ def test_learns_aligned_embeddings(toy, tmp_path: Path) -> None:
     assert v["val_loss"] < vals[0]["val_loss"] if len(vals) > 1 else v["val_loss"] < first
     # exports: the teacher reproduces the trained aggregator, the mSTAR layout has the same weights
     teacher = load_teacher(out / "teacher.pt")
-    ck = torch.load(list_checkpoints(out)[-1][1], weights_only=False)
+    ck = torch.load(list_checkpoints(out)[-1][1], weights_only=True)  # checkpoints are tensors and plain data
     agg = {k[len("aggregator."):]: v for k, v in ck["model"].items() if k.startswith("aggregator.")}
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in agg.items())
     mst = mstar_to_transmil_state(torch.load(out / "aggregator_mstar.pth", weights_only=True))
@@ -98,3 +98,64 @@ def test_cuda_bf16_steps(toy, tmp_path: Path) -> None:
     assert len(steps) == 3 and all(s["loss"] == s["loss"] for s in steps)
     run(toy, out, "train.max_steps=4", "train.batch_size=8", "dist.device=cuda", "train.precision=bf16", resume="auto")
     assert [s["step"] for s in metrics(out)[0]] == [1, 2, 3, 4]
+
+
+def test_resume_from_a_malicious_checkpoint_is_refused_without_running_it(toy, tmp_path: Path) -> None:
+    """`--resume FILE` with a crafted pickle: one line naming the file, exit 1, and the payload never runs."""
+    from click.testing import CliRunner
+
+    from mstar_extract.cli import main
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "step_00000001.pt"
+    torch.save({"model": {}, "step": 1, "epoch": 0, "batch_in_epoch": 1, "rng": [Payload()]}, evil)
+    args = ["pretrain", "--stage", "1", "--resume", str(evil)]
+    for s in toy_overrides(toy, tmp_path / "run", DIM) + ["train.max_steps=1", "train.batch_size=8"]:
+        args += ["--set", s]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.stderr.splitlines() if "error" in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"mstar: error: {evil}: refused to load this checkpoint"), res.stderr
+    assert "weights_only" not in res.stderr and "Traceback" not in res.stderr
+    assert not marker.exists()
+
+
+def test_stage1_steps_wait_only_for_transformers_mask_check(toy, tmp_path: Path) -> None:
+    """Our part of a stage-1 step never reads a value back from the device (losses are masked, not indexed;
+    temperatures and the gradient norm stay tensors; the gathers need no size exchange). The one sync left is
+    transformers' BERT checking the attention mask on the host, once per forward (their code, recorded here)."""
+    from mstar_extract.pretrain import dist as D
+    from mstar_extract.pretrain.loop import TrainLoop
+    from mstar_extract.pretrain.stage1 import train as T
+    from mstar_extract.testing.syncs import HostSyncRecorder
+
+    cfg = load_config(Stage1Config, None, toy_overrides(toy, tmp_path / "run", DIM) + [
+        "train.max_steps=4", "train.batch_size=8", "data.max_patches=16", "train.log_every=3"])
+    info, reporter = D.init_distributed("cpu"), Reporter(verbosity=-1)
+    train_recs, val_recs, table = T.prepare_data(cfg, reporter)
+    model, raw = T.build_model(cfg, table, info, reporter)
+    data = T.build_data(cfg, train_recs, val_recs, table, info)
+    optimizer, scheduler = T.build_optimizer_and_schedule(raw, cfg, 4)
+    rec, theirs = HostSyncRecorder(ignore=("transformers/",)), HostSyncRecorder()
+
+    def labelled(epoch: int, start: int):
+        for batch in data.make_loader(epoch, start):
+            rec.step = theirs.step = loop.state.step + 1
+            yield batch
+
+    loop = TrainLoop(model=model, raw_model=raw, optimizer=optimizer, scheduler=scheduler, train_cfg=cfg.train,
+                     grad_clip=cfg.optim.grad_clip, info=info, run_dir=tmp_path / "run", reporter=reporter,
+                     config_dict={}, step_fn=T.make_step_fn(model, raw, cfg, info), make_loader=labelled,
+                     batches_per_epoch=data.sampler.batches_per_epoch())
+    with theirs, rec:
+        loop.run()
+    assert rec.records == [], [(r.step, r.op, r.where) for r in rec.records]
+    assert {r.where.split("site-packages/")[-1].split(":")[0] for r in theirs.records} == {"transformers/masking_utils.py"}
+    steps, _ = metrics(tmp_path / "run")
+    assert [s["step"] for s in steps] == [1, 3, 4]
+    assert all(type(s[k]) is float for s in steps for k in ("loss", "grad_norm", "temp_slide_report"))

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mstar_extract.pretrain.export import (
+from mstar_extract.pretrain.stage1.export import (
     export_mstar,
     export_teacher,
     load_teacher,
     mstar_to_transmil_state,
 )
-from mstar_extract.pretrain.transmil import NystromAttention, TransMIL, moore_penrose_pinv
+from mstar_extract.pretrain.stage1.transmil import NystromAttention, TransMIL, moore_penrose_pinv
 
 
 def small(**kw: int) -> TransMIL:
@@ -25,7 +25,7 @@ def small(**kw: int) -> TransMIL:
 
 def test_default_architecture_and_shapes() -> None:
     torch.manual_seed(0)
-    m = TransMIL().eval()  # design §6: 1024 → 512, 8 heads, 256 landmarks
+    m = TransMIL().eval()  # the paper (docs/pretrain.md): 1024 → 512, 8 heads, 256 landmarks
     assert m._fc1[0].in_features == 1024 and m._fc1[0].out_features == 512
     assert isinstance(m._fc1[1], torch.nn.ReLU) and m._fc1[2].p == 0.25
     assert m.layer1.attn.heads == 8 and m.layer1.attn.landmarks == 256 and m.cls_token.shape == (1, 1, 512)

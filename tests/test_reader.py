@@ -1,5 +1,6 @@
-"""The fast patch reader (issue 4 items 3, 6): pixels equal the naive per-patch read_region, ordering, corrupt
-tiles, the worker pool across slides, dead workers, the bench command. Real SVS/TIFF files, real processes."""
+"""The fast patch reader (issue 4 items 3, 6; issue 11): pixels equal the naive per-patch read_region (exactly, by
+default), ordering, corrupt tiles, the worker pool across slides, dead workers, the bench command. Real SVS/TIFF
+files, real processes. The comparison with the official mSTAR pipeline itself is in test_fidelity.py."""
 
 from __future__ import annotations
 
@@ -53,18 +54,18 @@ def diff_stats(a: np.ndarray, b: np.ndarray) -> tuple[int, float]:
 # ------------------------------------------------------------------------------------------- pixels
 @pytest.mark.parametrize("level,read,offset", [(0, 512, 200), (1, 128, 300)])
 def test_tile_path_equals_naive(fixture_slides, level, read, offset):
-    """Direct tile decoding (full-size decode) gives exactly the backend's pixels, at level 0 and level 1,
-    including patches that stick out of the slide (those parts are white in both)."""
+    """Direct tile decoding gives exactly the naive OpenSlide read (alpha dropped) + the same resize, at level 0
+    and level 1, including patches that stick out of the slide (black there in both, as convert('RGB') gives)."""
     path = fixture_slides["svs40"].path
     plan = grid_plan(path, level, read, offset)
     ref = read_patches_naive(plan, path, backend="openslide")
-    with PatchReader(plan, path, "openslide", batch_size=7, method="tiles", dct_scaling=False) as r:
-        assert r.method == "tiles" and r.decode_scale == 1
+    with PatchReader(plan, path, "openslide", batch_size=7, method="tiles") as r:
+        assert r.method == "tiles" and r.decode_scale == 1 and r.decode == "full"
         got, _ = collect(r)
     assert sorted(got) == list(range(len(plan)))
     for i in range(len(plan)):
         mx, _ = diff_stats(got[i], ref[i])
-        assert mx <= 2, f"patch {i} at {plan.coords[i]} differs by {mx}"
+        assert mx == 0, f"patch {i} at {plan.coords[i]} differs by {mx}"
 
 
 def test_region_path_equals_naive(fixture_slides):
@@ -74,44 +75,47 @@ def test_region_path_equals_naive(fixture_slides):
     with PatchReader(plan, path, "tiffslide", batch_size=16, method="regions") as r:
         assert r.method == "regions"
         got, _ = collect(r)
-    assert max(diff_stats(got[i], ref[i])[0] for i in range(len(plan))) <= 1
+    assert max(diff_stats(got[i], ref[i])[0] for i in range(len(plan))) == 0
 
 
 def test_reduced_decoding_within_jpeg_tolerance(fixture_slides):
-    """40x -> 20x: tiles decoded at 1/2 by libjpeg (DCT scaling) stay within JPEG tolerance of the naive read,
-    and the comparison can fail: the same patch read 16 level-0 pixels off differs clearly more."""
+    """--fast-decode, 40x -> 20x: tiles decoded at 1/2 by libjpeg (DCT scaling) stay within JPEG tolerance of the
+    exact read, and the comparison can fail: the same patch read 16 level-0 pixels off differs clearly more."""
     path = fixture_slides["svs40"].path
     plan = grid_plan(path, 0, 512, 200)
     ref = read_patches_naive(plan, path, backend="openslide")
-    with PatchReader(plan, path, "openslide", batch_size=32) as r:
+    with PatchReader(plan, path, "openslide", batch_size=32, decode="reduced") as r:
         assert r.method == "tiles" and r.decode_scale == 2
         got, _ = collect(r)
     means = [diff_stats(got[i], ref[i])[1] for i in range(len(plan))]
     assert max(means) < 1.5 and float(np.mean(means)) < 0.6
-    assert max(diff_stats(got[i], ref[i])[0] for i in range(len(plan))) <= 48
-    tissue = [i for i in range(len(plan)) if ref[i].mean() < 220]
+    tissue = [i for i in range(len(plan)) if 40 < ref[i].mean() < 220]
     assert tissue, "fixture has tissue"
+    assert max(diff_stats(got[i], ref[i])[0] for i in tissue) <= 48
     shifted = ReadPlan(plan.coords[tissue] + 16, 0, 1.0, 512, 256, 512, 0.5, 20.0, None, None, plan.level0_width,
                        plan.level0_height)
     off = read_patches_naive(shifted, path, backend="openslide")
     assert np.mean([diff_stats(off[k], ref[i])[1] for k, i in enumerate(tissue)]) > 3 * np.mean([means[i] for i in tissue])
 
 
-def test_border_patches_are_white_outside(fixture_slides):
+def test_border_patches_are_black_outside(fixture_slides):
+    """Outside the level the reference (OpenSlide read_region + convert('RGB')) sees transparent pixels with the
+    alpha dropped: black. Every reader path does the same."""
     path = fixture_slides["svs40"].path
     with open_slide(path) as s:
         w, h = s.dimensions
     plan = ReadPlan(np.array([[-256, 0], [w - 256, h - 256], [w + 10, 0]]), 0, 1.0, 512, 256, 512, 0.5, 20.0,
                     None, None, w, h)
-    with PatchReader(plan, path, batch_size=8) as r:
-        (batch,) = list(r)
-    px = dict(zip(batch.indices.tolist(), batch.pixels))
-    assert (px[0][:, :100] == 255).all() and (px[1][120:, :] == 255).all() and (px[1][:, 120:] == 255).all()
-    assert (px[2] == 255).all()
+    for method, backend in (("tiles", "openslide"), ("regions", "openslide"), ("regions", "tiffslide")):
+        with PatchReader(plan, path, backend, batch_size=8, method=method) as r:
+            (batch,) = list(r)
+        px = dict(zip(batch.indices.tolist(), batch.pixels))
+        assert (px[0][:, :100] == 0).all() and (px[1][120:, :] == 0).all() and (px[1][:, 120:] == 0).all(), method
+        assert (px[2] == 0).all() and px[1][:100, :100].mean() > 100, (method, backend)
 
 
 def test_other_tiff_kinds_and_photometric(fixture_slides, tmp_path):
-    """Generic pyramidal TIFF (fixture) and an Aperio-style file with RGB (not YCbCr) JPEG tiles: same colours."""
+    """Generic pyramidal TIFF (fixture) and an Aperio-style file with RGB (not YCbCr) JPEG tiles: same pixels."""
     import tifffile
 
     rng = np.random.default_rng(0)
@@ -131,16 +135,32 @@ def test_other_tiff_kinds_and_photometric(fixture_slides, tmp_path):
         with PatchReader(plan, path, "openslide", batch_size=5) as r:
             assert r.method == "tiles"
             got, _ = collect(r)
-        assert max(diff_stats(got[i], ref[i])[0] for i in range(len(plan))) <= 2
+        assert max(diff_stats(got[i], ref[i])[0] for i in range(len(plan))) == 0
 
 
 def test_tiles_decoded_once_per_batch(fixture_slides):
     path = fixture_slides["svs40"].path
     plan = grid_plan(path, 0, 384, 0)  # 384-px patches on 256-px tiles: neighbours share tiles
-    with PatchReader(plan, path, batch_size=len(plan), dct_scaling=False) as r:
+    with PatchReader(plan, path, batch_size=len(plan)) as r:
         list(r)
         src: TiffTileSource = r._tiles  # noqa: SLF001 - white-box count of decodes
         assert src.tiles_decoded <= src.across * src.down
+
+
+def test_tiles_decoded_once_with_overlapping_patches(fixture_slides):
+    """Overlapping patches (a 256-px step for 512-px reads): tiles go through the cache, decoded once each."""
+    path = fixture_slides["svs40"].path
+    with open_slide(path) as s:
+        w, h = s.dimensions
+    xs, ys = np.arange(0, w - 512, 256), np.arange(0, h - 512, 256)
+    coords = np.array([(x, y) for y in ys for x in xs], dtype=np.int64)
+    plan = ReadPlan(coords, 0, 1.0, 512, 256, 512, 0.5, 20.0, None, None, w, h)
+    ref = read_patches_naive(plan, path, backend="openslide")
+    with PatchReader(plan, path, batch_size=len(plan)) as r:
+        got, _ = collect(r)
+        src: TiffTileSource = r._tiles  # noqa: SLF001
+        assert not src.direct and src.tiles_decoded <= src.across * src.down
+    assert max(diff_stats(got[i], ref[i])[0] for i in range(len(plan))) == 0
 
 
 # ------------------------------------------------------------------------------------------- order
@@ -159,16 +179,17 @@ def test_order_and_indices(fixture_slides):
     assert (grid_order(plan.coords) == rows).all()
 
 
-def test_resize_rule():
-    rng = np.random.default_rng(1)
-    img = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
-    out = resize_patch(img, 224)
-    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
-    block = img.reshape(256, 2, 256, 2, 3).mean(axis=(1, 3))
-    import cv2
+def test_resize_is_pil_bilinear():
+    """One resize, footprint -> 224, bit-identical to PIL's Image.resize(BILINEAR) (torchvision Resize on PIL)."""
+    from PIL import Image
 
-    want = cv2.resize(np.rint(block).astype(np.uint8), (224, 224), interpolation=cv2.INTER_AREA)
-    assert diff_stats(out, want)[0] <= 1
+    rng = np.random.default_rng(1)
+    for side in (512, 683, 256, 224):
+        img = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        out = resize_patch(img, 224)
+        assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+        want = np.asarray(Image.fromarray(img).resize((224, 224), Image.BILINEAR))
+        assert (out == want).all(), side
     buf = np.zeros((224, 224, 3), np.uint8)
     assert resize_patch(img, 224, out=buf) is buf and (buf == out).all()
 
@@ -290,7 +311,12 @@ def test_bench_read_cli(fixture_slides):
     for key in ("patches_per_s", "device", "batch_size", "workers", "precision", "n_patches", "seconds"):
         assert key in doc
     assert doc["n_patches"] > 0 and doc["precision"] is None and doc["workers"] == 0
-    assert doc["slides"][0]["read"] == doc["n_patches"]
+    assert doc["slides"][0]["read"] == doc["n_patches"] and doc["decode"] == "full"
+    res = CliRunner().invoke(main, ["bench", "read", str(fixture_slides["svs40"].path), "--workers", "0", "--json",
+                                    "--fast-decode"])
+    assert res.exit_code == 0, res.output
+    fast = json.loads(res.stdout)
+    assert fast["decode"] == "reduced" and fast["n_patches"] == doc["n_patches"]
 
 
 def test_workers_exit_when_the_main_process_dies(fixture_slides, tmp_path):

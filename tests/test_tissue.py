@@ -234,3 +234,47 @@ def test_dark_island_crossed_by_pen_is_kept(tmp_path, tint: float, color: str) -
         with open_slide(path) as slide:
             old = segment_slide(slide, SegmentationParams(dark_max_chroma=255))
         assert (old.tissue & away).sum() / away.sum() < 0.5
+
+
+def _ink_over_tissue_kept(res, scene: Scene) -> float:
+    """Fraction of the black ink over tissue (ground truth) that the segmentation keeps as tissue."""
+    black = Scene(scene.width_um, scene.height_um, (), (), tuple(s for s in scene.strokes if s.color == "black"))
+    ink = _resize(render_truth(black, res.mask_mpp)["pen"], res.shape)
+    over = ink & _resize(render_truth(scene, res.mask_mpp)["tissue"], res.shape)
+    assert over.sum() >= 20
+    return float((res.tissue & over).sum() / over.sum())
+
+
+def test_black_strokes_crossing_tissue_are_removed_like_blue_and_green(tmp_path) -> None:
+    """Black strokes 18, 50 and 150 µm wide, each crossing a tissue piece and running onto glass, on a JPEG 40x SVS
+    (quality 70, like the demo slide): the ink over tissue is not tissue (over stain it measures chroma 20-40, so it
+    used to pass as darkly stained tissue), the tissue beside it and a darkly stained island nearby are kept."""
+    from mstar_extract.testing.fixtures import make_svs
+
+    pieces = (Blob(500.0, 450.0, 300.0), Blob(1250.0, 450.0, 300.0), Blob(2000.0, 450.0, 300.0))
+    dark = Blob(1250.0, 1250.0, 250.0, tint=0.55)
+    strokes = tuple(Stroke(((b.cx - 60.0, b.cy - 80.0), (b.cx + 90.0, b.cy + 520.0)), w, "black")
+                    for b, w in zip(pieces, (18.0, 50.0, 150.0)))
+    scene = Scene(2500.0, 1600.0, (*pieces, dark), (), strokes, seed=3)
+    path = make_svs(tmp_path / "black_ink.svs", scene, mpp=0.25, magnification=40, levels=(1, 4, 16), quality=70)
+    with open_slide(path) as slide:
+        res = segment_slide(slide)
+    assert _ink_over_tissue_kept(res, scene) <= 0.02
+    mpp = res.mask_mpp
+    ink = _resize(render_truth(scene, mpp)["pen"], res.shape)
+    for blob in (*pieces, dark):
+        piece = _resize(render_truth(Scene(2500.0, 1600.0, (blob,)), mpp)["tissue"], res.shape)
+        piece &= ~_dilate(~piece, 1)  # the outline itself is drawn +-1 px
+        away = piece & ~_dilate(ink, max(1, round(40 / mpp)))  # > 40 µm from ink (ink is removed with a margin)
+        assert (res.tissue & away).sum() / away.sum() >= 0.99, blob
+    assert (res.pen & ink).sum() / ink.sum() >= 0.8
+
+
+def test_the_demo_slides_black_stroke_is_not_tissue() -> None:
+    """The committed demo slide (``make_demo``'s scene): its thin black stroke crosses the top-middle piece."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "examples" / "slides" / "demo.svs"
+    with open_slide(demo) as slide:
+        res = segment_slide(slide)
+    assert _ink_over_tissue_kept(res, random_scene(2200.0, 1500.0, seed=11, n_blobs=5, border=False)) <= 0.02

@@ -31,6 +31,7 @@ from mstar_extract.models.weights import (
     hub_download,
     load_state_dict_file,
     resolve_weights,
+    sha256_cache_dir,
     sha256_file,
 )
 from mstar_extract.testing.cli import run_mstar
@@ -147,31 +148,69 @@ def test_unreadable_files(tmp_path: Path, tiny: torch.nn.Module) -> None:
     assert "'hf' or 'random'" in _one_line(exc)
 
 
-def test_random_weights_warn_loudly(capsys: pytest.CaptureFixture[str]) -> None:
-    resolved = resolve_weights(get_spec("mstar"), "random")
+def test_random_weights_warn_in_one_line() -> None:
+    import io
+
+    stream = io.StringIO()
+    resolved = resolve_weights(get_spec("mstar"), "random", warn_stream=stream)
     assert resolved.sha256 == RANDOM_SHA256 and resolved.path is None
-    err = capsys.readouterr().err
+    err = stream.getvalue()
     assert "RANDOM weights" in err and "MEANINGLESS" in err and "smoke tests" in err
+    assert err.count("\n") == 1 and err.startswith("mstar: warning:")  # one line, not a banner (issue 12)
 
 
-def test_sha256_sidecar_is_reused_until_the_file_changes(tmp_path: Path) -> None:
-    path = tmp_path / "w.bin"
+def test_sha256_cache_is_reused_until_the_file_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MSTAR_CACHE", str(cache))
+    assert sha256_cache_dir() == cache / "sha256"
+    path = tmp_path / "user" / "w.bin"
+    path.parent.mkdir()
     path.write_bytes(b"x" * 100_000)
     real = hashlib.sha256(path.read_bytes()).hexdigest()
     assert sha256_file(path) == real
-    sidecar = tmp_path / "w.bin.sha256"
-    lines = sidecar.read_text().splitlines()
-    assert lines[0] == f"{real}  w.bin" and lines[1].startswith("# size=100000 mtime_ns=")
+    (entry,) = list((cache / "sha256").iterdir())
+    lines = entry.read_text().splitlines()
+    assert lines[0] == f"{real}  {path.resolve()}" and lines[1].startswith("# size=100000 mtime_ns=")
     fake = "0" * 64  # prove the cached value is used: plant a different digest with the same key
-    sidecar.write_text(f"{fake}  w.bin\n{lines[1]}\n")
+    entry.write_text(f"{fake}  {path.resolve()}\n{lines[1]}\n")
     assert sha256_file(path) == fake
     path.write_bytes(b"y" * 100_000)
     os.utime(path, ns=(1, 10**18))
     assert sha256_file(path) == hashlib.sha256(b"y" * 100_000).hexdigest()
-    # sha256sum understands the sidecar
+    assert [p.name for p in path.parent.iterdir()] == ["w.bin"]  # nothing beside the user's file
+    # sha256sum understands the cache entry (absolute path)
     if Path("/usr/bin/sha256sum").exists():
-        res = subprocess.run(["sha256sum", "-c", sidecar.name], cwd=tmp_path, capture_output=True, text=True)
+        res = subprocess.run(["sha256sum", "-c", str(entry)], capture_output=True, text=True)
         assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_naming_weights_writes_nothing_beside_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny) -> None:
+    """A weights file in someone else's folder (read-only here) or in a writable folder: naming it with
+    --weights, even when it is refused, leaves that folder exactly as it was; the digest goes to the cache."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MSTAR_CACHE", str(cache))
+    shared, other = tmp_path / "shared", tmp_path / "other"
+    shared.mkdir()
+    other.mkdir()
+    good = shared / "w.pth"
+    torch.save(tiny.state_dict(), good)
+    refused = other / "bad.pth"
+    torch.save({"x": NotAllowed()}, refused)
+    wrong = other / "wrong.pth"
+    torch.save({"not": torch.zeros(2)}, wrong)
+    before = {d: sorted(p.name for p in d.iterdir()) for d in (shared, other)}
+    shared.chmod(0o555)
+    try:
+        res = CliRunner().invoke(cli_main, ["weights", "verify", str(good), "--model", TINY])
+        assert res.exit_code == 0, res.output
+        for bad in (refused, wrong):
+            with pytest.raises(WeightsError):
+                Encoder.create(TINY, weights=str(bad), device="cpu")
+    finally:
+        shared.chmod(0o755)
+    assert {d: sorted(p.name for p in d.iterdir()) for d in (shared, other)} == before
+    cached = sorted(p.read_text().split()[1] for p in (cache / "sha256").iterdir())
+    assert cached == sorted(str(p.resolve()) for p in (good, refused, wrong))
 
 
 # ------------------------------------------------------------------------------------------------ hub cache

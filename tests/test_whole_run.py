@@ -401,7 +401,7 @@ def test_features_copied_back_without_a_sync_equal_the_cpu_ones(two_slides: Path
 
 
 def test_devices_exit_code_combines_the_device_processes() -> None:
-    from mstar_extract.pipeline.launch import combined_exit_code
+    from mstar_extract.errors import worst_exit_code as combined_exit_code
 
     assert combined_exit_code([0, 0]) == 0
     assert combined_exit_code([0, 1]) == 1  # a slide failed somewhere (outside torchrun: exit 1)

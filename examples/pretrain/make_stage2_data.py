@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from mstar_extract.pretrain.stage2_toydata import make_stage2_toy_data
+from mstar_extract.pretrain.stage2.toydata import make_stage2_toy_data
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from mstar_extract.pretrain.toydata import make_toy_dataset
+from mstar_extract.pretrain.stage1.toydata import make_toy_dataset
 
 
 def main() -> None:

@@ -12,7 +12,10 @@ from typing import Any
 import click
 
 from mstar_extract.cli.common import emit_result, env_default, output_options
-from mstar_extract.cli.options import BACKENDS, resolution_options, segmentation_options, tile_settings_from
+from mstar_extract.cli.options import (
+    BACKENDS, fast_decode_option, resolution_options, segmentation_options, tile_settings_from,
+)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def bench() -> None:
@@ -58,8 +61,7 @@ def _plan_jobs(slides: tuple[str, ...], coords_dir: str | None, settings: Any, r
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--method", type=click.Choice(["auto", "tiles", "regions", "naive"]), default="auto", show_default=True,
               help="auto/tiles/regions: the fast reader's path; naive: one read_region per patch (baseline).")
-@click.option("--dct/--no-dct", "dct", default=True, show_default=True,
-              help="Decode JPEG tiles at reduced size when the patch is downscaled >= 2x (see docs/reader.md).")
+@fast_decode_option()
 @click.option("--input-size", type=click.IntRange(min=1), default=224, show_default=True, help="Model input px.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=lambda: env_default("MSTAR_BACKEND", "auto"),
               show_default="auto, or $MSTAR_BACKEND")
@@ -68,7 +70,7 @@ def _plan_jobs(slides: tuple[str, ...], coords_dir: str | None, settings: Any, r
 @segmentation_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @output_options()
-def read(slides: tuple[str, ...], coords_dir: str | None, workers: int, batch_size: int, method: str, dct: bool,
+def read(slides: tuple[str, ...], coords_dir: str | None, workers: int, batch_size: int, method: str, fast_decode: bool,
          input_size: int, as_json: bool, reporter: Any, **kw: Any) -> int:
     """Reader-only throughput: every model-ready uint8 patch of SLIDES, in patches/s."""
     from mstar_extract.errors import EXIT_FAILED, EXIT_OK
@@ -77,14 +79,14 @@ def read(slides: tuple[str, ...], coords_dir: str | None, workers: int, batch_si
     settings = tile_settings_from(kw, debug=reporter.debug)  # the same tiling defaults as `mstar tile`
     jobs, failed = _plan_jobs(slides, coords_dir, settings, reporter)
     res = bench_read(jobs, workers=workers, batch_size=batch_size, out_size=input_size, method=method,
-                     dct_scaling=dct, on_slide=lambda row: reporter.event("slide", **row))
+                     decode="reduced" if fast_decode else "full", on_slide=lambda row: reporter.event("slide", **row))
     failed += sum(1 for row in res.slides if row["error"])
     for row in res.slides:
         if row["error"]:
             reporter.error(row["error"])
     emit_result(res.to_dict(), as_json, reporter,
                 f"read: {res.patches_per_s:.1f} patches/s ({res.n_patches} patches of {input_size} px in "
-                f"{res.seconds:.2f} s; method {res.method}, workers {res.workers}, batch {res.batch_size}, "
+                f"{res.seconds:.2f} s; method {res.method}, decode {res.decode}, workers {res.workers}, batch {res.batch_size}, "
                 f"{len(res.slides)} slides; worker start-up {res.startup_seconds:.2f} s not counted)")
     return EXIT_FAILED if failed else EXIT_OK
 
@@ -114,14 +116,16 @@ def train(model: str, batch_size: int | None, steps: int | None, warmup: int, de
     """Stage-2 training throughput: patches/s of the full optimisation step (student + proj + EMA, AdamW).
 
     Random patches already on the device, so slide reading is not included (see `mstar bench read`).
+    Precision auto follows training: bf16 on GPUs with bf16 hardware, fp16 with a GradScaler on older GPUs
+    (one line says so), fp32 on the CPU.
     """
-    from mstar_extract.models.encoder import resolve_device
-    from mstar_extract.pretrain.stage2_bench import bench_train
+    from mstar_extract.pretrain.dist import resolve_device
+    from mstar_extract.pretrain.stage2.bench import bench_train
 
     cuda = resolve_device(device).type == "cuda"
     res = bench_train(model=model, batch_size=batch_size or (64 if cuda else 4), steps=steps or (20 if cuda else 2),
                       warmup=warmup if cuda else min(warmup, 1), device=device, precision=precision,
-                      grad_checkpointing=grad_checkpointing, ema_weight=ema_weight)
+                      grad_checkpointing=grad_checkpointing, ema_weight=ema_weight, reporter=reporter)
     mem = f", peak {res.peak_memory_gb:.1f} GiB" if res.peak_memory_gb is not None else ""
     emit_result(res.to_dict(), as_json, reporter,
                 f"train (stage 2): {res.patches_per_s:.1f} patches/s ({res.model}, batch {res.batch_size}, "

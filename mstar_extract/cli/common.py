@@ -10,7 +10,7 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from mstar_extract.console import DEBUG, NORMAL, QUIET, Reporter, setup_logging
+from mstar_extract.console import DEBUG, NORMAL, QUIET, Reporter, setup_logging, silence_stdout
 from mstar_extract.errors import EXIT_FAILED, EXIT_RUN, EXIT_USAGE, MstarError, RunError, UsageError, first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,6 +83,10 @@ def run_guarded(reporter: Reporter, func: Callable[..., Any], /, *args: Any, **k
         signum = getattr(exc, "signum", None)  # mstar_extract.locks.Terminated carries the signal (SIGTERM)
         reporter.error("terminated" if signum else "interrupted")
         sys.exit(128 + int(signum) if signum else 130)
+    except BrokenPipeError:  # stdout closed under a command that printed without Reporter.write_stdout
+        silence_stdout()
+        reporter.error("stdout was closed (broken pipe) before the output was written")
+        sys.exit(EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: never a bare traceback
         reporter.error(f"unexpected {first_line(exc, with_type=True)} (rerun with --debug for the traceback)", exc)
         sys.exit(EXIT_FAILED)
@@ -102,6 +106,6 @@ def emit_result(doc: dict[str, Any], as_json: bool, reporter: Reporter, line: st
     if reporter.jsonl:
         reporter.event(event, **doc)
     elif as_json:
-        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+        reporter.write_stdout(json.dumps(doc, indent=2, default=str) + "\n")
     else:
-        click.echo(line)
+        reporter.write_stdout(line + "\n")

@@ -8,8 +8,10 @@ import click
 
 from mstar_extract.cli.common import output_options
 from mstar_extract.cli.report import no_report_option, report_after_run
+from mstar_extract.cli.help import EXTRACT_SECTIONS, SectionedCommand
 from mstar_extract.cli.options import (
-    model_options, resolution_options, segmentation_options, select_slides, slide_input_options, tile_settings_from,
+    fast_decode_option, lock_timeout_option, model_options, native_resolution_warning, resolution_options,
+    segmentation_options, select_slides, slide_encoder_option, slide_input_options, tile_settings_from,
 )
 
 
@@ -27,19 +29,20 @@ def extract_options(func: Any) -> Any:
                      help="Reuse patch coordinates from mstar tile (coords/), CLAM (patches/) or TRIDENT (*_patches.h5) instead of segmenting."),
         click.option("--skip-bad-patches", is_flag=True, default=False,
                      help="Drop patches whose pixels cannot be decoded (after one retry) and count them in the manifest, instead of failing the slide."),
-        click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
-                     help="Seconds without a heartbeat after which another job's slide lock counts as stale. [default: $MSTAR_LOCK_TIMEOUT, else 600]"),
+        fast_decode_option(),
+        lock_timeout_option,
     ]
     for d in reversed(decorators):
         func = d(func)
     return func
 
 
-@click.command(context_settings={"max_content_width": 110})
+@click.command(cls=SectionedCommand, sections=EXTRACT_SECTIONS, context_settings={"max_content_width": 110})
 @slide_input_options
 @resolution_options
 @segmentation_options
 @extract_options
+@slide_encoder_option
 @no_report_option
 @output_options()
 def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
@@ -49,7 +52,8 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
     Slides whose bag is already complete are skipped (use --overwrite to redo them); several jobs may share OUT.
     Exit code 0 when every slide is done/skipped/no-tissue, 1 if any failed (0 for a torchrun rank: see
     'mstar status'), 2 for usage errors or missing weights, 3 when a whole-run error stopped the run (OUT full or
-    read-only, GPU out of memory at --batch-size, a CUDA error, a failed --compile).
+    read-only, GPU out of memory at --batch-size, a CUDA error, a failed --compile), 4 when slides held by other
+    jobs were not done (README, "Exit codes").
 
     \b
     Examples:
@@ -57,6 +61,8 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
       mstar extract examples/slides out/ --weights random      # offline smoke test
       mstar extract slides/ out/ --weights mSTAR.pth --batch-size 512 --dtype float16
       mstar extract slides/ out/ --coords-dir clam_out/ --format both
+      mstar extract slides/ out/ --fast-decode                 # faster reading, inputs not bit-exact
+      mstar extract slides/ out/ --layout trident    # out/ as a TRIDENT job folder (docs/layouts.md)
       sbatch --array=0-15 ... mstar extract slides/ out/ --shard auto
     """
     from mstar_extract.errors import UsageError, WeightsError
@@ -74,8 +80,13 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
         compile=kw.pop("compile"), dtype=kw.pop("dtype"), format=kw.pop("fmt"), coords_dir=kw.pop("coords_dir"),
         skip_bad_patches=kw.pop("skip_bad_patches"),
         workers=default_workers(kw.pop("workers"), n_procs=len(devices) if devices else 1),
-        lock_timeout=default_lock_timeout(kw.pop("lock_timeout")),
+        lock_timeout=default_lock_timeout(kw.pop("lock_timeout")), slide_encoder=kw.pop("slide_encoder"),
+        decode="reduced" if kw.pop("fast_decode") else "full",
     )
+    if not settings.coords_dir:  # coordinate files bring their own resolution
+        note = native_resolution_warning(tile.tiling, settings.model)
+        if note:
+            reporter.warn(note)
     try:
         code = launch_extract(entries, out, settings, reporter, devices=devices, overwrite=kw.pop("overwrite"),
                               on_error=kw.pop("on_error"))

@@ -13,7 +13,6 @@ Imports here stay light (no torch): the slide layer pulls in numpy, openslide an
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import click
@@ -111,7 +110,8 @@ def info(slides: tuple[str, ...], as_json: bool, backend: str, mpp_override: flo
     from mstar_extract.errors import EXIT_FAILED, EXIT_OK, SlideError
     from mstar_extract.inputs import resolve_slides
 
-    entries = resolve_slides(slides)
+    reporter.note_closed_stdout = False  # `mstar info ... | head` cuts a report: no note on stderr
+    entries = resolve_slides(slides, missing_ok=True)  # a missing file is reported like a broken one
     records: list[dict[str, Any]] = []
     failed = 0
     for entry in entries:
@@ -128,9 +128,9 @@ def info(slides: tuple[str, ...], as_json: bool, backend: str, mpp_override: flo
         if reporter.jsonl:
             reporter.event("slide", **rec)
         elif not as_json and rec["error"] is None:
-            click.echo(human_block(rec) + "\n")
+            reporter.write_stdout(human_block(rec) + "\n\n")
     if as_json and not reporter.jsonl:
-        sys.stdout.write(json.dumps(records, indent=2) + "\n")
+        reporter.write_stdout(json.dumps(records, indent=2) + "\n")
     code = EXIT_FAILED if failed else EXIT_OK
     reporter.event("summary", command="info", total=len(records), counts={"ok": len(records) - failed, "failed": failed},
                    exit_code=code)

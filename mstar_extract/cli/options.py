@@ -24,11 +24,13 @@ import click
 
 from mstar_extract.cli.common import env_default
 from mstar_extract.errors import UsageError
+from mstar_extract.store.layout import LAYOUTS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 BACKENDS = ("auto", "openslide", "tiffslide", "image")
 COORDS_FORMATS = ("trident", "clam")
+LAYOUT_NAMES = tuple(LAYOUTS)
 
 
 def _apply(func: F, decorators: list[Callable[[F], F]]) -> F:
@@ -37,11 +39,25 @@ def _apply(func: F, decorators: list[Callable[[F], F]]) -> F:
     return func
 
 
+def _need_slides_and_out(ctx: click.Context, param: click.Parameter, out: str | None) -> str:
+    """OUT's callback. Click fills the last argument first, so a forgotten OUT would read as a missing SLIDES
+    (``mstar extract slides/``); say what is missing instead, with the usage line (exit 2)."""
+    slides = ctx.params.get("slides") or ()
+    if out is None:
+        raise click.MissingParameter(ctx=ctx, param=next(p for p in ctx.command.params if p.name == "slides"),
+                                     message="Give the slides and the output folder: SLIDES... OUT.")
+    if not slides:
+        raise click.MissingParameter(ctx=ctx, param=param, message=f"{out!r} was taken as SLIDES; add the output folder.")
+    return out
+
+
 def slide_input_options(func: F) -> F:
     """SLIDES... OUT, --backend, --mpp-override, --workers, --shard, --on-error, --overwrite."""
     return _apply(func, [
-        click.argument("slides", nargs=-1, required=True, metavar="SLIDES..."),
-        click.argument("out", type=click.Path(file_okay=False), metavar="OUT"),
+        # both optional for click, checked by OUT's callback (which names the missing one)
+        click.argument("slides", nargs=-1, required=False, metavar="SLIDES..."),
+        click.argument("out", type=click.Path(file_okay=False), metavar="OUT", required=False,
+                       callback=_need_slides_and_out),
         click.option("--backend", type=click.Choice(BACKENDS), default=lambda: env_default("MSTAR_BACKEND", "auto"),
                      show_default="auto, or $MSTAR_BACKEND",
                      help="Slide reader. auto chooses per file (docs/backends.md): OpenSlide or tiffslide for "
@@ -57,11 +73,50 @@ def slide_input_options(func: F) -> F:
                      help="skip: a failed slide is recorded and the others go on; fail: stop after the first failure. Exit code 1 either way."),
         click.option("--overwrite", is_flag=True, default=False,
                      help="Redo slides whose outputs are already complete (default: skip them)."),
+        *pixel_limit_options(),
     ])
 
 
+def _pixel_limit(flag: str, env: str, default: str, help_text: str) -> Callable[[F], F]:
+    """An option that validates a pixel count (or its variable) and exports it to the run's worker processes."""
+
+    def store(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        from mstar_extract.slides import limits
+
+        try:
+            n = limits.parse_pixels(value, "") if value is not None else limits.parse_pixels(env_default(env, default), env)
+        except UsageError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+        limits.export(env, n)
+
+    return click.option(flag, default=None, metavar="PIXELS", expose_value=False, callback=store,
+                        help=f"{help_text} Accepts 250M, 2G, ... [default: {default}, or ${env}]")
+
+
+def pixel_limit_options() -> list[Callable[[F], F]]:
+    """--max-image-pixels, --max-read-pixels (:mod:`mstar_extract.slides.limits`): refuse image bombs at once."""
+    return [
+        _pixel_limit("--max-image-pixels", "MSTAR_MAX_IMAGE_PIXELS", "250M",
+                     "Refuse plain images (PNG, JPEG, flat TIFF) with more pixels, from their header: they are decoded "
+                     "whole into memory (about 7 bytes per pixel)."),
+        _pixel_limit("--max-read-pixels", "MSTAR_MAX_READ_PIXELS", "2G",
+                     "Refuse a slide when segmenting it would decode more pixels of one level (a slide without a "
+                     "pyramid): bounds the time one slide's segmentation can take."),
+    ]
+
+
+def lock_timeout_option(func: F) -> F:
+    """--lock-timeout (tile and extract)."""
+    return click.option(
+        "--lock-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+        help="Seconds without a heartbeat after which another job's slide lock counts as stale (taken over); also "
+             "the longest wait, at the end, for slides that other jobs hold. "
+             "[default: $MSTAR_LOCK_TIMEOUT, else 600]")(func)
+
+
 def resolution_options(func: F) -> F:
-    """--magnification/--mpp, --patch-size, --overlap, --min-tissue, --exact-mpp, --snap-tolerance, --coords-format."""
+    """--magnification/--mpp, --patch-size, --overlap, --min-tissue, --exact-mpp, --snap-tolerance, --coords-format,
+    --layout."""
     from mstar_extract.tiling import DEFAULT_MIN_TISSUE
 
     return _apply(func, [
@@ -79,8 +134,10 @@ def resolution_options(func: F) -> F:
                      help="Scale by the exact mpp ratio instead of snapping level 0 to its nominal objective (0.2527 µm/px -> 40x)."),
         click.option("--snap-tolerance", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True,
                      help="Relative tolerance for snapping level 0's magnification (10 / mpp) to a nominal objective."),
-        click.option("--coords-format", type=click.Choice(COORDS_FORMATS), default="trident", show_default=True,
-                     help="coords/<id>.h5 attributes: TRIDENT's (patch_size at target, patch_size_level0, ...) or CLAM's (patch_level, patch_size at that level)."),
+        click.option("--coords-format", type=click.Choice(COORDS_FORMATS), default=None,
+                     help="coords/<id>.h5 attributes: TRIDENT's (patch_size at target, patch_size_level0, ...) or CLAM's (patch_level, patch_size at that level). --layout clam/trident fix it. [default: the layout's; trident for mstar]"),
+        click.option("--layout", type=click.Choice(LAYOUT_NAMES), default="mstar", show_default=True,
+                     help="Where files go in OUT (docs/layouts.md): mstar (features/, coords/, ...); clam (patches/, h5_files/, pt_files/: CLAM's and the mSTAR repo's scripts read OUT as is); trident (TRIDENT's job folder: <mag>x_<ps>px_<overlap>px_overlap/patches/, .../features_<model>/). One OUT keeps one layout."),
     ])
 
 
@@ -143,8 +200,8 @@ def tile_settings_from(kw: dict[str, Any], debug: bool = False):
     tiling = tiling_params_from(kw)
     return TileSettings(
         segmentation=seg, tiling=tiling, backend=kw.pop("backend", "auto"), mpp_override=kw.pop("mpp_override", None),
-        tissue_mask=kw.pop("tissue_mask", None), coords_format=kw.pop("coords_format", "trident"),
-        qc=kw.pop("qc", True), debug=debug,
+        tissue_mask=kw.pop("tissue_mask", None), coords_format=kw.pop("coords_format", None),
+        qc=kw.pop("qc", True), debug=debug, layout=kw.pop("layout", "mstar"),
     )
 
 
@@ -157,6 +214,28 @@ def select_slides(slides: tuple[str, ...], shard: str | None):
 
     entries = resolve_slides(list(slides), stdin=sys.stdin if "-" in slides else None)
     return work_share(entries, parse_shard(shard))
+
+
+def fast_decode_option() -> Callable[[F], F]:
+    """``--fast-decode``: reduced-size JPEG decoding instead of the reference's exact pixels (docs/reader.md)."""
+    return click.option(
+        "--fast-decode", is_flag=True, default=False,
+        help="Decode JPEG tiles at reduced size (1/2, 1/4 or 1/8 when the patch is downscaled that much) and snap "
+             "off-grid corners: faster reading, but the model input is no longer bit-identical to the official mSTAR "
+             "pipeline (measured deviation in docs/reader.md). Bags record decode=reduced. [default: exact, decode=full]")
+
+
+NATIVE_MPP = 0.5
+"""mSTAR (and UNI, its stage-1 teacher) were trained on 20x (0.5 µm/px) patches."""
+
+
+def native_resolution_warning(tiling: Any, model: str = "mstar") -> str | None:
+    """One line when the run's target resolution is not mSTAR's native 20x / 0.5 µm/px, else None."""
+    mpp, mag = tiling.target()
+    if abs(mpp - NATIVE_MPP) <= 1e-3 * NATIVE_MPP:
+        return None
+    return (f"target {mag:g}x ({mpp:g} µm/px) is not the resolution {model} was trained on (20x, 0.5 µm/px); "
+            "features at other resolutions are allowed but differ from the published ones")
 
 
 def model_options(weights_default: str | None = None, weights_help: str | None = None) -> Callable[[F], F]:
@@ -182,3 +261,11 @@ def model_options(weights_default: str | None = None, weights_help: str | None =
         ])
 
     return decorate
+
+
+def slide_encoder_option(func: F) -> F:
+    """``--slide-encoder PATH`` of ``extract``: a slide embedding right after each bag (docs/downstream.md)."""
+    return click.option(
+        "--slide-encoder", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+        help="Stage-1 aggregator (teacher.pt or aggregator_mstar.pth): also write OUT/slide_features/<slide_id>.h5 "
+             "for each bag, as `mstar embed-slides` does. [default: none]")(func)

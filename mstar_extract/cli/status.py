@@ -1,8 +1,9 @@
 """`mstar status OUT`: print what :func:`mstar_extract.status.collect_status` finds in an output folder.
 
-Human report on stdout (counts per status, failures with reasons, slides being processed now, stale locks);
-``--json`` prints one JSON document; ``--jsonl`` prints one ``{"event": "slide", ...}`` object per slide and a
-final ``{"event": "summary", ..., "complete": bool}`` so a script can decide whether to resubmit.
+Human report on stdout (counts per status, failures with reasons, slides held by other processes, slides being
+processed now, stale locks); ``--json`` prints one JSON document; ``--jsonl`` prints one ``{"event": "slide",
+...}`` object per slide and a final ``{"event": "summary", ..., "complete": bool}`` so a script can decide
+whether to resubmit. A closed stdout (``| head``) ends the printing quietly, with the same exit code.
 Exit codes: 0 no failed slide, 1 at least one failed, 2 OUT has no manifest (nothing finished there yet).
 """
 
@@ -32,8 +33,10 @@ def _age(seconds: float | None) -> str:
     return f"{s // 3600}h {s % 3600 // 60:02d}m"
 
 
-def _print_human(report: StatusReport, failed_only: bool) -> None:
-    echo = click.echo
+def _print_human(report: StatusReport, failed_only: bool, reporter: Reporter) -> None:
+    def echo(line: str) -> None:
+        reporter.write_stdout(line + "\n")
+
     failed = [s for s in report.slides if s["status"] == "failed"]
     if failed_only:
         for s in failed:
@@ -44,6 +47,13 @@ def _print_human(report: StatusReport, failed_only: bool) -> None:
     for k in COUNT_KEYS:
         if c.get(k) or k in ("done", "failed"):
             echo(f"  {k:<10} {c.get(k, 0):>7}")
+    held = [s for s in report.slides if s["status"] == "held"]
+    if held:
+        echo(f"held ({len(held)}; left to another process that has recorded nothing for them since: not done):")
+        for s in held:
+            lock = s.get("lock")
+            now = f"  (still locked by host {lock['host']} pid {lock['pid']})" if lock else ""
+            echo(f"  {s['slide_id']}{now}")
     running = [lk for lk in report.locks if lk["state"] == "running"]
     stale = [lk for lk in report.locks if lk["state"] == "stale"]
     if running:
@@ -92,6 +102,7 @@ def status(
     if not out.is_dir():
         reporter.error(f"{out}: no such folder")
         return EXIT_USAGE
+    reporter.note_closed_stdout = False  # `mstar status OUT --jsonl | head` cuts a report, not a run
     report = collect_status(out, default_lock_timeout(lock_timeout), expect, write_manifest=not no_write)
     slides = [s for s in report.slides if s["status"] == "failed"] if failed_only else report.slides
     if reporter.jsonl:
@@ -100,9 +111,9 @@ def status(
         reporter.event("summary", **report.summary())
     elif as_json:
         doc = {"summary": report.summary(), "slides": slides, "locks": report.locks}
-        click.echo(json.dumps(doc, indent=2))
+        reporter.write_stdout(json.dumps(doc, indent=2) + "\n")
     elif report.has_manifest or report.locks:
-        _print_human(report, failed_only)
+        _print_human(report, failed_only, reporter)
     if not report.has_manifest:
         reporter.error(f"{out}: no manifest (no slide has finished there yet)")
     return report.exit_code

@@ -1,17 +1,22 @@
 """Model-side preprocessing of uint8 patch batches, on the model's device (docs/models.md).
 
-Reference meaning (mSTAR): the 20x 256-px patch resized to 224 (bilinear, antialiased), scaled to [0, 1],
-normalised with the ImageNet mean/std. Readers ship uint8 ``(B, H, W, 3)`` batches (4x smaller than float32);
-this module turns them into the network's ``(B, 3, S, S)`` float input, channels-last:
+The reference (mSTAR's ``Feature_extract``, ``models/mSTAR.py``)::
+
+    transforms.Compose([transforms.Resize(224), transforms.ToTensor(),
+                        transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+
+The reader (:mod:`mstar_extract.reading`) already delivers the uint8 image that ``ToTensor`` receives (the
+footprint resized to 224 by PIL bilinear, bit-identical to ``Resize(224)``). This module does the rest exactly as
+torchvision does it, so the float input equals the reference's bit for bit (tested):
 
 1. to float32 and ``(B, 3, H, W)``;
-2. only when ``H`` or ``W`` differs from ``S``: ``torch.nn.functional.interpolate(mode="bilinear",
-   antialias=True, align_corners=False)`` — the same triangle filter with support scaled by the
-   downsampling factor as PIL's ``Image.resize(BILINEAR)`` / torchvision ``Resize`` (so 256 -> 224 matches
-   the reference up to PIL's rounding to uint8, < 0.5/255);
-3. ``/ 255``, then ``(x - mean) / std``; the result is channels-last (``torch.channels_last``).
+2. ``/ 255`` (``ToTensor``), then ``(x - mean) / std`` with float32 mean/std (``Normalize``);
+3. the result is channels-last (``torch.channels_last``).
 
-The resize runs in float32 whatever the inference precision; autocast casts afterwards.
+Batches whose side is not ``S`` (callers other than the reader) are first resized on the device with
+``torch.nn.functional.interpolate(mode="bilinear", antialias=True)`` in float32: the same filter as PIL's, but
+not bit-identical to it (within about one grey level). The resize and normalisation run in float32 whatever
+the inference precision; autocast casts afterwards.
 """
 
 from __future__ import annotations
@@ -38,12 +43,12 @@ def as_uint8_batch(batch: "torch.Tensor | np.ndarray", device: torch.device | st
 
 
 @functools.lru_cache(maxsize=16)
-def _mean_std_255(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mean * 255`` and ``std * 255`` as (1, 3, 1, 1) tensors on ``device``, made once: building them per batch
-    copies from pageable host memory, which synchronises the CUDA stream on every batch."""
+def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` and ``std`` as float32 (1, 3, 1, 1) tensors on ``device`` (as ``Normalize`` makes them), made once:
+    building them per batch copies from pageable host memory, which synchronises the CUDA stream every batch."""
     with torch.inference_mode(False), torch.no_grad():  # plain tensors, usable inside and outside inference_mode
-        m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
-        s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+        m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     return m, s
 
 
@@ -59,6 +64,6 @@ def preprocess(
     x = x.permute(0, 3, 1, 2).float()
     if x.shape[-2] != input_size or x.shape[-1] != input_size:
         x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
-    m, s = _mean_std_255(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
-    x = (x - m) / s  # == (x / 255 - mean) / std, in one pass
+    m, s = _mean_std(tuple(float(v) for v in mean), tuple(float(v) for v in std), x.device)
+    x = x.div(255.0).sub_(m).div_(s)  # ToTensor's div(255), then Normalize's sub_(mean).div_(std): same rounding
     return x.contiguous(memory_format=torch.channels_last)

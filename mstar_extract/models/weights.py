@@ -13,8 +13,10 @@ Decisions (documented in docs/models.md):
   ``MSTAR_CACHE``, else the huggingface_hub default cache); ``HF_HUB_OFFLINE=1`` never touches the network.
   Every refusal becomes one line naming the two ways in.
 * ``random`` keeps timm's random initialisation (a loud warning; sha256 ``"random"``).
-* The sha256 of a weights file is cached in a sidecar ``<file>.sha256`` (``sha256sum -c`` format plus a
-  ``# size= mtime_ns=`` comment line); it is reused only while the file's size and mtime are unchanged.
+* The sha256 of a weights file is cached in the tool's cache folder, never beside the user's file (which may be
+  in a read-only or shared folder, or a folder the user did not ask us to write to): one small entry per file in
+  :func:`sha256_cache_dir`, keyed by the file's absolute path, holding the digest with the file's size and
+  mtime; it is reused only while size and mtime are unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -60,33 +61,62 @@ class ResolvedWeights:
 # --------------------------------------------------------------------------------------------------- sha256
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+def sha256_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where sha256 digests are cached: ``$MSTAR_CACHE/sha256`` when set; else ``weights/.cache/sha256`` of the
+    checkout mstar runs from (git-ignored); else ``$XDG_CACHE_HOME/mstar/sha256`` (``~/.cache/mstar/sha256``).
+
+    Not inside the Hugging Face hub cache itself (its ``scan-cache`` would list a foreign folder as corrupt)."""
+    from mstar_extract.envdefaults import weights_cache
+
+    env = os.environ if env is None else env
+    cache = weights_cache(env)
+    if cache.source == "env":
+        return cache.path / "sha256"
+    if cache.source == "checkout":
+        return cache.path / ".cache" / "sha256"
+    xdg = (env.get("XDG_CACHE_HOME") or "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.path.expanduser(xdg)) / "mstar" / "sha256"
 
 
-def _read_sidecar(path: Path, size: int, mtime_ns: int) -> str | None:
+def _cache_entry(path: Path, cache_dir: Path) -> Path:
+    """The cache file of ``path``: named by a hash of its absolute path (one entry per file, overwritten when the
+    file changes)."""
+    key = hashlib.sha256(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return cache_dir / f"{key}.sha256"
+
+
+def _entry_text(path: Path, digest: str, size: int, mtime_ns: int) -> str:
+    return f"{digest}  {path.resolve()}\n# size={size} mtime_ns={mtime_ns}\n"
+
+
+def _read_cached(entry: Path, path: Path, size: int, mtime_ns: int) -> str | None:
     try:
-        lines = _sidecar(path).read_text(encoding="utf-8").splitlines()
+        lines = entry.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return None
     if len(lines) < 2 or lines[1].strip() != f"# size={size} mtime_ns={mtime_ns}":
         return None
-    digest = lines[0].split()[0] if lines[0].split() else ""
+    digest, _, named = lines[0].partition("  ")
+    if named != str(path.resolve()):
+        return None
     return digest.lower() if len(digest) == 64 and all(c in "0123456789abcdefABCDEF" for c in digest) else None
 
 
-def sha256_file(path: str | os.PathLike[str], use_cache: bool = True, chunk_bytes: int = 8 << 20) -> str:
-    """Hex sha256 of a file, streamed; cached in ``<file>.sha256`` keyed by size and mtime.
+def sha256_file(path: str | os.PathLike[str], use_cache: bool = True, chunk_bytes: int = 8 << 20,
+                cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """Hex sha256 of a file, streamed; cached in :func:`sha256_cache_dir` (or ``cache_dir``) keyed by the
+    file's path, size and mtime. Nothing is ever written beside the file.
 
-    A sidecar that cannot be written (read-only folder) is silently skipped.
+    A cache folder that cannot be written is silently skipped (the digest is then computed every time).
     """
     path = Path(path)
     try:
         st = path.stat()
     except OSError as exc:
         raise WeightsError(f"{path}: cannot read weights file ({exc.strerror or exc})") from None
-    if use_cache:
-        cached = _read_sidecar(path, st.st_size, st.st_mtime_ns)
+    entry = _cache_entry(path, Path(cache_dir) if cache_dir is not None else sha256_cache_dir()) if use_cache else None
+    if entry is not None:
+        cached = _read_cached(entry, path, st.st_size, st.st_mtime_ns)
         if cached:
             return cached
     h = hashlib.sha256()
@@ -100,13 +130,14 @@ def sha256_file(path: str | os.PathLike[str], use_cache: bool = True, chunk_byte
     except OSError as exc:
         raise WeightsError(f"{path}: cannot read weights file ({exc.strerror or exc})") from None
     digest = h.hexdigest()
-    if use_cache:
+    if entry is not None:
         try:
             from mstar_extract.store.atomic import write_text_atomic
 
-            write_text_atomic(_sidecar(path), f"{digest}  {path.name}\n# size={st.st_size} mtime_ns={st.st_mtime_ns}\n")
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(entry, _entry_text(path, digest, st.st_size, st.st_mtime_ns))
         except OSError as exc:
-            log.debug("could not write sha256 sidecar for %s: %s", path, exc)
+            log.debug("could not cache the sha256 of %s in %s: %s", path, entry.parent, exc)
     return digest
 
 
@@ -347,16 +378,19 @@ def cached_hub_file(spec: EncoderSpec, cache_dir: str | os.PathLike[str] | None 
 # -------------------------------------------------------------------------------------------- resolution
 
 
+def random_warning(spec: EncoderSpec) -> str:
+    """The one line that ``--weights random`` prints."""
+    return (f"warning: --weights random: model {spec.name!r} has RANDOM weights, the features are MEANINGLESS "
+            f"(smoke tests only; bags record weights_sha256='random')")
+
+
 def warn_random(spec: EncoderSpec, stream: Any = None) -> None:
-    """The loud stderr warning of ``--weights random``."""
-    stream = stream or sys.stderr
-    bar = "!" * 78
-    stream.write(
-        f"mstar: warning: {bar}\n"
-        f"mstar: warning: --weights random: model {spec.name!r} has RANDOM weights; the features are MEANINGLESS.\n"
-        f"mstar: warning: use this for smoke tests only (bags record weights_sha256='random').\n"
-        f"mstar: warning: {bar}\n"
-    )
+    """Say in one stderr line that ``--weights random`` makes meaningless features: through the ``mstar`` logger
+    (so ``-q`` silences it), or on ``stream`` when one is given."""
+    if stream is None:
+        log.warning(random_warning(spec))
+        return
+    stream.write(f"mstar: {random_warning(spec)}\n")
     stream.flush()
 
 

@@ -35,13 +35,14 @@ import numpy as np
 
 from mstar_extract.console import Progress, Reporter
 from mstar_extract.errors import EXIT_FAILED, RunError, first_line, reason_of
-from mstar_extract.pipeline.runner import SlideOutcome, SlideRunner
+from mstar_extract.pipeline.runner import HELD_BY_OTHERS, SlideOutcome, SlideRunner
 from mstar_extract.pipeline.whole_run import is_whole_run, whole_run_error, whole_run_reason
 from mstar_extract.pipeline.writer import HostFeatures, SlideWriter, WriteJob
 from mstar_extract.pipeline.tile_job import (
-    TileSettings, check_slide_ids, layout_for, open_with_resolution, prepare_out, segment_and_plan, write_tile_outputs,
+    ClamReaderNote, TileSettings, check_slide_ids, layout_for, open_with_resolution, prepare_out, segment_and_plan,
+    write_tile_outputs,
 )
-from mstar_extract.store.layout import OutLayout
+from mstar_extract.store.layout import OutLayout, layout_class
 from mstar_extract.tiling import ReadPlan
 
 log = logging.getLogger("mstar")
@@ -77,10 +78,16 @@ class ExtractSettings:
     lock_timeout: float = 600.0
     cache_dir: str | None = None
     token: str | None = None
+    decode: str = "full"
+    """``full``: model inputs bit-identical to the official mSTAR pipeline; ``reduced``: ``--fast-decode``
+    (reduced-size JPEG decoding, docs/reader.md). Recorded in every bag as the ``decode`` attr."""
+    slide_encoder: str | None = None
+    """Stage-1 aggregator file: a slide embedding after each bag (:func:`mstar_extract.downstream.embed.embed_after_bag`)."""
 
 
 def wants_pt(settings: ExtractSettings) -> bool:
-    return settings.format in ("pt", "both")
+    """``--format pt|both``, or a layout that always has them (``clam``: CLAM's training code reads only those)."""
+    return settings.format in ("pt", "both") or layout_class(settings.tile.layout).always_pt
 
 
 def extract_layout(out_dir: str | os.PathLike[str] | OutLayout, settings: ExtractSettings) -> OutLayout:
@@ -128,9 +135,9 @@ def check_complete(entry: Any, layout: OutLayout, settings: ExtractSettings, enc
 
 def expected_settings(settings: ExtractSettings) -> dict[str, Any]:
     """Bag attributes that a complete bag must share with this run's options to count as done (so one OUT never
-    silently mixes patch sizes, resolutions or stored dtypes). Coordinates from ``--coords-dir`` bring their own
-    geometry, so only the dtype is compared then."""
-    expect: dict[str, Any] = {"dtype": settings.dtype}
+    silently mixes patch sizes, resolutions, stored dtypes or decode paths). Coordinates from ``--coords-dir`` bring
+    their own geometry, so only the dtype and the decode path are compared then."""
+    expect: dict[str, Any] = {"dtype": settings.dtype, "decode": settings.decode}
     if not settings.coords_dir:
         tiling = settings.tile.tiling
         expect.update(patch_size=tiling.patch_size, overlap=tiling.overlap, target_mpp=tiling.target()[0])
@@ -195,8 +202,9 @@ def write_outputs(entry: Any, layout: OutLayout, plan: ReadPlan, features: np.nd
         write_pt(layout.pt(entry.slide_id), feats)
     attrs = bag_attrs(plan, slide_id=entry.slide_id, slide_path=str(entry.path), model=encoder.name,
                       weights_sha256=encoder.weights_sha256, feature_dim=encoder.feature_dim,
-                      precision=encoder.precision, input_size=encoder.input_size, n_bad_patches=int(n_bad))
-    write_bag(bag, feats, coords, attrs, dtype=settings.dtype)
+                      precision=encoder.precision, input_size=encoder.input_size, n_bad_patches=int(n_bad),
+                      decode=settings.decode)
+    write_bag(bag, feats, coords, attrs, dtype=settings.dtype, features_attrs=layout.features_attrs(entry.slide_id))
     return bag
 
 
@@ -256,10 +264,11 @@ class ExtractRun:
 
     def __init__(self, entries: Sequence[Any], layout: OutLayout, settings: ExtractSettings, encoder: Any,
                  reporter: Reporter, overwrite: bool = False, on_error: str = "skip",
-                 runner: SlideRunner | None = None) -> None:
+                 runner: SlideRunner | None = None, slide_encoder: Any = None) -> None:
         from mstar_extract.reading import DeviceFeeder
 
         self.layout, self.settings, self.encoder, self.reporter = layout, settings, encoder, reporter
+        self.slide_encoder = slide_encoder
         self.overwrite, self.on_error = overwrite, on_error
         self.batch_size = settings.batch_size or default_batch_size(encoder.device.type)
         self.runner = runner or SlideRunner(layout.root, reporter, total=len(entries), command="extract",
@@ -270,6 +279,7 @@ class ExtractRun:
         self.planning: deque[Future] = deque()
         self.reading: deque[Planned] = deque()
         self.depth = 1 + max(0, settings.lookahead)
+        self.note = ClamReaderNote(reporter, settings.tile, writes_coords=not settings.coords_dir)
         self.stop = False
         self.exhausted = False
         self.warm = False
@@ -291,7 +301,7 @@ class ExtractRun:
         s = self.settings
         self.planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mstar-plan")
         self.pool = ReaderPool(workers=s.workers, batch_size=self.batch_size, out_size=self.encoder.input_size,
-                               skip_bad_patches=s.skip_bad_patches, lookahead=s.lookahead)
+                               skip_bad_patches=s.skip_bad_patches, lookahead=s.lookahead, decode=s.decode)
         self.streams = self.pool.results()
         self.writer = SlideWriter(self.write_slide, self.record_now)
         self.patches = Progress(self.reporter, None, "extract: patches", "patches", position=1)
@@ -342,7 +352,12 @@ class ExtractRun:
         self.writer.record(outcome)
 
     def record_now(self, outcome: SlideOutcome) -> None:
-        """(writer thread) Manifest row, event, lock released; ``--on-error fail`` stops after a failure."""
+        """(writer thread) Manifest row, event, lock released; ``--on-error fail`` stops after a failure.
+        With ``--slide-encoder`` a slide whose bag is complete gets its slide embedding first, under its lock."""
+        if self.slide_encoder is not None:
+            from mstar_extract.downstream.embed import embed_after_bag
+
+            outcome = embed_after_bag(self.slide_encoder, self.layout, outcome)
         self.runner.finish(outcome)
         if outcome.status == "failed" and self.on_error == "fail":
             self.stop = True
@@ -360,7 +375,7 @@ class ExtractRun:
                 self.record(SlideOutcome.failed(entry, str(entry.error), seconds=0.0))
                 continue
             if not self.runner.begin(entry):
-                self.record(SlideOutcome.skipped(entry, "taken by another process"))
+                self.record(SlideOutcome.skipped(entry, HELD_BY_OTHERS))
                 continue
             if not self.overwrite:
                 done = check_complete(entry, self.layout, self.settings, self.encoder)
@@ -386,6 +401,7 @@ class ExtractRun:
                 self.writer.write(WriteJob(planned))  # no tissue: the writer writes its empty bag
                 continue
             entry = planned.entry
+            self.note.check(entry.slide_id, planned.plan.patch_size_level0)
             self.pool.submit(SlideJob(entry.slide_id, str(entry.path), planned.plan, self.settings.tile.backend))
             self.reading.append(planned)
 
@@ -541,12 +557,33 @@ def run_extract(
             encoder = Encoder.create(settings.model, settings.weights, device=settings.device,
                                      precision=settings.precision, compile=settings.compile,
                                      cache_dir=settings.cache_dir, token=settings.token)
+        slide_encoder = load_slide_encoder(settings, encoder)
         run = ExtractRun(entries, layout, settings, encoder, reporter, overwrite=overwrite, on_error=on_error,
-                         runner=runner)
+                         runner=runner, slide_encoder=slide_encoder)
         reporter.info(f"model {encoder.name} ({encoder.weights.description}) on {encoder.device}, "
                       f"{encoder.precision}, batch {run.batch_size}, {settings.workers} reader worker(s)")
         # temp files of other hosts' live jobs sharing OUT (a cluster file system) are kept until older than the
         # lock timeout
         prepare_out(entries, layout, run_record(settings.tile, settings, encoder.weights_sha256), overwrite,
                     settings.lock_timeout)
-        return run.run()
+        code = run.run()
+    if slide_encoder is not None:
+        from mstar_extract.downstream.embed import finish_table
+
+        finish_table(layout, reporter)
+    return code
+
+
+def load_slide_encoder(settings: ExtractSettings, encoder: Any) -> Any:
+    """``--slide-encoder``'s aggregator on the model's device, checked against the model before any work (a
+    UsageError when it was trained on other patch features); None without the option."""
+    if not settings.slide_encoder:
+        return None
+    from mstar_extract.downstream.aggregator import SlideEncoder
+    from mstar_extract.errors import UsageError
+
+    slide_encoder = SlideEncoder.load(settings.slide_encoder, encoder.device)
+    problem = slide_encoder.extractor_problem(encoder.name, encoder.weights_sha256, encoder.feature_dim)
+    if problem is not None:
+        raise UsageError(f"--slide-encoder: {problem}")
+    return slide_encoder

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mstar_extract.console import Reporter, setup_logging
-from mstar_extract.errors import EXIT_FAILED, EXIT_OK, EXIT_RUN, MstarError, RunError, first_line
+from mstar_extract.errors import EXIT_FAILED, EXIT_OK, EXIT_RUN, MstarError, RunError, first_line, worst_exit_code
 from mstar_extract.pipeline.extract_job import ExtractSettings, run_extract
 
 
@@ -138,12 +138,4 @@ def launch_extract(entries: Sequence[Any], out: str | os.PathLike[str], settings
     from mstar_extract.manifest import merge_manifest
 
     merge_manifest(out)
-    return combined_exit_code([p.exitcode for p in procs])
-
-
-def combined_exit_code(codes: Sequence[int | None]) -> int:
-    """The exit code of ``--devices`` from its processes': 0 when all are 0, 3 when one stopped with a whole-run
-    error, else 1."""
-    if all(c == 0 for c in codes):
-        return EXIT_OK
-    return EXIT_RUN if EXIT_RUN in codes else EXIT_FAILED
+    return worst_exit_code([p.exitcode for p in procs])

@@ -17,6 +17,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from mstar_extract.pipeline.tile_job import TileSettings
 
 
+def output_record(tile: "TileSettings") -> dict[str, Any]:
+    """OUT's layout (``--layout``) and what names its folders (TRIDENT's ``<mag>x_<ps>px_<overlap>px_overlap``):
+    recorded by every run, ``--coords-dir`` ones too, since it decides where every file goes."""
+    from mstar_extract.pipeline.tile_job import layout_for
+
+    return layout_for(".", tile).recorded()
+
+
 def tiling_record(tile: "TileSettings") -> dict[str, Any]:
     """The settings that decide a slide's coordinates (and so its QC picture, contours and bag)."""
     t = tile.tiling
@@ -39,7 +47,7 @@ def features_record(settings: "ExtractSettings", weights_sha256: str | None = No
     rec: dict[str, Any] = {
         "model": settings.model,
         "dtype": settings.dtype,
-        "decode": getattr(settings, "decode", "full"),
+        "decode": settings.decode,
     }
     if weights_sha256 is not None:
         rec["weights_sha256"] = weights_sha256
@@ -48,9 +56,9 @@ def features_record(settings: "ExtractSettings", weights_sha256: str | None = No
 
 def run_record(tile: "TileSettings", extract: "ExtractSettings | None" = None,
                weights_sha256: str | None = None) -> dict[str, dict[str, Any]]:
-    """The record groups a run defines: ``tiling`` (unless ``--coords-dir`` brings the coordinates) and, for
-    ``extract``, ``features``."""
-    groups: dict[str, dict[str, Any]] = {}
+    """The record groups a run defines: ``output`` (always), ``tiling`` (unless ``--coords-dir`` brings the
+    coordinates) and, for ``extract``, ``features``."""
+    groups: dict[str, dict[str, Any]] = {"output": output_record(tile)}
     if extract is None or not extract.coords_dir:
         groups["tiling"] = tiling_record(tile)
     if extract is not None:

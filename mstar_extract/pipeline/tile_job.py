@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from mstar_extract.console import Reporter
-from mstar_extract.errors import SlideError, reason_of
-from mstar_extract.pipeline.runner import SlideOutcome, SlideRunner
-from mstar_extract.store.layout import LayoutContext, OutLayout, make_layout, validate_slide_id
+from mstar_extract.errors import SlideError, UsageError, reason_of
+from mstar_extract.pipeline.runner import HELD_BY_OTHERS, SlideOutcome, SlideRunner
+from mstar_extract.store.layout import LayoutContext, OutLayout, layout_class, make_layout, validate_slide_id
 from mstar_extract.tiling import ReadPlan, TilingParams
 from mstar_extract.tissue.params import SegmentationParams
 
@@ -40,12 +40,22 @@ class TileSettings:
     """Level-0 µm/px for slides without resolution metadata (a per-slide list ``mpp`` wins)."""
     tissue_mask: str | None = None
     """``--tissue-mask``: a GeoJSON/mask-image file, or a folder of per-slide files; None = segment."""
-    coords_format: str = "trident"
+    coords_format: str | None = None
+    """``trident`` or ``clam`` attributes in the coordinates files; None: the layout's (``trident`` for ``mstar``)."""
     qc: bool = True
     geojson: bool = True
     debug: bool = False
     layout: str = "mstar"
     """Output layout of OUT (:data:`mstar_extract.store.layout.LAYOUTS`)."""
+
+    def __post_init__(self) -> None:
+        """Check the layout's name and settle the coordinates format: a layout made for CLAM's or TRIDENT's
+        readers fixes it (UsageError when ``--coords-format`` asks for the other one)."""
+        fixed = layout_class(self.layout).coords_format
+        if fixed is not None and self.coords_format not in (None, fixed):
+            raise UsageError(f"--layout {self.layout} writes {fixed} coordinates; --coords-format {self.coords_format} "
+                             "contradicts it (leave --coords-format out)")
+        object.__setattr__(self, "coords_format", self.coords_format or fixed or "trident")
 
     def recorded(self) -> dict[str, Any]:
         """The settings as recorded in output files."""
@@ -60,6 +70,27 @@ def layout_for(out_dir: str | os.PathLike[str] | OutLayout, settings: TileSettin
     t = settings.tiling
     context = LayoutContext(magnification=t.target()[1], patch_size=t.patch_size, overlap=t.overlap, model=model)
     return make_layout(out_dir, settings.layout, context)
+
+
+class ClamReaderNote:
+    """One warning line per run when a coordinates file this run writes would be misread by CLAM-style readers
+    (:func:`mstar_extract.store.coords.clam_reader_misread`): ``mstar`` layout with TRIDENT attributes only; the
+    ``clam`` layout is the way out, and TRIDENT-layout files are not where those readers look."""
+
+    def __init__(self, reporter: Reporter, settings: TileSettings, writes_coords: bool = True) -> None:
+        self.reporter = reporter
+        self.active = writes_coords and settings.layout == "mstar" and settings.coords_format == "trident"
+
+    def check(self, slide_id: str, patch_size_level0: int | None) -> None:
+        if not self.active or patch_size_level0 is None:
+            return
+        from mstar_extract.store.coords import clam_reader_misread
+
+        why = clam_reader_misread(int(patch_size_level0), "trident")
+        if why is not None:
+            self.active = False
+            self.reporter.warn(f"coords/{slide_id}.h5 (TRIDENT attributes) would be misread by CLAM-style readers: "
+                               f"{why}; for CLAM's or the mSTAR repo's scripts use --layout clam")
 
 
 def check_slide_ids(entries: Sequence[Any]) -> None:
@@ -89,21 +120,26 @@ def segment_and_plan(slide: Any, slide_id: str, settings: TileSettings):
 
 def write_tile_outputs(out_dir: str | os.PathLike[str] | OutLayout, slide_id: str, slide: Any, mask: Any,
                        plan: ReadPlan, settings: TileSettings) -> dict[str, Path]:
-    """QC picture, GeoJSON, then the coordinates file (last = the completion marker); returns their paths."""
+    """QC picture (and the plain thumbnail of layouts that have one), GeoJSON, then the coordinates file (last =
+    the completion marker), where OUT's layout puts them; returns their paths."""
     from mstar_extract.store.coords import write_coords
 
-    files = layout_for(out_dir, settings).slide(slide_id)
+    layout = layout_for(out_dir, settings)
+    files = layout.slide(slide_id)
     paths = {"coords": files.coords, "qc": files.qc, "geojson": files.contours}
     if settings.qc:
-        from mstar_extract.qc import write_qc
+        from mstar_extract.qc import write_qc, write_thumbnail
 
         write_qc(paths["qc"], slide, mask, plan, slide_id, settings.tiling.min_tissue)
+        if files.thumbnail is not None:
+            paths["thumbnail"] = write_thumbnail(files.thumbnail, slide, mask)
     if settings.geojson:
         from mstar_extract.tissue.contours import to_level0
         from mstar_extract.tissue.contours import find_contours
         from mstar_extract.tissue.geojson import write_geojson
 
-        pen = to_level0(find_contours(mask.pen, 1.0, 0.0, 0.0), mask.scale_x, mask.scale_y) if mask.pen.any() else []
+        with_pen = layout.geojson_pen and mask.pen.any()
+        pen = to_level0(find_contours(mask.pen, 1.0, 0.0, 0.0), mask.scale_x, mask.scale_y) if with_pen else []
         write_geojson(paths["geojson"], mask.contours, pen, slide_id)
     write_coords(paths["coords"], plan, slide_id, str(slide.path), settings.coords_format, slide.level_dimensions)
     return paths
@@ -208,11 +244,12 @@ class _TileRun:
         self.runner, self.layout, self.settings = runner, layout, settings
         self.overwrite, self.on_error = overwrite, on_error
         self.stop = False
+        self.note = ClamReaderNote(runner.reporter, settings)
 
     def ready(self, entry: Any) -> bool:
         """Lock the slide and check for complete outputs; True when the slide must be computed."""
         if not self.runner.begin(entry):  # another live process holds the slide's lock: accounted as skipped
-            self.runner.finish(SlideOutcome.skipped(entry, "taken by another process"))
+            self.runner.finish(SlideOutcome.skipped(entry, HELD_BY_OTHERS))
             return False
         if not self.overwrite and not getattr(entry, "error", None):
             done = completed_outcome(entry, self.layout, self.settings)
@@ -223,6 +260,8 @@ class _TileRun:
 
     def record(self, outcome: SlideOutcome) -> None:
         self.runner.finish(outcome)
+        if outcome.status == "done":
+            self.note.check(outcome.slide_id, outcome.extra.get("patch_size_level0"))
         if outcome.status == "failed" and self.on_error == "fail":
             self.stop = True
 
@@ -235,18 +274,30 @@ def run_tile(
     reporter: Reporter | None = None,
     overwrite: bool = False,
     on_error: str = "skip",
+    lock_timeout: float | None = None,
 ) -> int:
-    """Tile ``entries`` into ``out_dir`` with up to ``workers`` processes; returns the exit code (0, or 1 when
-    any slide failed). ``on_error="fail"`` stops starting new slides after the first failure. Raises
-    UsageError before any work for a bad slide id or settings that differ from OUT's record."""
+    """Tile ``entries`` into ``out_dir`` with up to ``workers`` processes; returns the exit code (0; 1 when
+    any slide failed; 4 when slides held by other processes were not done, see :mod:`.runner`).
+    ``on_error="fail"`` stops starting new slides after the first failure. ``lock_timeout``: seconds after which
+    another process's slide lock counts as stale (default 600). SIGTERM ends the run like Ctrl-C (locks
+    released). Raises UsageError before any work for a bad slide id or settings that differ from OUT's record."""
     from mstar_extract.envdefaults import DEFAULT_LOCK_TIMEOUT_S
+    from mstar_extract.locks import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        return _run_tile(entries, out_dir, settings, workers, reporter or Reporter(), overwrite, on_error,
+                         DEFAULT_LOCK_TIMEOUT_S if lock_timeout is None else float(lock_timeout))
+
+
+def _run_tile(entries: Sequence[Any], out_dir: str | os.PathLike[str], settings: TileSettings, workers: int,
+              reporter: Reporter, overwrite: bool, on_error: str, lock_timeout: float) -> int:
     from mstar_extract.pipeline.record import run_record
 
-    reporter = reporter or Reporter()
     layout = layout_for(out_dir, settings)
-    prepare_out(entries, layout, run_record(settings), overwrite, DEFAULT_LOCK_TIMEOUT_S)
+    prepare_out(entries, layout, run_record(settings), overwrite, lock_timeout)
     out = layout.root
-    run = _TileRun(SlideRunner(out, reporter, total=len(entries), command="tile"), layout, settings, overwrite, on_error)
+    runner = SlideRunner(out, reporter, total=len(entries), command="tile", lock_timeout=lock_timeout)
+    run = _TileRun(runner, layout, settings, overwrite, on_error)
     n_workers = max(1, min(int(workers), len(entries)))
     try:
         if n_workers == 1:

@@ -12,7 +12,9 @@ key and the known ones; values are coerced to the declared field type (``"1e-4"`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import types
 import typing
 from pathlib import Path
@@ -31,7 +33,7 @@ def opt(default: Any, help: str, choices: Iterable[Any] | None = None, source: s
     """
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "source": source}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        return dataclasses.field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -119,18 +121,25 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 # --------------------------------------------------------------------------------------------- dict <-> dataclass
 
 
+def _fields(cls: Any) -> tuple[dataclasses.Field[Any], ...]:
+    return dataclasses.fields(cls)
+
+
+def _section_type(tp: Any) -> type:
+    """The dataclass type of a nested config section's annotation."""
+    return tp if isinstance(tp, type) else type(tp)
+
+
 def _known(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict, coercing types; unknown keys are a UsageError."""
-    data = dict(data or {})
-    if not isinstance(data, dict):
-        raise UsageError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    data = dict(data or {})  # callers pass a mapping (load_config and the section check below ensure it)
     hints = _hints(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in _fields(cls):
         if f.name not in data:
             continue
         value = data.pop(f.name)
@@ -139,7 +148,7 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:
         if dataclasses.is_dataclass(tp):
             if value is not None and not isinstance(value, dict):
                 raise UsageError(f"config key '{key}' is a section; give a mapping, not {value!r}")
-            kwargs[f.name] = from_dict(tp, value, key + ".")
+            kwargs[f.name] = from_dict(_section_type(tp), value, key + ".")
         else:
             kwargs[f.name] = coerce(value, tp, key)
     if data:
@@ -240,10 +249,10 @@ def iter_fields(cls: type, prefix: str = "") -> Iterable[tuple[str, Any, dict[st
     """(dotted key, default, metadata) for every leaf field of a config tree."""
     hints = _hints(cls)
     inst = cls()
-    for f in dataclasses.fields(cls):
+    for f in _fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            yield from iter_fields(tp, prefix + f.name + ".")
+            yield from iter_fields(_section_type(tp), prefix + f.name + ".")
         else:
             yield prefix + f.name, getattr(inst, f.name), dict(f.metadata)
 
@@ -287,7 +296,7 @@ class TrainConfig:
     max_steps: Optional[int] = opt(None, "Stop after this many optimisation steps in total (null = epochs decide).")
     stop_after_steps: Optional[int] = opt(None, "Leave (with a checkpoint) after this many steps of this invocation; the schedule still spans the whole run. For wall-time-limited jobs: resume with --resume auto.")
     batch_size: int = opt(16, "Slides per process per step (global batch = batch_size × world size).")
-    precision: str = opt("auto", "auto = bf16 autocast on CUDA, fp32 on CPU.", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = opt("auto", "auto = bf16 autocast on GPUs with bf16 hardware (compute capability >= 8.0), fp16 with a GradScaler on older GPUs (V100, T4), fp32 on CPU.", choices=("auto", "bf16", "fp16", "fp32"))
     seed: int = opt(0, "Seed of model init, shuffling and patch sampling (identical on every rank).")
     num_workers: int = opt(4, "DataLoader worker processes per rank.")
     cpu_threads: Optional[int] = opt(None, "torch intra-op threads per process when training on CPU (null = torch's default). 1 is fastest for tiny models on a busy machine.")

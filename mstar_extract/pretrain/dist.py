@@ -92,19 +92,8 @@ def cleanup() -> None:
 
 
 def is_dist() -> bool:
+    """True inside a process group of more than one process."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_dist() else 1
-
-
-def rank() -> int:
-    return dist.get_rank() if is_dist() else 0
-
-
-def is_main() -> bool:
-    return rank() == 0
 
 
 def barrier() -> None:
@@ -112,7 +101,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _gather_sizes(n: int, device: torch.device) -> list[int]:
+def _gather_sizes(n: int, device: torch.device, same_size: bool = False) -> list[int]:
+    """Every rank's first-dimension size. ``same_size`` = the caller knows they are all ``n`` (no exchange, and
+    no host-device synchronisation: reading the gathered sizes back to Python waits for the device)."""
+    if same_size:
+        return [n] * dist.get_world_size()
     t = torch.tensor([n], device=device, dtype=torch.long)
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
@@ -131,45 +124,40 @@ def _gather_padded(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 
 class _AllGatherGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        sizes = _gather_sizes(x.shape[0], x.device)
+    def forward(ctx: Any, x: torch.Tensor, same_size: bool) -> torch.Tensor:  # type: ignore[override]
+        sizes = _gather_sizes(x.shape[0], x.device, same_size)
         ctx.sizes, ctx.rank = sizes, dist.get_rank()
         return _gather_padded(x, sizes)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
-        return grad[start : start + ctx.sizes[ctx.rank]]
+        return grad[start : start + ctx.sizes[ctx.rank]], None
 
 
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (n_r, ...) from all ranks in rank order; gradients flow back to every rank's rows."""
+def all_gather_with_grad(x: torch.Tensor, same_size: bool = False) -> torch.Tensor:
+    """Concatenate ``x`` (n_r, ...) from all ranks in rank order; gradients flow back to every rank's rows.
+
+    ``same_size=True`` when every rank passes the same first dimension (a training step's equal batches):
+    the sizes are then not exchanged, which keeps the step free of host-device synchronisation."""
     if not is_dist():
         return x
-    return _AllGatherGrad.apply(x)
+    return _AllGatherGrad.apply(x, same_size)
 
 
 @torch.no_grad()
-def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks in rank order (first dimension may differ per rank); no gradient."""
+def all_gather_nograd(x: torch.Tensor, same_size: bool = False) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks in rank order (first dimension may differ per rank unless
+    ``same_size``, see :func:`all_gather_with_grad`); no gradient."""
     if not is_dist():
         return x
     dtype = x.dtype
     if dtype == torch.bool:
         x = x.to(torch.uint8)
-    out = _gather_padded(x, _gather_sizes(x.shape[0], x.device))
+    out = _gather_padded(x, _gather_sizes(x.shape[0], x.device, same_size))
     return out.to(dtype)
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (a copy; no gradient)."""
-    x = x.detach().clone()
-    if is_dist():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x /= dist.get_world_size()
-    return x
 
 
 def all_gather_object(obj: Any) -> list[Any]:

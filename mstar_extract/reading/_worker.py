@@ -23,7 +23,7 @@ class WorkerOptions:
     skip_bad_patches: bool
     tile_cache_mb: float
     method: str
-    dct_scaling: bool = True
+    decode: str = "full"
 
 
 def error_message(exc: BaseException, path: str) -> tuple[str, str, str]:
@@ -39,7 +39,7 @@ def warm_up() -> None:  # pragma: no cover - child
     """Import the decoders and the usual slide backend before the first job (they are imported lazily)."""
     import importlib
 
-    for name in ("tifffile", "imagecodecs", "openslide", "mstar_extract.slides.openslide_backend"):
+    for name in ("tifffile", "imagecodecs", "PIL.Image", "openslide", "mstar_extract.slides.openslide_backend"):
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - a missing optional backend is found out when a slide needs it
@@ -83,7 +83,7 @@ def worker_main(tasks: Any, results: Any, shm_name: str | None, n_slots: int, op
         try:
             r = PatchReader(meta, path, backend, opts.out_size, opts.batch_size, method=opts.method,  # type: ignore[arg-type]
                             skip_bad_patches=opts.skip_bad_patches, tile_cache_mb=opts.tile_cache_mb,
-                            dct_scaling=opts.dct_scaling)
+                            decode=opts.decode)  # type: ignore[arg-type]
             _ = r.slide  # open now: an unreadable file fails here, once per job and worker
         except Exception as exc:  # noqa: BLE001
             readers[seq] = exc

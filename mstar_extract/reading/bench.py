@@ -25,6 +25,7 @@ class ReadBenchResult:
     batch_size: int
     method: str
     startup_seconds: float = 0.0
+    decode: str = "full"
     device: str = "cpu"
     precision: None = None
     slides: list[dict[str, Any]] = field(default_factory=list)
@@ -32,15 +33,16 @@ class ReadBenchResult:
     def to_dict(self) -> dict[str, Any]:
         return {"benchmark": "read", "patches_per_s": self.patches_per_s, "device": self.device,
                 "batch_size": self.batch_size, "workers": self.workers, "precision": self.precision,
-                "n_patches": self.n_patches, "seconds": self.seconds, "method": self.method,
+                "n_patches": self.n_patches, "seconds": self.seconds, "method": self.method, "decode": self.decode,
                 "startup_seconds": self.startup_seconds, "cpu_count": os.cpu_count(), "slides": self.slides}
 
 
 def bench_read(jobs: Sequence[SlideJob], workers: int = 1, batch_size: int = 256, out_size: int = DEFAULT_OUT_SIZE,
-               method: str = "auto", dct_scaling: bool = True, on_slide: Callable[[dict[str, Any]], None] | None = None) -> ReadBenchResult:
+               method: str = "auto", decode: str = "full", on_slide: Callable[[dict[str, Any]], None] | None = None) -> ReadBenchResult:
     """Time producing every model-ready uint8 patch of ``jobs`` with a :class:`ReaderPool`.
 
     ``method="naive"`` times :func:`read_patches_naive` (one ``read_region`` per patch) in this process instead.
+    ``decode`` is ``full`` (the reference's pixels) or ``reduced`` (``--fast-decode``).
     The clock starts when the pool's workers are up (``startup_seconds`` reports that part) and stops after the
     last batch; each batch's pixels are touched (checksum) so nothing is skipped lazily.
     """
@@ -61,10 +63,11 @@ def bench_read(jobs: Sequence[SlideJob], workers: int = 1, batch_size: int = 256
             if on_slide:
                 on_slide(row)
         dt = time.perf_counter() - t0
-        return ReadBenchResult(total / dt if dt > 0 else 0.0, total, dt, 0, batch_size, "naive", slides=rows)
+        return ReadBenchResult(total / dt if dt > 0 else 0.0, total, dt, 0, batch_size, "naive", slides=rows,
+                               decode="full")
     ts0 = time.perf_counter()
     with ReaderPool(workers=workers, batch_size=batch_size, out_size=out_size, method=method,
-                    dct_scaling=dct_scaling) as pool:
+                    decode=decode) as pool:
         pool.wait_ready()
         startup = time.perf_counter() - ts0
         t0 = time.perf_counter()
@@ -88,4 +91,5 @@ def bench_read(jobs: Sequence[SlideJob], workers: int = 1, batch_size: int = 256
             if on_slide:
                 on_slide(row)
         dt = time.perf_counter() - t0
-    return ReadBenchResult(total / dt if dt > 0 else 0.0, total, dt, workers, batch_size, method, startup, slides=rows)
+    return ReadBenchResult(total / dt if dt > 0 else 0.0, total, dt, workers, batch_size, method, startup, slides=rows,
+                           decode=decode)

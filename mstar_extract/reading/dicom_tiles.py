@@ -237,12 +237,14 @@ class DicomFrameSource:
         return arr
 
     def read(self, x: int, y: int, w: int, h: int, out: np.ndarray | None = None) -> np.ndarray:
-        """RGB uint8 (h, w, 3) with top-left (x, y) in pixels of the level; outside the level = white (the frames'
-        padding beyond the level's edge is never shown, as in OpenSlide). Raises :class:`TileDecodeError`."""
+        """RGB uint8 (h, w, 3) with top-left (x, y) in pixels of the level; outside the level = black, as OpenSlide's
+        transparent pixels become after ``convert('RGB')`` (the frames' padding beyond the level's edge is never
+        shown). Raises :class:`TileDecodeError`."""
         if out is None:
             out = np.empty((h, w, 3), np.uint8)
-        out.fill(255)
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, self.width), min(y + h, self.height)
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            out.fill(0)
         if x0 >= x1 or y0 >= y1:
             return out
         tw, th = self.tile_w, self.tile_h
@@ -253,6 +255,12 @@ class DicomFrameSource:
                 arr = self.tile(ty * self.across + tx)
                 out[ry0 - y : ry1 - y, rx0 - x : rx1 - x] = arr[ry0 - ty * th : ry1 - ty * th, rx0 - tx * tw : rx1 - tx * tw]
         return out
+
+    def read_image(self, x: int, y: int, w: int, h: int) -> Any:
+        """:meth:`read` as a PIL RGB image (the reader's resize takes PIL images, as the reference does)."""
+        from PIL import Image
+
+        return Image.fromarray(self.read(x, y, w, h), "RGB")
 
     def clear_cache(self) -> None:
         self._cache.clear()

@@ -189,14 +189,16 @@ class ReaderPool:
     def __init__(self, workers: int = 1, batch_size: int = 64, out_size: int = DEFAULT_OUT_SIZE, *,
                  skip_bad_patches: bool = False, tile_cache_mb: float = 128, method: str = "auto",
                  lookahead: int = 1, depth: int = 2, slots: int | None = None, transport: str = "shm",
-                 mp_context: str | None = None, dct_scaling: bool = True) -> None:
+                 mp_context: str | None = None, decode: str = "full") -> None:
         if workers < 0:
             raise ValueError("workers must be >= 0")
         if transport not in ("shm", "queue"):
             raise ValueError("transport must be 'shm' or 'queue'")
+        if decode not in ("full", "reduced"):
+            raise ValueError(f"decode must be 'full' or 'reduced', got {decode!r}")
         self.workers = int(workers)
         self.opts = WorkerOptions(int(batch_size), int(out_size), bool(skip_bad_patches), float(tile_cache_mb), method,
-                             bool(dct_scaling))
+                             str(decode))
         self.lookahead = max(0, int(lookahead))
         self.depth = max(1, int(depth))
         self.n_slots = int(slots) if slots else self.workers * self.depth + 2
@@ -464,7 +466,7 @@ class ReaderPool:
         try:
             with PatchReader(job.plan, job.path, job.backend, self.opts.out_size, self.opts.batch_size,
                              method=self.opts.method, skip_bad_patches=self.opts.skip_bad_patches,  # type: ignore[arg-type]
-                             tile_cache_mb=self.opts.tile_cache_mb, dct_scaling=self.opts.dct_scaling) as reader:
+                             tile_cache_mb=self.opts.tile_cache_mb, decode=self.opts.decode) as reader:  # type: ignore[arg-type]
                 for batch in reader:
                     stream.bad_indices.extend(batch.bad_indices.tolist())
                     stream.bad_reasons.extend(batch.bad_reasons)

@@ -8,9 +8,16 @@ decoded at most once per batch (in practice once per slide: the tile cache spans
   tiles with tifffile/imagecodecs (:mod:`.tiles`), assemble each patch from cached tiles; DICOM WSI frames and
   OME-TIFF levels too (:mod:`.format_sources`);
 * ``regions`` — anything else: one ``read_region`` through the slide backend per run of neighbouring patches
-  in a row (bounded width), then cut the patches out.
+  in a row (bounded width), then cut the patches out (:mod:`.regions`).
 
-Both then resize with :func:`~mstar_extract.reading.resize.resize_patch` (antialiased area filter).
+Both then resize with :func:`~mstar_extract.reading.resize.resize_patch` (PIL bilinear, one step).
+
+``decode="full"`` (the default) gives, for every patch, the uint8 input of the mSTAR reference pipeline
+(OpenSlide ``read_region`` -> ``convert('RGB')`` -> torchvision ``Resize(224)``) bit for bit: full JPEG decode,
+black outside the level, and patches whose level-0 corner is not on the read level's pixel grid (OpenSlide
+resamples those) read one by one through the backend. ``decode="reduced"`` (``--fast-decode``) decodes JPEG
+tiles at 1/2, 1/4 or 1/8 size when the footprint allows and snaps off-grid corners (docs/reader.md).
+
 A corrupt tile is retried once; if it still fails the batch raises :class:`~mstar_extract.errors.ReadError`
 naming the patch's level-0 coordinate, or, with ``skip_bad_patches``, drops and reports the patch.
 """
@@ -26,7 +33,8 @@ import numpy as np
 
 from mstar_extract.errors import ReadError, SlideError
 from mstar_extract.reading.batch import PatchBatch
-from mstar_extract.reading.resize import resize_patch
+from mstar_extract.reading.regions import read_region_reference
+from mstar_extract.reading.resize import resize_image, resize_patch
 from mstar_extract.reading.tiles import TiffTileSource, TileDecodeError
 from mstar_extract.slides.base import Slide
 from mstar_extract.tiling import ReadPlan
@@ -34,6 +42,9 @@ from mstar_extract.tiling import ReadPlan
 log = logging.getLogger("mstar.reading")
 
 Method = Literal["auto", "tiles", "regions"]
+Decode = Literal["full", "reduced"]
+DECODES: tuple[str, ...] = ("full", "reduced")
+"""``full``: the reference's pixels (default); ``reduced``: ``--fast-decode`` (docs/reader.md)."""
 DEFAULT_OUT_SIZE = 224
 DEFAULT_MAX_REGION_PX = 4096
 
@@ -49,6 +60,29 @@ def grid_order(coords: np.ndarray) -> np.ndarray:
     """Indices that sort ``coords`` (N, 2) [x, y] row-major (by y, then x): neighbours end up together."""
     coords = np.asarray(coords).reshape(-1, 2)
     return np.lexsort((coords[:, 0], coords[:, 1])).astype(np.int64)
+
+
+def patches_overlap(coords: np.ndarray, size0: float) -> bool:
+    """Whether any two patches of side ``size0`` (level-0 px) with top-left ``coords`` overlap."""
+    c = np.asarray(coords).reshape(-1, 2)
+    if c.shape[0] < 2:
+        return False
+    c = c[grid_order(c)]
+    same_row = c[1:, 1] == c[:-1, 1]
+    if (same_row & (c[1:, 0] - c[:-1, 0] < size0)).any():
+        return True
+    ys = np.unique(c[:, 1])
+    if ys.shape[0] < 2 or np.diff(ys).min() >= size0:
+        return False
+    # rows closer than a patch: overlap when x ranges of patches in nearby rows intersect
+    for y in ys.tolist():
+        near = c[(c[:, 1] > y) & (c[:, 1] < y + size0)]
+        if near.shape[0]:
+            xs = c[c[:, 1] == y][:, 0]
+            dx = np.abs(near[:, 0][:, None] - xs[None, :])
+            if (dx < size0).any():
+                return True
+    return False
 
 
 def row_regions(lc: np.ndarray, size: int, max_px: int) -> list[tuple[int, int, int, int, list[int]]]:
@@ -95,10 +129,13 @@ class PatchReader:
         skip_bad_patches: bool = False,
         tile_cache_mb: float = 128,
         max_region_px: int = DEFAULT_MAX_REGION_PX,
-        dct_scaling: bool = True,
+        decode: Decode = "full",
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
+        self.decode: str = decode
         self.plan = plan
         self.backend = backend
         self.out_size = int(out_size)
@@ -123,12 +160,24 @@ class PatchReader:
             if self._tiles is None and method == "tiles":
                 raise ValueError(f"{self.path}: level {plan.level} is not a tiled TIFF page that tifffile can decode")
         self.method: str = "tiles" if self._tiles is not None else "regions"
-        if self._tiles is not None and dct_scaling:
-            r = plan.read_size
-            for sc in (8, 4, 2):
-                if r % sc == 0 and r // sc >= self.out_size and self._tiles.can_scale(sc) and self._tiles.set_scale(sc):
-                    break
+        if self._tiles is not None:
+            self._tiles.direct = not patches_overlap(plan.coords, plan.read_size * plan.level_downsample)
+        self._warned_off_grid = False
+        if self._tiles is not None and decode == "reduced":
+            self._choose_scale()
         log.debug("%s: reading level %d with the %s path", self.path, plan.level, self.method)
+
+    def _choose_scale(self) -> None:
+        """``--fast-decode``: the largest DCT scale (8, 4, 2) that keeps the footprint >= the model input and
+        divides every patch corner (so no patch moves by a fraction of a reduced pixel), if the tiles allow it."""
+        assert self._tiles is not None
+        r = self.plan.read_size
+        lc, _ = self._level_coords(self.plan.coords)
+        g = int(np.gcd.reduce(np.abs(lc).reshape(-1))) if lc.size else 0
+        for sc in (8, 4, 2):
+            if (r % sc == 0 and r // sc >= self.out_size and (g == 0 or g % sc == 0) and self._tiles.can_scale(sc)
+                    and self._tiles.set_scale(sc)):
+                return
 
     # -- slide handle ---------------------------------------------------------------------------------------
     def _level_size(self) -> tuple[int, int]:
@@ -225,16 +274,21 @@ class PatchReader:
             raise ValueError(f"out buffer {out.shape} {out.dtype} cannot hold {n} patches of {s}x{s}x3 uint8")
         if _keep:
             self._last_out = out
-        if self.plan.level == 0 or self.plan.level_downsample == 1:
-            lc = coords
-        else:
-            lc = np.rint(coords / float(self.plan.level_downsample)).astype(np.int64)
+        lc, off_grid = self._level_coords(coords)
         ok = np.ones(n, dtype=bool)
         reasons: dict[int, str] = {}
-        if self.method == "tiles":
-            self._read_tiles(lc, out, ok, reasons)
+        on = np.flatnonzero(~off_grid)
+        if on.shape[0] == n:
+            self._read_fast(coords, lc, out, ok, reasons)
         else:
-            self._read_regions(coords, lc, out, ok, reasons)
+            sub_ok = np.ones(on.shape[0], dtype=bool)
+            sub_out = np.empty((on.shape[0], s, s, 3), np.uint8)
+            sub_reasons: dict[int, str] = {}
+            self._read_fast(coords[on], lc[on], sub_out, sub_ok, sub_reasons)
+            out[on], ok[on] = sub_out, sub_ok
+            reasons.update({int(on[k]): v for k, v in sub_reasons.items()})
+            for k in np.flatnonzero(off_grid).tolist():
+                self._read_single(coords[k], k, out, ok, reasons)
         bad_pos = np.flatnonzero(~ok)
         if bad_pos.size and not self.skip_bad_patches:
             k = int(bad_pos[0])
@@ -250,21 +304,53 @@ class PatchReader:
         return (f"cannot decode the patch at level-0 (x={int(xy[0])}, y={int(xy[1])}) (level {self.plan.level}, "
                 f"{self.plan.read_size} px): {reason}{more}{hint}")
 
+    def _level_coords(self, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Level pixel corners (rounded) and which patches are off the level's pixel grid and must be read one
+        by one for exact pixels (``decode="full"`` at a level whose downsample does not divide the corner)."""
+        ds = float(self.plan.level_downsample)
+        if self.plan.level == 0 or ds == 1:
+            return coords, np.zeros(coords.shape[0], dtype=bool)
+        lf = coords / ds  # OpenSlide's own level position (a double); fractional -> it resamples
+        lc = np.rint(lf).astype(np.int64)
+        if self.decode != "full":
+            return lc, np.zeros(coords.shape[0], dtype=bool)
+        off = (lf != lc).any(axis=1)
+        if off.any() and not self._warned_off_grid:
+            self._warned_off_grid = True
+            log.info("%s: %d patch corner(s) are not on level %d's pixel grid (downsample %.6g): read one by one "
+                     "through the slide backend for exact pixels (slower; --fast-decode snaps them)",
+                     self.path, int(off.sum()), self.plan.level, ds)
+        return lc, off
+
+    def _read_fast(self, coords: np.ndarray, lc: np.ndarray, out: np.ndarray, ok: np.ndarray,
+                   reasons: dict[int, str]) -> None:
+        if self.method == "tiles":
+            self._read_tiles(lc, out, ok, reasons)
+        else:
+            self._read_regions(coords, lc, out, ok, reasons)
+
+    def _read_single(self, xy: np.ndarray, k: int, out: np.ndarray, ok: np.ndarray, reasons: dict[int, str]) -> None:
+        patch, reason = self._read_one_with_retry((int(xy[0]), int(xy[1])), self.plan.read_size, self.plan.level)
+        if patch is None:
+            ok[k] = False
+            reasons[k] = reason
+        else:
+            resize_patch(patch, self.out_size, out=out[k])
+
     # -- the two paths --------------------------------------------------------------------------------------
     def _read_tiles(self, lc: np.ndarray, out: np.ndarray, ok: np.ndarray, reasons: dict[int, str]) -> None:
         assert self._tiles is not None
         sc = self._tiles.scale
         r = self.plan.read_size // sc
-        buf = np.empty((r, r, 3), np.uint8)
         for k in range(lc.shape[0]):
             try:
-                self._tiles.read(int(lc[k, 0]) // sc, int(lc[k, 1]) // sc, r, r, out=buf)
+                img = self._tiles.read_image(int(lc[k, 0]) // sc, int(lc[k, 1]) // sc, r, r)
             except TileDecodeError as exc:
                 ok[k] = False
                 tx, ty, _, _ = exc.tile_box
                 reasons[k] = f"corrupt tile at level-{self.plan.level} pixel ({tx}, {ty}): {exc.reason}"
                 continue
-            resize_patch(buf, self.out_size, out=out[k])
+            resize_image(img, self.out_size, out=out[k])
 
     def _read_regions(self, c0: np.ndarray, lc: np.ndarray, out: np.ndarray, ok: np.ndarray, reasons: dict[int, str]) -> None:
         r, level = self.plan.read_size, self.plan.level
@@ -289,7 +375,7 @@ class PatchReader:
                     resize_patch(patch, self.out_size, out=out[k])
 
     def _backend_read(self, loc0: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-        img = self.slide.read_region(loc0, level, size)
+        img = read_region_reference(self.slide, loc0, level, size)
         if img.shape != (size[1], size[0], 3) or img.dtype != np.uint8:
             raise ValueError(f"backend returned {img.shape} {img.dtype} for a {size} read")
         return img
@@ -313,7 +399,8 @@ def read_patches_naive(
     out_size: int = DEFAULT_OUT_SIZE,
     indices: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The baseline that CLAM/TRIDENT-style code does: one ``read_region`` per patch, then the same resize.
+    """The baseline that CLAM/TRIDENT/mSTAR code does: one ``read_region`` per patch (the reference's pixels:
+    alpha dropped, black outside the level), then the same one-step PIL resize.
 
     Returns (N, S, S, 3) uint8 in the order of ``indices`` (default: plan order). Errors propagate.
     """
@@ -325,7 +412,7 @@ def read_patches_naive(
         r = plan.read_size
         for k, i in enumerate(rows.tolist()):
             x, y = plan.coords[i]
-            img = sl.read_region((int(x), int(y)), plan.level, (r, r))
+            img = read_region_reference(sl, (int(x), int(y)), plan.level, (r, r))
             resize_patch(img, out_size, out=out[k])
         return out
     finally:

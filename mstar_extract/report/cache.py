@@ -58,7 +58,7 @@ class Listing:
             self.files[kind] = found
 
     def signature(self, kind: str, slide_id: str) -> list[int] | None:
-        return self.files[kind].get(file_name(kind, slide_id))
+        return self.files[kind].get(file_name(kind, slide_id, self.out))
 
     def exists(self, kind: str, slide_id: str) -> bool:
         return self.signature(kind, slide_id) is not None

@@ -78,7 +78,8 @@ def _geometry(facts: dict[str, Any], root: dict[str, Any], ds: dict[str, Any]) -
     """Level-0 size, patch footprint and grid step (level-0 px) from bag root attrs or coords dataset attrs."""
     if "w0" in facts:
         return
-    get = lambda k: root.get(k, ds.get(k, ds.get(f"mstar_{k}")))  # noqa: E731
+    # the exact read plan (mstar_*) before the dataset's own keys: in CLAM's attributes patch_size is at patch_level
+    get = lambda k: root.get(k, ds.get(f"mstar_{k}", ds.get(k)))  # noqa: E731
     w0, h0, ps0, ps = get("level0_width"), get("level0_height"), get("patch_size_level0"), get("patch_size")
     if not (w0 and h0 and ps0):
         return

@@ -2,7 +2,8 @@
 
 Every path the report reads or writes under ``OUT`` goes through :func:`run_path`, which asks the owner of the
 output folder's layout (:mod:`mstar_extract.store.layout`) for the run's files and the report's own folder, and
-names the report's assets inside that folder.
+names the report's assets inside that folder. OUT's layout (``mstar``, ``clam`` or ``trident``) is the one its
+settings record names (:func:`mstar_extract.store.record.recorded_layout`), so the report needs no ``--layout``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 from pathlib import Path
 
 from mstar_extract.store.layout import REPORT_ASSETS_DIR as ASSETS_DIR
-from mstar_extract.store.layout import REPORT_NAME, OutLayout, make_layout
+from mstar_extract.store.layout import REPORT_NAME, OutLayout
 
 _RUN_FILES = ("manifest", "report", "assets")
 _ASSET_FIXED = {"cache": "cache.json", "pca": "pca.npz", "lock": ".lock", "css": "report.css", "js": "report.js"}
@@ -24,9 +25,20 @@ _ASSET_FILES = {"thumb": ("thumbs", ".jpg"), "map": ("maps", ".png"), "page": ("
 __all__ = ["ASSETS_DIR", "REPORT_NAME", "PageLinks", "asset_name", "file_name", "run_path"]
 
 
-@functools.lru_cache(maxsize=64)
 def _layout(out: Path) -> OutLayout:
-    return make_layout(out)
+    """OUT's recorded layout (read again when the settings record changes)."""
+    try:
+        stamp = os.stat(OutLayout(out).settings_record).st_mtime_ns
+    except OSError:
+        stamp = None
+    return _recorded_layout(out, stamp)
+
+
+@functools.lru_cache(maxsize=64)
+def _recorded_layout(out: Path, stamp: int | None) -> OutLayout:
+    from mstar_extract.store.record import recorded_layout
+
+    return recorded_layout(out)
 
 
 @functools.lru_cache(maxsize=65536)
@@ -42,9 +54,9 @@ def run_path(out_dir: str | os.PathLike[str], kind: str, slide_id: str | None = 
 
     ``kind``: ``manifest`` (``OUT/manifest.csv``), ``report`` (``OUT/report.html``), ``assets``
     (``OUT/report_assets``), ``cache`` / ``pca`` / ``lock`` (the report's bookkeeping in the assets folder),
-    ``css`` / ``js`` (the page's style and script); per slide (``slide_id`` given): ``bag``
-    (``features/<id>.h5``), ``coords`` (``coords/<id>.h5``), ``qc`` (``qc/<id>.jpg``), and the report's own
-    ``thumb`` / ``map`` / ``page`` (``report_assets/{thumbs,maps,slides}/<asset name>``).
+    ``css`` / ``js`` (the page's style and script); per slide (``slide_id`` given): ``bag``, ``coords`` and ``qc``
+    where OUT's layout puts them (``mstar``: ``features/<id>.h5``, ``coords/<id>.h5``, ``qc/<id>.jpg``), and the
+    report's own ``thumb`` / ``map`` / ``page`` (``report_assets/{thumbs,maps,slides}/<asset name>``).
     """
     layout = _layout(out_dir if isinstance(out_dir, Path) else Path(out_dir))
     if kind == "manifest":
@@ -62,14 +74,14 @@ def run_path(out_dir: str | os.PathLike[str], kind: str, slide_id: str | None = 
     return layout.report_assets / _ASSET_FILES[kind][0] / file_name(kind, slide_id)
 
 
-def file_name(kind: str, slide_id: str | None) -> str:
-    """The name (without folder) of a per-slide file of :func:`run_path`."""
+def file_name(kind: str, slide_id: str | None, out_dir: str | os.PathLike[str] = ".") -> str:
+    """The name (without folder) of a per-slide file of :func:`run_path` (a run's file: in ``out_dir``'s layout)."""
     if kind not in _ASSET_FILES and kind not in _SLIDE_FILES:
         raise ValueError(f"unknown path kind {kind!r}")
     if slide_id is None:
         raise ValueError(f"path kind {kind!r} needs a slide id")
     if kind in _SLIDE_FILES:
-        return run_path(".", kind, slide_id).name
+        return run_path(out_dir, kind, slide_id).name
     return f"{asset_name(slide_id)}{_ASSET_FILES[kind][1]}"
 
 
@@ -97,4 +109,4 @@ class PageLinks:
             return f"{self._up}/{self._folders[kind]}"
         if kind + "/" not in self._folders:
             self._folders[kind + "/"] = self._rel(run_path(self.out, kind, "_").parent)
-        return f"{self._up}/{self._folders[kind + '/']}/{quote(file_name(kind, slide_id))}"
+        return f"{self._up}/{self._folders[kind + '/']}/{quote(file_name(kind, slide_id, self.out))}"

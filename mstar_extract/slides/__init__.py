@@ -15,7 +15,8 @@ metadata; :func:`apply_mpp_fallback` applies a run-wide ``--mpp-override`` only 
 
 A folder that holds one DICOM WSI series opens as that series (:mod:`mstar_extract.slides.dicom`).
 Before any backend sees a file, :func:`open_slide` rejects missing, empty, unsupported and truncated files
-with one clear :class:`~mstar_extract.errors.SlideOpenError` line.
+with one clear :class:`~mstar_extract.errors.SlideOpenError` line; the plain-image reader also refuses, from the
+header, an image larger than the pixel limit (:mod:`mstar_extract.slides.limits`).
 """
 
 from __future__ import annotations

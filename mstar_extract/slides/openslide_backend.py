@@ -46,6 +46,12 @@ class OpenSlideSlide(Slide):
         # OpenSlide reports bounds of the scanned area for some formats; outside is transparent -> white.
 
     def _read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        return rgba_to_rgb_on_white(self.read_region_rgba(location, level, size))
+
+    def read_region_rgba(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """OpenSlide's own pixels, (h, w, 4) uint8 RGBA with straight alpha, not composited: areas outside the
+        level or the scanned area are transparent (0, 0, 0, 0). ``img[..., :3]`` is what PIL's
+        ``read_region(...).convert('RGB')`` gives (the mSTAR/CLAM reference; see docs/reader.md)."""
         import openslide
 
         try:
@@ -60,7 +66,7 @@ class OpenSlideSlide(Slide):
                 self.path, f"cannot decode region at level-0 ({location[0]}, {location[1]}), level {level}, "
                 f"size {size[0]}x{size[1]}: {exc}"
             ) from exc
-        return rgba_to_rgb_on_white(np.asarray(img))
+        return np.asarray(img)
 
     def read_associated_image(self, name: str) -> np.ndarray:
         return rgba_to_rgb_on_white(np.asarray(self._osr.associated_images[name]))

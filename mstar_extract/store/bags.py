@@ -14,6 +14,8 @@ Conventions:
   partial bag and a full disk is one plain ``OSError``; the marker also rejects files produced by a writer that
   was not atomic).
 * An empty bag ``(0, D)`` is valid: the slide had no tissue.
+* ``decode`` says which reader path made the model inputs: ``full`` (bit-identical to the official mSTAR
+  pipeline, the default) or ``reduced`` (``--fast-decode``); see docs/reader.md.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ COORDS_ATTRS: tuple[str, ...] = (
 
 NULLABLE = ("target_magnification", "level0_mpp", "level0_magnification", "target_mpp")
 """Numeric attrs that may be unknown (stored as NaN)."""
+
+DECODES: tuple[str, ...] = ("full", "reduced")
+"""Values of the ``decode`` root attr."""
 
 COMPLETE_ATTR = "complete"
 CHUNK_BYTES = 1 << 20
@@ -133,9 +138,14 @@ def bag_attrs(
     feature_dim: int,
     precision: str,
     input_size: int = 224,
+    decode: str = "full",
     **extra: Any,
 ) -> dict[str, Any]:
-    """The root attrs of a bag for a slide tiled by ``plan`` (``created``/version are added on write)."""
+    """The root attrs of a bag for a slide tiled by ``plan`` (``created``/version are added on write).
+
+    ``decode`` is the reader path of the model inputs (:data:`DECODES`)."""
+    if decode not in DECODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
     attrs: dict[str, Any] = {
         "slide_id": slide_id,
         "slide_path": os.fspath(slide_path),
@@ -152,6 +162,7 @@ def bag_attrs(
         "level0_height": int(plan.level0_height),
         "input_size": int(input_size),
         "precision": precision,
+        "decode": decode,
         "overlap": int(plan.overlap),
         "coords_source": plan.source,
         "settings": dict(plan.settings),
@@ -181,10 +192,12 @@ def write_bag(
     attrs: Mapping[str, Any],
     dtype: str = "float32",
     coords_attrs: Mapping[str, Any] | None = None,
+    features_attrs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a feature bag atomically; ``attrs`` must hold every :data:`REQUIRED_ROOT_ATTRS` except
-    ``mstar_extract_version``/``created`` (filled in). Returns the final path. A full or read-only disk raises
-    one ``OSError`` (see :func:`mstar_extract.store.atomic.disk_problem`)."""
+    ``mstar_extract_version``/``created`` (filled in). ``features_attrs`` go on the ``features`` dataset (the
+    ``trident`` layout's ``name``, ``savetodir``, ``encoder``, as TRIDENT writes them). Returns the final path.
+    A full or read-only disk raises one ``OSError`` (see :func:`mstar_extract.store.atomic.disk_problem`)."""
     if dtype not in FEATURE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(FEATURE_DTYPES)}, got {dtype!r}")
     feats = np.asarray(features, dtype=FEATURE_DTYPES[dtype])
@@ -218,6 +231,8 @@ def write_bag(
             f.create_dataset("coords", shape=(0, 2), dtype=np.int64)
         for k, v in c_attrs.items():
             f["coords"].attrs[k] = _to_attr(v)
+        for k, v in (features_attrs or {}).items():
+            f["features"].attrs[k] = _to_attr(v)
         for k, v in root.items():
             f.attrs[k] = _to_attr(v)
         f.attrs["n_patches"] = int(n)
@@ -252,6 +267,11 @@ def read_bag(path: str | os.PathLike[str]) -> Bag:
             attrs={k: _from_attr(k, v) for k, v in f.attrs.items()},
             coords_attrs={k: _from_attr(k, v) for k, v in f["coords"].attrs.items()},
         )
+
+
+def _show(value: Any) -> str:
+    """A value in a one-line reason: floats with 6 significant digits (0.666667, not 0.6666666666666666)."""
+    return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
 def _matches(have: Any, want: Any) -> bool:
@@ -315,7 +335,7 @@ def validate_bag(path: str | os.PathLike[str], expect: Mapping[str, Any] | None 
                 else:
                     have = _from_attr(key, f.attrs[key]) if key in f.attrs else None
                     if key not in f.attrs or not _matches(have, want):
-                        return f"{key} is {have!r}, expected {want!r}"
+                        return f"{key} is {_show(have)}, expected {_show(want)}"
     except OSError as exc:
         return f"not a readable HDF5 file (truncated or corrupt): {first_line(exc)}"
     except (KeyError, ValueError, TypeError) as exc:

@@ -5,10 +5,11 @@ as an exact :class:`~mstar_extract.tiling.ReadPlan`.
 Formats (dataset ``coords``, (N, 2) int64 level-0 top-left ``[x, y]``; attributes on the dataset):
 
 * ``trident`` (default): ``patch_size`` (px at target), ``patch_size_level0``, ``target_magnification``,
-  ``level0_magnification``, ``level0_width``, ``level0_height``, ``overlap``, ``name`` — what TRIDENT writes
-  (its files are called ``<id>_patches.h5``).
+  ``level0_magnification``, ``level0_width``, ``level0_height``, ``overlap``, ``name``, ``savetodir`` — what
+  TRIDENT's ``coords_to_h5`` writes (its files are called ``<id>_patches.h5``).
 * ``clam``: ``patch_level``, ``patch_size`` (px *at patch_level*), ``downsample`` (x, y), ``level_dim``,
-  ``downsampled_level_dim``, ``name`` — what CLAM's ``create_patches_fp.py`` writes (``patches/<id>.h5``).
+  ``downsampled_level_dim``, ``name``, ``save_path`` — what CLAM's ``create_patches_fp.py`` writes
+  (``patches/<id>.h5``).
 
 Files written by mstar carry, in both formats, the exact read plan as extra ``mstar_*`` attributes
 (``mstar_level``, ``mstar_level_downsample``, ``mstar_read_size``, ``mstar_patch_size``, ``mstar_target_mpp``,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,8 @@ def _none_nan(v: float | None) -> float:
     return float("nan") if v is None else float(v)
 
 
-def _trident_attrs(a: Any, plan: ReadPlan, slide_id: str) -> None:
+def _trident_attrs(a: Any, plan: ReadPlan, slide_id: str, path: Path) -> None:
+    """TRIDENT's ``coords_to_h5`` attributes (``savetodir``: the folder above ``patches/``, as TRIDENT writes it)."""
     a["patch_size"] = int(plan.patch_size)
     a["patch_size_level0"] = int(plan.patch_size_level0)
     a["target_magnification"] = _none_nan(plan.target_magnification)
@@ -50,9 +53,12 @@ def _trident_attrs(a: Any, plan: ReadPlan, slide_id: str) -> None:
     a["level0_height"] = int(plan.level0_height)
     a["overlap"] = int(plan.overlap)
     a["name"] = slide_id
+    a["savetodir"] = str(path.parent.parent if path.parent.name == "patches" else path.parent)
 
 
-def _clam_attrs(a: Any, plan: ReadPlan, slide_id: str, level_dimensions: tuple[tuple[int, int], ...] | None) -> None:
+def _clam_attrs(a: Any, plan: ReadPlan, slide_id: str, level_dimensions: tuple[tuple[int, int], ...] | None,
+                path: Path) -> None:
+    """CLAM's ``process_contour`` attributes (``save_path``: the ``patches`` folder, as CLAM writes it)."""
     if level_dimensions is not None and plan.level < len(level_dimensions):
         lw, lh = level_dimensions[plan.level]
     else:
@@ -64,6 +70,7 @@ def _clam_attrs(a: Any, plan: ReadPlan, slide_id: str, level_dimensions: tuple[t
     a["level_dim"] = np.array([lw, lh], dtype=np.int64)
     a["downsampled_level_dim"] = np.array([lw, lh], dtype=np.int64)
     a["name"] = slide_id
+    a["save_path"] = str(path.parent)
 
 
 def _read_plan_attrs(a: Any, plan: ReadPlan) -> None:
@@ -102,9 +109,9 @@ def write_coords(
         with h5py.File(tmp, "w") as f:
             ds = f.create_dataset("coords", data=coords, maxshape=(None, 2), chunks=(max(1, min(len(coords), 4096)), 2))
             if fmt == "trident":
-                _trident_attrs(ds.attrs, plan, slide_id)
+                _trident_attrs(ds.attrs, plan, slide_id, path)
             else:
-                _clam_attrs(ds.attrs, plan, slide_id, level_dimensions)
+                _clam_attrs(ds.attrs, plan, slide_id, level_dimensions, path)
             _read_plan_attrs(ds.attrs, plan)
             if plan.tissue_fraction is not None and len(plan.tissue_fraction) == len(coords):
                 f.create_dataset("tissue_fraction", data=np.asarray(plan.tissue_fraction, np.float32))
@@ -361,13 +368,47 @@ def _check_level(path: Path, plan: ReadPlan, slide: Any) -> None:
         )
 
 
+TRIDENT_PATCH_DIR = re.compile(r"^\d+(\.\d+)?x_\d+px_\d+px_overlap$")
+"""TRIDENT's patching folder names (``20x_256px_0px_overlap``)."""
+
+
 def find_coords_file(coords_dir: str | os.PathLike[str], slide_id: str) -> Path | None:
     """The coordinates file of ``slide_id`` under ``coords_dir`` as mstar (``coords/<id>.h5``), CLAM
-    (``patches/<id>.h5``) or TRIDENT (``<id>_patches.h5``, possibly under ``patches/``) lay them out; or None."""
+    (``patches/<id>.h5``) or TRIDENT (``<id>_patches.h5``, possibly under ``patches/``, or a TRIDENT job folder's
+    ``<mag>x_<ps>px_<overlap>px_overlap/patches/``) lay them out; or None. A job folder with the slide in two
+    patching folders is ambiguous: CoordsFormatError naming them (give one as ``--coords-dir``)."""
     d = Path(coords_dir)
+    names = (f"{slide_id}.h5", f"{slide_id}_patches.h5")
     for sub in ("", "coords", "patches"):
-        for name in (f"{slide_id}.h5", f"{slide_id}_patches.h5"):
+        for name in names:
             p = d / sub / name if sub else d / name
             if p.is_file():
                 return p
-    return None
+    try:
+        subs = sorted(e.name for e in os.scandir(d) if e.is_dir() and TRIDENT_PATCH_DIR.match(e.name))
+    except OSError:
+        return None
+    found = [d / sub / "patches" / names[1] for sub in subs if (d / sub / "patches" / names[1]).is_file()]
+    if len(found) > 1:
+        raise CoordsFormatError(f"{d}: coordinates of {slide_id!r} in {len(found)} TRIDENT patching folders "
+                                f"({', '.join(p.parent.parent.name for p in found)}); give one of them as --coords-dir")
+    return found[0] if found else None
+
+
+CLAM_FALLBACK_LEVEL0_PX = 512
+"""What the mSTAR repo's ``Whole_Slide_Bag_FP`` reads when a coordinates file lacks ``patch_level`` /
+``patch_size``: "using default patch level and size", 512 px at level 0."""
+
+
+def clam_reader_misread(patch_size_level0: int, fmt: str) -> str | None:
+    """Why CLAM-style readers would misread a coordinates file written in ``fmt`` whose patches cover
+    ``patch_size_level0`` level-0 pixels, or None.
+
+    TRIDENT attributes have no ``patch_level``: CLAM's ``Whole_Slide_Bag_FP`` stops with a KeyError, but the mSTAR
+    repo's falls back silently to 512 px at level 0, the wrong area unless the patches' footprint is 512 level-0
+    px (e.g. 20x patches of 256 px on a 20x scan are 256 level-0 px: the fallback reads 4x their area)."""
+    if fmt != "trident" or int(patch_size_level0) == CLAM_FALLBACK_LEVEL0_PX:
+        return None
+    area = (CLAM_FALLBACK_LEVEL0_PX / max(1, int(patch_size_level0))) ** 2
+    return (f"the mSTAR repo's extract_feature.py would read {CLAM_FALLBACK_LEVEL0_PX} px at level 0 for patches "
+            f"of {int(patch_size_level0)} level-0 px ({area:.3g}x their area)")

@@ -153,9 +153,56 @@ def detect_pixels(rgb: np.ndarray, mpp: float, params: SegmentationParams) -> Pi
     black, artefact = _dark_regions(dark, "black" in colors, min_pen_px)
     pen |= black
 
+    if "black" in colors:
+        pen |= black_ink_crossing_tissue(rgb, mpp, params)
+
     grow = odd_px(2 * params.pen_dilate_um, mpp, 1)
     remove = pen | artefact
     if grow > 1 and remove.any():
         remove = cv2.dilate(remove.astype(np.uint8), disk(grow)).astype(bool)
     stats = {**thresholds, "background_value": bg_v, "background_sat": bg_s, "median_px": k}
     return PixelMasks(candidate, pen, artefact, remove, stats)
+
+
+def black_ink_crossing_tissue(rgb: np.ndarray, mpp: float, params: SegmentationParams) -> np.ndarray:
+    """Black ink strokes, followed from where they lie on glass into the tissue they cross.
+
+    On glass, black ink is dark and neutral (chroma <= ``dark_max_chroma``). Over tissue it takes some of the
+    stain's colour (thin strokes most, from JPEG's halved colour resolution), so the neutral rule misses it there,
+    and a colour threshold alone cannot tell it from darkly stained tissue. What does tell: ink lets through about
+    30 % of the light, so it is far darker than the tissue right beside it, while darkly stained tissue is about as
+    dark as its own neighbourhood. Seeds: neutral dark regions (3x3 median, as the other inks) of at least
+    ``pen_min_area_um2`` not touching the image border (slide borders). They grow into connected pixels that are
+    dark (``dark_max_value``), of chroma <= ``black_ink_max_chroma`` and of value <= ``black_ink_max_ratio`` x the
+    mean value of the clear tissue (neither dark nor glass) within ``black_ink_context_um``. A stroke that never
+    touches glass is not followed (it is found only where it is neutral).
+    """
+    import cv2
+
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    v3 = cv2.medianBlur(np.ascontiguousarray(hsv[..., 2]), 3)
+    s3 = cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), 3)
+    r, g, b = cv2.split(np.ascontiguousarray(rgb))
+    c3 = cv2.medianBlur(cv2.subtract(cv2.max(cv2.max(r, g), b), cv2.min(cv2.min(r, g), b)), 3)  # chroma
+    dark = v3 <= params.dark_max_value
+    seeds = dark & (s3 <= params.dark_max_sat) & (c3 <= params.dark_max_chroma)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(seeds.astype(np.uint8), connectivity=8)
+    x, y, w, h, area = (stats[:, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
+                                               cv2.CC_STAT_HEIGHT, cv2.CC_STAT_AREA))
+    H, W = seeds.shape
+    keep = (area >= params.pen_min_area_um2 / (mpp * mpp)) & (x > 0) & (y > 0) & (x + w < W) & (y + h < H)
+    keep[0] = False
+    seeds = keep[labels]
+    if not seeds.any():
+        return seeds
+    clear = ~dark & (s3 >= params.sat_min)  # tissue that is neither dark nor glass
+    k = odd_px(params.black_ink_context_um, mpp, 3)
+    total = cv2.boxFilter(np.where(clear, v3, 0).astype(np.float32), -1, (k, k), normalize=False)
+    count = cv2.boxFilter(clear.astype(np.float32), -1, (k, k), normalize=False)
+    around = np.where(count > 0, total / np.maximum(count, 1.0), 0.0)  # no clear tissue near: never grown into
+    inky = dark & (c3 <= params.black_ink_max_chroma) & (v3 <= params.black_ink_max_ratio * around)
+    n, labels = cv2.connectedComponents((seeds | inky).astype(np.uint8), connectivity=8)
+    reached = np.zeros(n, bool)
+    reached[np.unique(labels[seeds])] = True
+    reached[0] = False
+    return reached[labels]

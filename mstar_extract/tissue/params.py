@@ -45,6 +45,9 @@ class SegmentationParams:
     green_hue: str = _f("35-87", "Hue range (OpenCV 0-179) of green ink.")
     pen_min_area_um2: float = _f(2000.0, "Ink regions smaller than this (µm²) are ignored as specks.")
     pen_dilate_um: float = _f(12.0, "Ink (and dark-artefact) regions are grown by this much (µm) before removal, to cover stroke fringes.")
+    black_ink_max_ratio: float = _f(0.55, "Black ink crossing tissue: a dark pixel joined to black ink found on glass is ink when its value is at most this fraction of the tissue around it (ink passes ~30 % of the light; dark stain is not that much darker than its neighbours).")
+    black_ink_max_chroma: int = _f(48, "Black ink crossing tissue: largest chroma (max - min of R, G, B; 0-255) of ink over stain (it keeps a little of the stain's colour).")
+    black_ink_context_um: float = _f(200.0, "Black ink crossing tissue: width (µm) of the window around a pixel whose tissue it is compared with.")
 
     def __post_init__(self) -> None:
         bad = [c for c in self.pen_color_set if c not in PEN_COLORS]

@@ -2,11 +2,12 @@
 
 Steps (every threshold is a :class:`SegmentationParams` field):
 
-1. read the slide at ``seg_mpp`` µm/px (bounded memory; never level 0 whole);
+1. read the slide at ``seg_mpp`` µm/px (bounded memory, never level 0 whole; bounded time: a level of more than
+   ``--max-read-pixels`` is refused before decoding, :mod:`mstar_extract.slides.downsample`);
 2. tissue candidates by HSV saturation (median blur, Otsu clipped to [sat_min, sat_max]) plus faint tissue
    (slightly saturated *and* darker than the glass background);
-3. pen ink (blue/green/red by hue and saturation, black by darkness and size) and dark artefacts (slide borders,
-   debris) are grown by ``pen_dilate_um`` and removed;
+3. pen ink (blue/green/red by hue and saturation, black by darkness and size, and black ink followed from glass
+   into the tissue it crosses) and dark artefacts (slide borders, debris) are grown by ``pen_dilate_um`` and removed;
 4. closing (``close_um``) bridges gaps, opening (``open_um``) drops slivers;
 5. contours with holes (``RETR_CCOMP``): pieces below ``min_tissue_area_um2`` are dropped, holes of at least
    ``min_hole_area_um2`` (or holes left by ink) are excluded, smaller holes are filled.

@@ -1,0 +1,104 @@
+"""A closed stdout never loses work (issue 12, item 8), with real pipes closed by their reader.
+
+``mstar extract slides/ out/ --jsonl | head -1`` used to print ``error: unexpected BrokenPipeError``, exit 1 and
+write no bag. Now the events stop, one line on stderr says so, every slide finishes and the exit code is the
+normal one; ``mstar info --json`` and ``mstar status --jsonl`` end quietly; and Python's flush of stdout at exit
+never prints "Exception ignored ... BrokenPipeError".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mstar_extract.store.bags import validate_bag
+from mstar_extract.testing.cli import mstar_command, mstar_env, run_mstar, start_mstar
+from mstar_extract.testing.fixtures import make_svs
+from mstar_extract.testing.scene import random_scene
+
+TINY = "timm:vit_tiny_patch16_224"
+IDS = ["c0", "c1", "c2"]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MSTAR_", "SLURM_"))}
+    return {**env, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pipe_closed")
+    for i, sid in enumerate(IDS):
+        scene = random_scene(800.0, 640.0, seed=70 + i, n_blobs=1, pen=False, dust=False, faint=False)
+        make_svs(d / f"{sid}.svs", scene, mpp=0.5, magnification=20, levels=(1, 4), associated=False)
+    return d
+
+
+def _clean(stderr: str) -> None:
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert "unexpected" not in stderr, stderr
+
+
+def test_extract_piped_into_head_finishes_every_slide(slides: Path, tmp_path: Path) -> None:
+    """The issue's own command line, through bash: `mstar extract slides/ out/ --jsonl | head -1`."""
+    out = tmp_path / "out"
+    cmd = mstar_command("extract", slides, out, "--jsonl", "--model", TINY, "--weights", "random", "--device", "cpu",
+                        "--workers", "1", "--no-report")
+    err = tmp_path / "stderr.txt"
+    script = f"{shlex.join(cmd)} 2>{shlex.quote(str(err))} | head -1; echo \"rc=${{PIPESTATUS[0]}}\""
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=mstar_env(_env()), timeout=900)
+    first, status = r.stdout.splitlines()
+    assert json.loads(first)["event"] == "started"  # head got its line
+    assert status == "rc=0", err.read_text()  # the normal exit code of a run where every slide is done
+    stderr = err.read_text()
+    _clean(stderr)
+    notes = [ln for ln in stderr.splitlines() if "broken pipe" in ln]
+    assert len(notes) == 1 and notes[0].startswith("mstar: warning: stdout was closed"), stderr
+    for sid in IDS:
+        assert validate_bag(out / "features" / f"{sid}.h5", {"model": TINY}) is None, sid
+    rows = {ln.split(",")[0]: ln for ln in (out / "manifest.csv").read_text().splitlines()[1:]}
+    assert sorted(rows) == IDS and all(",done," in row for row in rows.values())
+
+
+def test_tile_events_stop_when_the_reader_goes_the_run_does_not(slides: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = start_mstar("tile", slides, out, "--jsonl", "--workers", "1", "--no-report", env=_env())
+    assert proc.stdout is not None and proc.stderr is not None
+    assert json.loads(proc.stdout.readline())["event"] == "started"
+    proc.stdout.close()  # the reader is gone: the next event meets a broken pipe
+    stderr = proc.stderr.read()
+    assert proc.wait(600) == 0, stderr
+    _clean(stderr)
+    assert sum("stdout was closed (broken pipe)" in ln for ln in stderr.splitlines()) == 1
+    assert sorted(p.name for p in (out / "coords").iterdir()) == [f"{s}.h5" for s in IDS]
+
+
+@pytest.mark.parametrize("args,code", [
+    (("info", "--json"), 0),
+    (("info", "--jsonl"), 0),
+    (("info",), 0),
+    (("status", "--jsonl"), 0),
+    (("status", "--json"), 0),
+    (("status",), 0),
+])
+def test_reports_end_quietly_on_a_closed_stdout(slides: Path, tmp_path: Path, args: tuple[str, ...],
+                                                code: int) -> None:
+    """The reader closes the pipe before anything is written (`mstar info --json ... | head -c0`)."""
+    out = tmp_path / "out"
+    if args[0] == "status":
+        assert run_mstar("tile", slides, out, "--workers", "1", "--no-qc", "--no-report", env=_env()).returncode == 0
+        target = [out]
+    else:
+        target = [slides]
+    proc = start_mstar(*args[:1], *target, *args[1:], env=_env())
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(300) == code, stderr
+    _clean(stderr)
+    assert "error" not in stderr, stderr

@@ -291,8 +291,10 @@ class SlideRunner:
         patches = sum(o.n_patches or 0 for o in self.outcomes)
         line = (f"{self.command}: {len(self.outcomes)}/{self.total} slides ({done}); {patches} patches; "
                 f"{seconds:.1f} s; manifest: {OutLayout(self.out_dir).manifest}")
-        if (self.n_failed or self.unfinished) and code == EXIT_OK:
-            line += "; exit 0 as a torchrun rank ('mstar status OUT' reports the slides not done)"
+        if self.n_failed and code == EXIT_OK:
+            line += "; exit 0 as a torchrun rank ('mstar status OUT' reports the failures, exit 1)"
+        elif self.unfinished and code == EXIT_OK:
+            line += "; exit 0 as a torchrun rank ('mstar status OUT' shows the slides still held)"
         if code or self.n_failed or self.unfinished:
             self.reporter.warn(line)
         else:

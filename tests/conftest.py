@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
 from mstar_extract.testing.fixtures import FixtureSlide, build_fixture_set
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A suite started in the background of a non-interactive shell (``pytest &``, ``nohup``) inherits an ignored
+    SIGINT, and so would every process it starts: the tests that press Ctrl-C on a child would wait forever. A
+    handler here (reset to the default in children at exec) gives the children Python's normal SIGINT."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

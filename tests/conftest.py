@@ -28,3 +28,21 @@ def fixture_slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Fixtur
 def fixture_root(fixture_slides: dict[str, FixtureSlide]) -> Path:
     """The folder holding ``slides/``, ``nometa/`` and ``broken/`` of :func:`fixture_slides`."""
     return fixture_slides["svs40"].path.parent.parent
+
+
+@pytest.fixture(scope="session")
+def vit_large():  # type: ignore[no-untyped-def]
+    """mSTAR's architecture (timm vit_large_patch16_224, init_values=1e-5, dynamic_img_size) with random weights
+    and every LayerScale gamma set to 0.5 (with timm's 1e-5 all outputs look alike), fp32, on the CPU. Built once
+    for the session: the ViT-L tests (test_fidelity, test_extract) share it."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16, init_values=1e-5,
+                            num_classes=0, dynamic_img_size=True).eval()
+    with torch.no_grad():
+        for blk in net.blocks:
+            blk.ls1.gamma.fill_(0.5)
+            blk.ls2.gamma.fill_(0.5)
+    return net

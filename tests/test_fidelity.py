@@ -306,22 +306,6 @@ def test_fast_decode_within_the_documented_bound(slides):
 
 
 # ------------------------------------------------------------------------------------------------ features
-@pytest.fixture(scope="session")
-def vit_large():
-    """mSTAR's architecture (timm vit_large_patch16_224, init_values=1e-5, dynamic_img_size) with random weights
-    and every LayerScale gamma set to 0.5 (with timm's 1e-5 all outputs look alike), fp32, on the CPU."""
-    import timm
-
-    torch.manual_seed(0)
-    net = timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16, init_values=1e-5,
-                            num_classes=0, dynamic_img_size=True).eval()
-    with torch.no_grad():
-        for blk in net.blocks:
-            blk.ls1.gamma.fill_(0.5)
-            blk.ls2.gamma.fill_(0.5)
-    return net
-
-
 @pytest.mark.slow
 def test_vit_large_features_fp32(slides, vit_large, tmp_path):
     """Our encoder on our inputs vs the reference network on the reference transform: rel. L2 <= 1e-4 (CLAM

@@ -21,9 +21,10 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import IO, Any, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 log = logging.getLogger("mstar")
 
@@ -155,7 +156,7 @@ class Reporter:
             self.stderr.flush()
 
     @contextmanager
-    def progress(self, total: int | None, desc: str, unit: str = "it", position: int = 0) -> Iterator["Progress"]:
+    def progress(self, total: int | None, desc: str, unit: str = "it", position: int = 0) -> Iterator[Progress]:
         """A progress bar (tqdm on a terminal) or periodic log lines (stderr is a file or pipe).
 
         ``position`` stacks several bars on a terminal (0 = the top one)."""

@@ -41,12 +41,13 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, TextIO
+from typing import TextIO
 
-from mstar_extract.errors import UsageError
 from mstar_extract.discover import file_key, glob_slides, missing_reason, one_path_per_file, scan_dir
+from mstar_extract.errors import UsageError
 from mstar_extract.slides.formats import is_slide_file, slide_identity
 from mstar_extract.store.layout import validate_slide_id
 

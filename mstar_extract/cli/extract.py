@@ -7,12 +7,20 @@ from typing import Any
 import click
 
 from mstar_extract.cli.common import output_options
-from mstar_extract.cli.report import no_report_option, report_after_run
 from mstar_extract.cli.help import EXTRACT_SECTIONS, SectionedCommand
 from mstar_extract.cli.options import (
-    fast_decode_option, lock_timeout_option, model_options, native_resolution_warning, resolution_options,
-    segmentation_options, select_slides, slide_encoder_option, slide_input_options, tile_settings_from,
+    fast_decode_option,
+    lock_timeout_option,
+    model_options,
+    native_resolution_warning,
+    resolution_options,
+    segmentation_options,
+    select_slides,
+    slide_encoder_option,
+    slide_input_options,
+    tile_settings_from,
 )
+from mstar_extract.cli.report import no_report_option, report_after_run
 
 
 def extract_options(func: Any) -> Any:
@@ -65,8 +73,8 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
       mstar extract slides/ out/ --layout trident    # out/ as a TRIDENT job folder (docs/layouts.md)
       sbatch --array=0-15 ... mstar extract slides/ out/ --shard auto
     """
-    from mstar_extract.errors import UsageError, WeightsError
     from mstar_extract.envdefaults import default_device, default_lock_timeout, default_weights, default_workers
+    from mstar_extract.errors import UsageError, WeightsError
     from mstar_extract.pipeline.extract_job import ExtractSettings
     from mstar_extract.pipeline.launch import launch_extract
     from mstar_extract.sharding import parse_devices

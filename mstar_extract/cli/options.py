@@ -17,8 +17,9 @@ Every option's help shows its default. Heavy libraries are not imported here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import click
 

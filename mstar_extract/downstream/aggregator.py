@@ -21,9 +21,10 @@ Nyström attention keeps memory linear in the number of patches (measured in doc
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,7 +80,7 @@ class SlideEncoder:
         return int(self.model.dim)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "auto") -> "SlideEncoder":
+    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "auto") -> SlideEncoder:
         """Read an aggregator export (UsageError when missing; MstarError, one line, when unusable)."""
         from mstar_extract.models.encoder import resolve_device
         from mstar_extract.models.weights import sha256_file

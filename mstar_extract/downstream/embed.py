@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mstar_extract.console import Reporter
 from mstar_extract.downstream.aggregator import SlideEncoder
@@ -95,7 +96,7 @@ def embed_bag(entry: Any, bag: Path, out: Path, encoder: SlideEncoder, overwrite
 def _embed_guarded(entry: Any, layout: OutLayout, encoder: SlideEncoder, settings: EmbedSettings) -> SlideOutcome:
     try:
         return embed_bag(entry, Path(entry.path), layout.slide_features(entry.slide_id), encoder, settings.overwrite)
-    except Exception as exc:  # noqa: BLE001 - a per-slide failure, one line
+    except Exception as exc:
         if settings.debug:
             log.exception("embedding %s failed", entry.path)
         return SlideOutcome.failed(entry, reason_of(exc))

@@ -69,7 +69,7 @@ def _text_record(ckpt: dict[str, Any], text_model: str | None, where: str) -> tu
 def load_text_tower(ckpt: dict[str, Any], where: str, text_model: str | None = None,
                     device: torch.device | str = "cpu") -> tuple[TextTower, Any, int]:
     """(text tower in eval mode on ``device``, tokenizer, max tokens) of a zero-shot checkpoint."""
-    from mstar_extract.pretrain.textexport import mlm_from_config, base_model
+    from mstar_extract.pretrain.textexport import base_model, mlm_from_config
 
     rec, tokenizer = _text_record(ckpt, text_model, where)
     sd = {k.replace("module.", ""): v for k, v in ckpt["model_state_dict"].items()}

@@ -23,9 +23,10 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +178,7 @@ def run_zeroshot(entries: Sequence[Any], out_dir: str | Path, settings: ZeroShot
         for entry in entries:
             try:
                 r = score_bag(entry, clf, settings.topj)
-            except Exception as exc:  # noqa: BLE001 - a per-slide failure, one line
+            except Exception as exc:
                 if settings.debug:
                     log.exception("scoring %s failed", entry.path)
                 r = SlideResult(entry.slide_id, str(entry.path), error=f"{entry.path}: {reason_of(exc)}")

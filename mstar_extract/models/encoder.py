@@ -163,7 +163,7 @@ class Encoder:
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
         compile_backend: str | None = None,
-    ) -> "Encoder":
+    ) -> Encoder:
         """Spec by name, weights resolved (PATH/hf/random) and loaded strictly, moved to ``device``.
 
         ``compile_backend`` is passed to ``torch.compile`` (default inductor; ``eager`` traces only).
@@ -177,7 +177,7 @@ class Encoder:
         net = build_with_weights(spec, resolved)
         return cls(spec, net, resolved, dev, prec, compile=compile, compile_backend=compile_backend)
 
-    def to(self, device: str | torch.device) -> "Encoder":
+    def to(self, device: str | torch.device) -> Encoder:
         """Move the network to ``device`` (channels-last; a CUDA device becomes this process's current device,
         :func:`use_device`); a compiled graph is rebuilt lazily."""
         self.device = use_device(device)
@@ -233,7 +233,7 @@ class Encoder:
         return time.perf_counter() - t0
 
     @torch.inference_mode()
-    def embed(self, batch: "torch.Tensor | np.ndarray") -> torch.Tensor:
+    def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` patches -> float32 ``(B, D)`` features on :attr:`device`.
 
         Patches of any size are resized (antialiased bilinear) to :attr:`input_size` on the device.

@@ -13,8 +13,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mstar_extract.console import Reporter
 from mstar_extract.pipeline.extract_job import ExtractSettings, default_batch_size, run_extract

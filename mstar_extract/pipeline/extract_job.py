@@ -25,23 +25,30 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from mstar_extract.console import Progress, Reporter
 from mstar_extract.errors import EXIT_FAILED, RunError, first_line, reason_of
 from mstar_extract.pipeline.runner import HELD_BY_OTHERS, SlideOutcome, SlideRunner
-from mstar_extract.pipeline.whole_run import is_whole_run, whole_run_error, whole_run_reason
-from mstar_extract.pipeline.writer import HostFeatures, SlideWriter, WriteJob
 from mstar_extract.pipeline.tile_job import (
-    ClamReaderNote, TileSettings, check_slide_ids, layout_for, open_with_resolution, prepare_out, segment_and_plan,
+    ClamReaderNote,
+    TileSettings,
+    check_slide_ids,
+    layout_for,
+    open_with_resolution,
+    prepare_out,
+    segment_and_plan,
     write_tile_outputs,
 )
+from mstar_extract.pipeline.whole_run import is_whole_run, whole_run_error, whole_run_reason
+from mstar_extract.pipeline.writer import HostFeatures, SlideWriter, WriteJob
 from mstar_extract.store.layout import OutLayout, layout_class
 from mstar_extract.tiling import ReadPlan
 
@@ -180,7 +187,7 @@ def plan_slide(entry: Any, layout: OutLayout, settings: ExtractSettings) -> Plan
                 mask, plan = segment_and_plan(slide, entry.slide_id, settings.tile)
                 write_tile_outputs(layout, entry.slide_id, slide, mask, plan, settings.tile)
             mpp = float(slide.mpp) if slide.mpp_x is not None else plan.level0_mpp
-    except Exception as exc:  # noqa: BLE001 - a per-slide failure, one line
+    except Exception as exc:
         if is_whole_run(exc):
             raise  # OUT full or read-only: not this slide's problem (the main thread stops the run)
         if settings.tile.debug:
@@ -314,7 +321,7 @@ class ExtractRun:
             return
         try:
             seconds = self.encoder.warm_up(self.batch_size)
-        except Exception as exc:  # noqa: BLE001 - nothing here is about a slide
+        except Exception as exc:
             if self.settings.tile.debug:
                 log.exception("warm-up batch failed")
             reason = whole_run_reason(exc) or first_line(exc, with_type=True)
@@ -415,7 +422,7 @@ class ExtractRun:
         t_read = time.monotonic()
         try:
             feats = embed_slide(len(planned.plan), stream, self.encoder, self.feeder, self.patches)
-        except Exception as exc:  # noqa: BLE001 - per-slide failure, one line
+        except Exception as exc:
             if is_whole_run(exc):
                 raise
             if self.settings.tile.debug:
@@ -474,7 +481,7 @@ class ExtractRun:
             else:
                 features, keep = collect_features(job)
             bag = write_outputs(entry, self.layout, plan, features, keep, self.encoder, self.settings, job.n_bad)
-        except Exception as exc:  # noqa: BLE001 - per-slide failure, one line
+        except Exception as exc:
             if is_whole_run(exc):
                 raise
             if self.settings.tile.debug:

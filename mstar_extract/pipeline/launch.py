@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mstar_extract.console import Reporter, setup_logging
 from mstar_extract.errors import EXIT_FAILED, EXIT_OK, EXIT_RUN, MstarError, RunError, first_line, worst_exit_code
@@ -92,9 +93,8 @@ def launch_extract(entries: Sequence[Any], out: str | os.PathLike[str], settings
     if info is not None and not devices:
         import torch
 
-        from mstar_extract.sharding import rank_device
-
         from mstar_extract.envdefaults import available_cpus, local_ranks
+        from mstar_extract.sharding import rank_device
 
         settings = replace(settings, device=rank_device(settings.device, info, torch.cuda.is_available()))
         bind_device(settings.device)

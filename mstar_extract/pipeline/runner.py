@@ -69,11 +69,11 @@ class SlideOutcome(SlideRecord):
         return ManifestRow(**self.record())
 
     @classmethod
-    def failed(cls, entry: Any, error: str, seconds: float | None = None, **kw: Any) -> "SlideOutcome":
+    def failed(cls, entry: Any, error: str, seconds: float | None = None, **kw: Any) -> SlideOutcome:
         return cls(slide_id=str(entry.slide_id), path=str(entry.path), status="failed", error=error, seconds=seconds, **kw)
 
     @classmethod
-    def skipped(cls, entry: Any, reason: str = "", n_patches: int | None = None, **kw: Any) -> "SlideOutcome":
+    def skipped(cls, entry: Any, reason: str = "", n_patches: int | None = None, **kw: Any) -> SlideOutcome:
         return cls(slide_id=str(entry.slide_id), path=str(entry.path), status="skipped", error=reason,
                    n_patches=n_patches, seconds=0.0, **kw)
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from mstar_extract.console import Reporter
 from mstar_extract.errors import SlideError, UsageError, reason_of
@@ -134,8 +135,7 @@ def write_tile_outputs(out_dir: str | os.PathLike[str] | OutLayout, slide_id: st
         if files.thumbnail is not None:
             paths["thumbnail"] = write_thumbnail(files.thumbnail, slide, mask)
     if settings.geojson:
-        from mstar_extract.tissue.contours import to_level0
-        from mstar_extract.tissue.contours import find_contours
+        from mstar_extract.tissue.contours import find_contours, to_level0
         from mstar_extract.tissue.geojson import write_geojson
 
         with_pen = layout.geojson_pen and mask.pen.any()

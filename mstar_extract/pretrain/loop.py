@@ -14,18 +14,18 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 
 from mstar_extract.console import Reporter
 from mstar_extract.errors import UsageError
-from mstar_extract.pretrain import checkpoint as ckpt
-from mstar_extract.pretrain import dist as D
+from mstar_extract.pretrain import checkpoint as ckpt, dist as D
 
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, lr_scale: float = 1.0) -> list[dict[str, Any]]:

@@ -67,7 +67,7 @@ def config_dict(config: Any) -> dict[str, Any]:
     return json.loads(config.to_json_string(use_diff=False))
 
 
-def official_text_state(text: "TextEncoder") -> dict[str, torch.Tensor]:
+def official_text_state(text: TextEncoder) -> dict[str, torch.Tensor]:
     """``text_encoder.*`` (``AutoModelForMaskedLM`` names) and ``proj_text.*`` of a trained report encoder."""
     mlm = mlm_from_config(config_dict(text.encoder.config))
     base = base_model(mlm)
@@ -119,7 +119,7 @@ def load_tokenizer_files(files: dict[str, Any], where: str) -> Any:
             raise MstarError(f"{where}: cannot rebuild the tokenizer ({first_line(exc)})") from None
 
 
-def text_meta(text: "TextEncoder", tokenizer: Any, model_name: str, max_tokens: int) -> dict[str, Any]:
+def text_meta(text: TextEncoder, tokenizer: Any, model_name: str, max_tokens: int) -> dict[str, Any]:
     """The ``text`` entry of a text export (see the module docstring)."""
     return {
         "model": str(model_name),
@@ -132,7 +132,7 @@ def text_meta(text: "TextEncoder", tokenizer: Any, model_name: str, max_tokens: 
     }
 
 
-def text_export(text: "TextEncoder", tokenizer: Any, model_name: str, max_tokens: int,
+def text_export(text: TextEncoder, tokenizer: Any, model_name: str, max_tokens: int,
                 meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """The content of ``text_mstar.pth``."""
     return {"format": TEXT_FORMAT, "version": 1, "model_state_dict": official_text_state(text),

@@ -35,16 +35,17 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from mstar_extract.errors import MstarError, SlideError
-from mstar_extract.reading.batch import PatchBatch
 from mstar_extract.reading._worker import ERRORS, WorkerOptions, error_message, worker_main
+from mstar_extract.reading.batch import PatchBatch
 from mstar_extract.reading.reader import DEFAULT_OUT_SIZE, PatchReader, grid_order
 from mstar_extract.tiling import ReadPlan
 
@@ -129,7 +130,7 @@ class SlideStream:
     After iteration: ``bad_indices``/``bad_reasons`` (patches dropped with ``skip_bad_patches``), ``n_bad``.
     """
 
-    def __init__(self, pool: "ReaderPool", seq: int, job: SlideJob) -> None:
+    def __init__(self, pool: ReaderPool, seq: int, job: SlideJob) -> None:
         self._pool = pool
         self.seq = seq
         self.job = job
@@ -475,7 +476,7 @@ class ReaderPool:
             stream.error = exc
             stream.finished = True
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             kind, epath, reason = error_message(exc, job.path)
             stream.error = ERRORS[kind](epath, reason)
             stream.finished = True
@@ -528,7 +529,7 @@ class ReaderPool:
                 pass
             self._shm = None
 
-    def __enter__(self) -> "ReaderPool":
+    def __enter__(self) -> ReaderPool:
         return self
 
     def __exit__(self, *exc: object) -> None:

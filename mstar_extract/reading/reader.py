@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -210,7 +211,7 @@ class PatchReader:
             self._slide.close()
             self._slide = None
 
-    def __enter__(self) -> "PatchReader":
+    def __enter__(self) -> PatchReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

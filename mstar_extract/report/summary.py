@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 FEW_PATCHES_RATIO = 0.25
 """A slide is flagged ``few patches`` below this fraction of the run's median patch count ..."""

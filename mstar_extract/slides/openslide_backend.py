@@ -13,7 +13,7 @@ from mstar_extract.slides.base import Level, Slide
 from mstar_extract.slides.resolution import resolve
 
 
-def _open(path: Path):  # noqa: ANN202 - returns openslide.OpenSlide
+def _open(path: Path):
     import openslide
 
     try:

@@ -87,7 +87,7 @@ def mpp_from_tiff_resolution(x_res: object, y_res: object, unit: object) -> tupl
     return mx, my
 
 
-def _ome_root(text: object):  # noqa: ANN202 - an ElementTree element or None
+def _ome_root(text: object):
     if not isinstance(text, str) or "<OME" not in text[:4096]:
         return None
     import xml.etree.ElementTree as ET
@@ -98,11 +98,11 @@ def _ome_root(text: object):  # noqa: ANN202 - an ElementTree element or None
         return None
 
 
-def _first(root, local: str):  # noqa: ANN001, ANN202
+def _first(root, local: str):
     return next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == local), None)
 
 
-def _ome_size(pixels, axis: str) -> float | None:  # noqa: ANN001
+def _ome_size(pixels, axis: str) -> float | None:
     value = _float(pixels.get(f"PhysicalSize{axis}"))
     unit = pixels.get(f"PhysicalSize{axis}Unit", "µm")
     factor = OME_UNIT_UM.get(unit.strip())

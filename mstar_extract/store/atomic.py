@@ -19,9 +19,10 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 TMP_SUFFIX = ".tmp"
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any
 
 from mstar_extract.errors import RunError, UsageError
 from mstar_extract.store.atomic import write_text_atomic

@@ -59,11 +59,10 @@ def write_sparse_tiff(path: str | os.PathLike, width: int, height: int, tile: in
 
 def write_flat_tiff(path: str | os.PathLike, width: int, height: int, tile: int = 512, mpp: float = 0.25) -> Path:
     """A ``width x height`` tiled JPEG TIFF, one level (no pyramid), every tile the same H&E texture crop."""
+    import cv2
     import tifffile
 
     from mstar_extract.testing.scene import TEXTURE_PATH
-
-    import cv2
 
     texture = cv2.imread(str(TEXTURE_PATH))[:, :, ::-1]
     reps = (math.ceil(tile / texture.shape[0]), math.ceil(tile / texture.shape[1]), 1)

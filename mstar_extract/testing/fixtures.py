@@ -37,9 +37,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -268,7 +268,7 @@ def make_dicom(svs: str | os.PathLike, folder: str | os.PathLike, *, jpeg2000: b
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
-    def post(ds, _meta):  # noqa: ANN001, ANN202 - wsidicomizer's metadata post-processor callback
+    def post(ds, _meta):
         if container_id is not None:
             ds.ContainerIdentifier = container_id
         if objective_power is not None and "OpticalPathSequence" in ds:
@@ -300,7 +300,7 @@ def make_ome_tiff(svs: str | os.PathLike, path: str | os.PathLike, *, unit: str 
         levels = [p for p in src.pages if p.is_tiled]
         fh = src.filehandle
 
-        def tiles(page):  # noqa: ANN001, ANN202
+        def tiles(page):
             for off, cnt in zip(page.dataoffsets, page.databytecounts):
                 fh.seek(off)
                 yield fh.read(cnt)

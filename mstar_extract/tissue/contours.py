@@ -17,7 +17,7 @@ class TissueContour:
     outer: np.ndarray
     holes: list[np.ndarray] = field(default_factory=list)
 
-    def scaled(self, fx: float, fy: float) -> "TissueContour":
+    def scaled(self, fx: float, fy: float) -> TissueContour:
         """The same contour with x multiplied by ``fx`` and y by ``fy`` (e.g. level-0 -> mask pixels)."""
         f = np.array([fx, fy], dtype=np.float64)
         return TissueContour(self.outer * f, [h * f for h in self.holes])

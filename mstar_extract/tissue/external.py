@@ -15,11 +15,11 @@ import numpy as np
 
 from mstar_extract.errors import SlideError
 from mstar_extract.slides.base import Slide
+from mstar_extract.slides.downsample import read_downsampled
 from mstar_extract.tissue.contours import find_contours, rasterize_level0, to_level0
 from mstar_extract.tissue.geojson import read_geojson_contours
 from mstar_extract.tissue.params import SegmentationParams
 from mstar_extract.tissue.result import TissueMask
-from mstar_extract.slides.downsample import read_downsampled
 
 GEOJSON_EXT = (".geojson", ".json")
 IMAGE_EXT = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from mstar_extract.pretrain.config import DistConfig, OptimConfig, RunConfig, TrainConfig, opt, section
 
@@ -12,10 +11,10 @@ from mstar_extract.pretrain.config import DistConfig, OptimConfig, RunConfig, Tr
 class DataConfig:
     """Manifest, gene table and sampling."""
 
-    manifest: Optional[str] = opt(None, "Manifest CSV: slide_id, features, report|report_path, sample_id, cancer_type[, split]. Required.")
-    gene_table: Optional[str] = opt(None, "Gene expression table (CSV/TSV): first column = sample id, one column per gene (raw counts/TPM). null = no gene modality.")
-    gene_list: Optional[str] = opt(None, "Text file, one gene per line: the genes used as tokens (null = every column of the table).")
-    gene_embeddings: Optional[str] = opt(None, "Optional Gene2Vec-style text file (`GENE v1 ... vD` per line) initialising gene-id embeddings.")
+    manifest: str | None = opt(None, "Manifest CSV: slide_id, features, report|report_path, sample_id, cancer_type[, split]. Required.")
+    gene_table: str | None = opt(None, "Gene expression table (CSV/TSV): first column = sample id, one column per gene (raw counts/TPM). null = no gene modality.")
+    gene_list: str | None = opt(None, "Text file, one gene per line: the genes used as tokens (null = every column of the table).")
+    gene_embeddings: str | None = opt(None, "Optional Gene2Vec-style text file (`GENE v1 ... vD` per line) initialising gene-id embeddings.")
     n_bins: int = opt(51, "Expression bins: bin 0 = zero expression, bins 1..n_bins-1 = log1p values.")
     binning: str = opt("quantile", "quantile = per-sample quantiles of non-zero log1p values (scGPT-style); uniform = equal-width bins up to the table's max log1p.", choices=("quantile", "uniform"))
     max_patches: int = opt(4096, "Patches sampled per slide per step; bags with fewer are padded by re-sampling.", source="paper")

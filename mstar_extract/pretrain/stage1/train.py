@@ -8,9 +8,10 @@ function below: :func:`prepare_data`, :func:`build_model`, :func:`build_data`, :
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,8 +19,7 @@ from torch.utils.data import DataLoader
 
 from mstar_extract.console import Reporter
 from mstar_extract.errors import UsageError
-from mstar_extract.pretrain import checkpoint as ckpt
-from mstar_extract.pretrain import dist as D
+from mstar_extract.pretrain import checkpoint as ckpt, dist as D
 from mstar_extract.pretrain.config import config_to_dict, save_config
 from mstar_extract.pretrain.loop import TrainLoop, build_optimizer, param_groups, total_steps, warmup_cosine
 from mstar_extract.pretrain.sampler import GlobalBatchSampler

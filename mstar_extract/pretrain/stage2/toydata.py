@@ -25,7 +25,7 @@ class Stage2ToyData:
     n_patches: list[int]
 
 
-def _encoder(model: str, seed: int):  # noqa: ANN202 - mstar_extract.models.encoder.Encoder
+def _encoder(model: str, seed: int):
     import torch
 
     from mstar_extract.models.encoder import Encoder

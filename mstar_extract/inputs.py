@@ -108,7 +108,8 @@ def parse_list(text: str, base: Path, source: str, force_csv: bool = False) -> l
         return [_checked(_entry(base, ln.strip(), None, None), f"{source} line {lineno}") for lineno, ln in lines]
     rows = csv.reader(io.StringIO("\n".join(ln for _, ln in lines[1:])), delimiter=delim)
     out: list[SlideEntry] = []
-    for (lineno, _), row in zip(lines[1:], rows):
+    # not strict: a quoted field that spans lines makes fewer rows than lines (pairing kept as it always was)
+    for (lineno, _), row in zip(lines[1:], rows, strict=False):
         rec = {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header)}
         where = f"{source} line {lineno}"
         if not rec.get("path"):

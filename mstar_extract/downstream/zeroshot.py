@@ -149,7 +149,7 @@ def _csv_text(results: list[SlideResult], clf: Classifier, topj: Sequence[int], 
             row["label"] = labels.get(r.slide_id, "")
         for j in r.preds:
             row[f"pred_top{j}"] = classes[r.preds[j]]
-            row.update({f"score_top{j}_{c}": f"{s:.6g}" for c, s in zip(classes, r.scores[j])})
+            row.update({f"score_top{j}_{c}": f"{s:.6g}" for c, s in zip(classes, r.scores[j], strict=True)})
         w.writerow(row)
     return buf.getvalue()
 

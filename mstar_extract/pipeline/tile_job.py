@@ -106,7 +106,7 @@ def segment_and_plan(slide: Any, slide_id: str, settings: TileSettings):
     from mstar_extract.tiling import plan_tiles
     from mstar_extract.tissue import find_mask_file, load_tissue_mask, segment_slide
 
-    slide.mpp  # raises ResolutionError (with how to fix it) before any work
+    _ = slide.mpp  # raises ResolutionError (with how to fix it) before any work
     if settings.tissue_mask:
         f = find_mask_file(settings.tissue_mask, slide_id)
         if f is None:
@@ -348,7 +348,7 @@ def _run_pool(entries: Sequence[Any], out: Path, settings: TileSettings, n_worke
                 except Exception as exc:  # noqa: BLE001
                     record(SlideOutcome.failed(entry, reason_of(exc)))
             if broken:
-                for fut, entry in list(in_flight.items()):
+                for entry in list(in_flight.values()):
                     record(SlideOutcome.failed(entry, "worker process died (killed, or out of memory)"))
                 in_flight.clear()
                 pool.shutdown(wait=False, cancel_futures=True)

@@ -119,7 +119,7 @@ def _gather_padded(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         x = torch.cat([x, x.new_zeros((top - x.shape[0], *x.shape[1:]))], dim=0)
     parts = [torch.empty_like(x) for _ in sizes]
     dist.all_gather(parts, x.contiguous())
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)], dim=0)
 
 
 class _AllGatherGrad(torch.autograd.Function):

@@ -15,10 +15,10 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,7 +121,7 @@ def resolve_precision(precision: str, device: torch.device) -> AmpChoice:
     return choose_precision(precision, device.type, device.type == "cuda" and native_bf16(device))
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager[Any]:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
@@ -131,7 +131,7 @@ def to_floats(values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
     if keys:
         stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
-        out.update(zip(keys, stacked.tolist()))
+        out.update(zip(keys, stacked.tolist(), strict=True))
     return out
 
 

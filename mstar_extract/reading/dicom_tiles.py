@@ -81,7 +81,7 @@ def _frames(bot: list[int], pieces: list[tuple[int, int]], n_frames: int) -> lis
     first = pieces[0][0] - 8
     rel = [off - 8 - first for off, _ in pieces]
     bounds = list(bot) + [rel[-1] + 1]
-    frames = [tuple(p for r, p in zip(rel, pieces) if bounds[k] <= r < bounds[k + 1]) for k in range(n_frames)]
+    frames = [tuple(p for r, p in zip(rel, pieces, strict=True) if bounds[k] <= r < bounds[k + 1]) for k in range(n_frames)]
     return frames if all(frames) else None
 
 

@@ -257,7 +257,7 @@ class PatchReader:
         if m:
             pixels[:m] = pixels[good_pos]
         bad_rows = indices[bad_pos]
-        for row, msg in zip(bad_rows.tolist(), msgs):
+        for row, msg in zip(bad_rows.tolist(), msgs, strict=True):
             self.bad.append((int(row), msg))
         return PatchBatch(indices[good_pos], pixels[:m], coords[good_pos], bad_rows, msgs)
 
@@ -355,7 +355,7 @@ class PatchReader:
 
     def _read_regions(self, c0: np.ndarray, lc: np.ndarray, out: np.ndarray, ok: np.ndarray, reasons: dict[int, str]) -> None:
         r, level = self.plan.read_size, self.plan.level
-        for x, y, w, h, members in row_regions(lc, r, self.max_region_px):
+        for x, _y, w, h, members in row_regions(lc, r, self.max_region_px):
             loc0 = (int(c0[members[0], 0]), int(c0[members[0], 1]))
             try:
                 region = self._backend_read(loc0, level, (w, h)) if len(members) > 1 else None

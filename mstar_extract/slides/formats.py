@@ -222,7 +222,7 @@ def check_tiff_structure(path: Path, size: int) -> None:
                 n_pages += 1
                 offsets = getattr(page, "dataoffsets", ()) or ()
                 counts = getattr(page, "databytecounts", ()) or ()
-                for off, cnt in zip(offsets, counts):
+                for off, cnt in zip(offsets, counts, strict=False):  # a damaged file may list more of one
                     if cnt and off + cnt > end:
                         end = off + cnt
             if n_pages == 0:

@@ -37,7 +37,7 @@ class OpenSlideSlide(Slide):
         self.properties = {str(k): str(v) for k, v in osr.properties.items()}
         self.vendor = self.properties.get("openslide.vendor")
         self.levels = tuple(
-            Level(int(w), int(h), float(ds)) for (w, h), ds in zip(osr.level_dimensions, osr.level_downsamples)
+            Level(int(w), int(h), float(ds)) for (w, h), ds in zip(osr.level_dimensions, osr.level_downsamples, strict=True)
         )
         res = resolve(self.properties, mpp)
         self.mpp_x, self.mpp_y, self.mpp_source = res.mpp_x, res.mpp_y, res.source  # type: ignore[assignment]

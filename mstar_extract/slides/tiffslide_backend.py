@@ -50,7 +50,7 @@ class TiffSlideSlide(Slide):
         self._ts = ts
         self.properties = {str(k): str(v) for k, v in props.items() if v is not None}
         self.vendor = self.properties.get("tiffslide.vendor")
-        self.levels = tuple(Level(int(w), int(h), float(ds)) for (w, h), ds in zip(dims, dss))
+        self.levels = tuple(Level(int(w), int(h), float(ds)) for (w, h), ds in zip(dims, dss, strict=True))
         res = resolve(self.properties, mpp)
         self.mpp_x, self.mpp_y, self.mpp_source = res.mpp_x, res.mpp_y, res.source  # type: ignore[assignment]
         self.objective_magnification = res.magnification

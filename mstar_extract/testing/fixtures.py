@@ -145,7 +145,7 @@ def make_svs(
         th, tw_ = thumb.shape[:2]
         tw.write(thumb, compression="jpeg", compressionargs={"level": 90}, photometric="rgb", metadata=None,
                  rowsperstrip=16, description=f"{APERIO_HEAD} \r\n{w0}x{h0} -> {tw_}x{th} - {tail}")
-        for ds, (lw, lh) in zip(levels[1:], sizes[1:]):
+        for ds, (lw, lh) in zip(levels[1:], sizes[1:], strict=True):
             desc = f"{APERIO_HEAD} \r\n{w0}x{h0} [0,0 {w0}x{h0}] ({tile}x{tile}) -> {lw}x{lh} JPEG/RGB Q={quality}{tail}"
             _write_tiled(tw, scene, mpp * ds, (lw, lh), tile, quality, stream,
                          description=desc, subfiletype=0)
@@ -173,7 +173,7 @@ def make_tiff(
     path = Path(path)
     w0, h0 = scene.size_at(mpp)
     with tifffile.TiffWriter(path) as tw:
-        for i, (ds, size) in enumerate(zip(levels, _level_sizes(w0, h0, levels))):
+        for i, (ds, size) in enumerate(zip(levels, _level_sizes(w0, h0, levels), strict=True)):
             _write_tiled(tw, scene, mpp * ds, size, tile, quality, False, subfiletype=1 if i else 0)
     return path
 
@@ -301,7 +301,7 @@ def make_ome_tiff(svs: str | os.PathLike, path: str | os.PathLike, *, unit: str 
         fh = src.filehandle
 
         def tiles(page):
-            for off, cnt in zip(page.dataoffsets, page.databytecounts):
+            for off, cnt in zip(page.dataoffsets, page.databytecounts, strict=True):
                 fh.seek(off)
                 yield fh.read(cnt)
 

@@ -50,7 +50,7 @@ def find_contours(
         if net * px_area < min_area_um2:
             continue
         holes = []
-        for j, a in zip(holes_idx, hole_areas):
+        for j, a in zip(holes_idx, hole_areas, strict=True):
             hole = contours[j]
             keep = a * px_area >= min_hole_um2
             if not keep and force_hole is not None:
@@ -85,7 +85,7 @@ def rasterize(
             cv2.drawContours(holes, [h.reshape(-1, 1, 2).astype(np.int32)], -1, 1, thickness=cv2.FILLED)
     # hole interiors (not their boundary pixels, which belong to tissue)
     if holes.any():
-        for o, hs in contours:
+        for _outer, hs in contours:
             for h in hs:
                 cv2.drawContours(holes, [h.reshape(-1, 1, 2).astype(np.int32)], -1, 0, thickness=1)
     holes_b = holes.astype(bool) & outer.astype(bool)

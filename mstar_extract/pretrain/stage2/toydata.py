@@ -83,6 +83,6 @@ def make_stage2_toy_data(out: str | Path, n_slides: int = 3, seed: int = 0, mode
     with open(manifest, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["slide_id", "slide", "features"])
-        for p, b in zip(slides, bags):
+        for p, b in zip(slides, bags, strict=True):
             w.writerow([p.stem, f"slides/{p.name}", f"features/{b.name}"])
     return Stage2ToyData(manifest, slides, bags, counts)

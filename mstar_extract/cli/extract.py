@@ -28,15 +28,19 @@ def extract_options(func: Any) -> Any:
     decorators = [
         model_options(),
         click.option("--devices", default=None, metavar="0,1,...",
-                     help="Several GPUs on this node: one extraction process per GPU, each with its own readers. [default: one process]"),
+                     help="Several GPUs on this node: one extraction process per GPU, "
+                          "each with its own readers. [default: one process]"),
         click.option("--dtype", type=click.Choice(("float32", "float16")), default="float32", show_default=True,
                      help="dtype of the stored features."),
         click.option("--format", "fmt", type=click.Choice(("h5", "pt", "both")), default="h5", show_default=True,
-                     help="h5: features/<id>.h5; pt or both: also pt_files/<id>.pt (float32 (N, D) tensor for CLAM/mSTAR MIL code)."),
+                     help="h5: features/<id>.h5; pt or both: also pt_files/<id>.pt "
+                          "(float32 (N, D) tensor for CLAM/mSTAR MIL code)."),
         click.option("--coords-dir", type=click.Path(exists=True, file_okay=False), default=None,
-                     help="Reuse patch coordinates from mstar tile (coords/), CLAM (patches/) or TRIDENT (*_patches.h5) instead of segmenting."),
+                     help="Reuse patch coordinates from mstar tile (coords/), "
+                          "CLAM (patches/) or TRIDENT (*_patches.h5) instead of segmenting."),
         click.option("--skip-bad-patches", is_flag=True, default=False,
-                     help="Drop patches whose pixels cannot be decoded (after one retry) and count them in the manifest, instead of failing the slide."),
+                     help="Drop patches whose pixels cannot be decoded (after one retry) "
+                          "and count them in the manifest, instead of failing the slide."),
         fast_decode_option(),
         lock_timeout_option,
     ]

@@ -295,12 +295,17 @@ class TrainConfig:
 
     epochs: int = opt(50, "Passes over the training split.")
     max_steps: int | None = opt(None, "Stop after this many optimisation steps in total (null = epochs decide).")
-    stop_after_steps: int | None = opt(None, "Leave (with a checkpoint) after this many steps of this invocation; the schedule still spans the whole run. For wall-time-limited jobs: resume with --resume auto.")
+    stop_after_steps: int | None = opt(None, "Leave (with a checkpoint) after this many steps of this invocation; "
+                                             "the schedule still spans the whole run. For wall-time-limited jobs: "
+                                             "resume with --resume auto.")
     batch_size: int = opt(16, "Slides per process per step (global batch = batch_size × world size).")
-    precision: str = opt("auto", "auto = bf16 autocast on GPUs with bf16 hardware (compute capability >= 8.0), fp16 with a GradScaler on older GPUs (V100, T4), fp32 on CPU.", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = opt("auto", "auto = bf16 autocast on GPUs with bf16 hardware (compute capability >= 8.0), "
+                                 "fp16 with a GradScaler on older GPUs (V100, T4), fp32 on CPU.",
+                         choices=("auto", "bf16", "fp16", "fp32"))
     seed: int = opt(0, "Seed of model init, shuffling and patch sampling (identical on every rank).")
     num_workers: int = opt(4, "DataLoader worker processes per rank.")
-    cpu_threads: int | None = opt(None, "torch intra-op threads per process when training on CPU (null = torch's default). 1 is fastest for tiny models on a busy machine.")
+    cpu_threads: int | None = opt(None, "torch intra-op threads per process when training on CPU (null = torch's default). "
+                                        "1 is fastest for tiny models on a busy machine.")
     log_every: int = opt(10, "Write a metrics line every N steps.")
     ckpt_every: int = opt(500, "Write a checkpoint every N steps (and always at the end).")
     keep_checkpoints: int = opt(3, "Keep only the newest N step checkpoints (0 = keep all).")

@@ -28,7 +28,8 @@ from mstar_extract.errors import UsageError
 from mstar_extract.pretrain import checkpoint as ckpt, dist as D
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+                 lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """Two AdamW groups (decay / no decay: biases, norms, embeddings, 1-d params, temperatures) at ``lr × lr_scale``."""
     decay, no_decay = [], []
     for name, p in named:
@@ -54,7 +55,8 @@ def build_optimizer(groups: list[dict[str, Any]], optim_cfg: Any) -> torch.optim
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int,
+                  min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Multiplier 0→1 linearly over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
 
     def factor(step: int) -> float:
@@ -263,7 +265,8 @@ class TrainLoop:
         if len(rngs) == self.info.world_size:
             ckpt.set_rng_state(rngs[self.info.rank])
         elif rngs:
-            self.reporter.warn(f"checkpoint was written by {len(rngs)} processes, this run has {self.info.world_size}: random streams restart")
+            self.reporter.warn(f"checkpoint was written by {len(rngs)} processes, "
+                               f"this run has {self.info.world_size}: random streams restart")
             ckpt.set_rng_state(rngs[0])
 
     # ------------------------------------------------------------------ one step

@@ -46,7 +46,8 @@ def warm_up() -> None:  # pragma: no cover - child
             pass
 
 
-def worker_main(tasks: Any, results: Any, shm_name: str | None, n_slots: int, opts: WorkerOptions) -> None:  # pragma: no cover - child
+def worker_main(tasks: Any, results: Any, shm_name: str | None, n_slots: int,
+                opts: WorkerOptions) -> None:  # pragma: no cover - child
     """Worker loop: receive ``(seq, chunk, slot, path, backend, meta_plan, coords)``, answer one message each."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

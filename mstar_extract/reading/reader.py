@@ -261,7 +261,8 @@ class PatchReader:
             self.bad.append((int(row), msg))
         return PatchBatch(indices[good_pos], pixels[:m], coords[good_pos], bad_rows, msgs)
 
-    def read_coords(self, coords: np.ndarray, out: np.ndarray | None = None, *, _keep: bool = False) -> tuple[np.ndarray, list[str]]:
+    def read_coords(self, coords: np.ndarray, out: np.ndarray | None = None, *,
+                    _keep: bool = False) -> tuple[np.ndarray, list[str]]:
         """Low level: read patches with level-0 top-left ``coords`` (B, 2) into ``out[k]`` (B, S, S, 3) uint8.
 
         Returns ``ok`` (B,) bool and one message per failed patch; failed rows of ``out`` are undefined.

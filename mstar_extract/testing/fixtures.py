@@ -211,7 +211,8 @@ def make_truncated_svs(path: str | os.PathLike, scene: Scene, mpp: float = 0.25)
     return path
 
 
-def make_corrupt_tile_tiff(path: str | os.PathLike, scene: Scene, mpp: float = 0.5, tile: int = 256) -> tuple[Path, tuple[int, int, int, int]]:
+def make_corrupt_tile_tiff(path: str | os.PathLike, scene: Scene, mpp: float = 0.5,
+                           tile: int = 256) -> tuple[Path, tuple[int, int, int, int]]:
     """A pyramidal TIFF whose structure is valid but one level-0 JPEG tile (in the middle, on tissue when
     possible) holds garbage bytes. Returns the path and the tile's level-0 box (x, y, w, h)."""
     import tifffile

@@ -31,14 +31,14 @@ log = logging.getLogger("mstar")
 QUIET, NORMAL, VERBOSE, DEBUG = -1, 0, 1, 2
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """A handler on whatever ``sys.stderr`` is when a record is emitted (not the one of the moment it was made):
     a caller that swaps ``sys.stderr`` (a test's capture, a CLI runner) still gets the lines."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 

@@ -166,8 +166,8 @@ def deferred_signals() -> Iterator[None]:
                 old[sig] = signal.signal(sig, hold)
         yield
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        for held, handler in old.items():
+            signal.signal(held, handler)
         for signum in dict.fromkeys(pending):
             signal.raise_signal(signum)
 

@@ -60,7 +60,8 @@ _train_guarded = output_options()(_train)
 
 def _with_output_options(func: Any) -> Any:
     """Give ``func`` the click parameters of :func:`output_options` (``-q``, ``-v``, ``--debug``, ``--jsonl``)."""
-    func.__click_params__ = list(getattr(func, "__click_params__", [])) + list(_train_guarded.__click_params__)
+    # click's decorators keep their parameters on the function object, which the type of a function does not know
+    func.__click_params__ = list(getattr(func, "__click_params__", [])) + list(_train_guarded.__click_params__)  # type: ignore[attr-defined]
     return func
 
 

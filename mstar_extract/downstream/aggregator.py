@@ -24,12 +24,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from mstar_extract.errors import MstarError, UsageError, first_line
+
+if TYPE_CHECKING:
+    from mstar_extract.pretrain.stage1.transmil import TransMIL
 
 FEATURE_KEYS = ("model", "weights_sha256")
 
@@ -65,7 +68,7 @@ def _parts(obj: Any, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor
 class SlideEncoder:
     """A frozen aggregator on a device, with where it came from."""
 
-    model: torch.nn.Module
+    model: TransMIL
     path: Path
     sha256: str
     feature_model: dict[str, Any] | None

@@ -17,7 +17,7 @@ result the same up to float rounding; tested against the official padding).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,16 @@ from torch import nn
 from mstar_extract.downstream.prompts import Prompts
 from mstar_extract.errors import MstarError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 DEFAULT_TEXT_MODEL = "dmis-lab/biobert-base-cased-v1.2"
 
 
 class TextTower(nn.Module):
     """``text_encoder`` (masked-LM model) + ``proj_text``: texts → report embeddings (B, D)."""
 
-    def __init__(self, text_encoder: nn.Module, proj_text: nn.Linear, pooling: str = "cls") -> None:
+    def __init__(self, text_encoder: PreTrainedModel, proj_text: nn.Linear, pooling: str = "cls") -> None:
         super().__init__()
         self.text_encoder, self.proj_text, self.pooling = text_encoder, proj_text, pooling
 

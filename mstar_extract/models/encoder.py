@@ -181,14 +181,13 @@ class Encoder:
         """Move the network to ``device`` (channels-last; a CUDA device becomes this process's current device,
         :func:`use_device`); a compiled graph is rebuilt lazily."""
         self.device = use_device(device)
-        self.model.to(self.device, memory_format=torch.channels_last)
+        self.model.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub omits it
         self._forward = self.model
         self._compiled_batch = None
         self.warmed_batch = None
         if self.compile:
-            kw = {"backend": self.compile_backend} if self.compile_backend else {}
             # one static graph: every batch is padded to the warm-up size (embed), so nothing recompiles
-            self._forward = torch.compile(self.model, dynamic=False, **kw)
+            self._forward = torch.compile(self.model, dynamic=False, backend=self.compile_backend or "inductor")
         return self
 
     # ---------------------------------------------------------------------------------------- facts

@@ -124,11 +124,12 @@ class SlideRunner:
         False when another live process holds it. The lock is released in :meth:`release`."""
         if not self.use_locks:
             return True
+        from mstar_extract.envdefaults import DEFAULT_LOCK_TIMEOUT_S
         from mstar_extract.locks import SlideLock
 
         slide_id = str(entry.slide_id)
-        kw = {} if self.lock_timeout is None else {"timeout_s": float(self.lock_timeout)}
-        lock = self._locks[slide_id] = SlideLock(self.out_dir, slide_id, **kw)  # registered before any file exists
+        timeout_s = DEFAULT_LOCK_TIMEOUT_S if self.lock_timeout is None else float(self.lock_timeout)
+        lock = self._locks[slide_id] = SlideLock(self.out_dir, slide_id, timeout_s=timeout_s)  # registered before any file exists
         if lock.acquire():
             return True
         self.release(slide_id)

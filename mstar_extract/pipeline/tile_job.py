@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +141,7 @@ def write_tile_outputs(out_dir: str | os.PathLike[str] | OutLayout, slide_id: st
         with_pen = layout.geojson_pen and mask.pen.any()
         pen = to_level0(find_contours(mask.pen, 1.0, 0.0, 0.0), mask.scale_x, mask.scale_y) if with_pen else []
         write_geojson(paths["geojson"], mask.contours, pen, slide_id)
+    assert settings.coords_format is not None  # TileSettings.__post_init__ always sets it
     write_coords(paths["coords"], plan, slide_id, str(slide.path), settings.coords_format, slide.level_dimensions)
     return paths
 
@@ -321,7 +322,7 @@ def _run_pool(entries: Sequence[Any], out: Path, settings: TileSettings, n_worke
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    pending: Iterable[Any] = iter(entries)
+    pending: Iterator[Any] = iter(entries)
     in_flight: dict[Future, Any] = {}
     pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=_mp_context())
     try:

@@ -33,6 +33,8 @@ import torch
 from mstar_extract.errors import MstarError, UsageError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
+
     from mstar_extract.pretrain.stage1.text import TextEncoder
 
 TEXT_FORMAT = "mstar-stage1-text"
@@ -40,7 +42,7 @@ TEXT_PREFIX = "text_encoder."
 PROJ_TEXT_PREFIX = "proj_text."
 
 
-def mlm_from_config(values: dict[str, Any]) -> torch.nn.Module:
+def mlm_from_config(values: dict[str, Any]) -> PreTrainedModel:
     """A freshly initialised ``AutoModelForMaskedLM`` of this config (seed 0, no download)."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
@@ -57,7 +59,7 @@ def mlm_from_config(values: dict[str, Any]) -> torch.nn.Module:
         return AutoModelForMaskedLM.from_config(config)
 
 
-def base_model(mlm: torch.nn.Module) -> torch.nn.Module:
+def base_model(mlm: PreTrainedModel) -> torch.nn.Module:
     """The encoder inside a masked-LM model (``mlm.bert`` for BERT)."""
     return getattr(mlm, mlm.base_model_prefix)
 

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -48,6 +48,11 @@ from mstar_extract.reading._worker import ERRORS, WorkerOptions, error_message, 
 from mstar_extract.reading.batch import PatchBatch
 from mstar_extract.reading.reader import DEFAULT_OUT_SIZE, PatchReader, grid_order
 from mstar_extract.tiling import ReadPlan
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
+    from multiprocessing.shared_memory import SharedMemory
 
 log = logging.getLogger("mstar.reading")
 
@@ -159,7 +164,7 @@ def _main_module_hidden() -> Iterator[None]:
     if main is None:
         yield
         return
-    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    saved: dict[str, Any] = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
     main.__dict__.pop("__file__", None)
     main.__dict__["__spec__"] = None
     try:
@@ -214,14 +219,16 @@ class ReaderPool:
         self._errors: dict[int, SlideError] = {}
         self._free: list[int] = list(range(self.n_slots))
         self._closed = False
-        self._shm = None
+        self._shm: SharedMemory | None = None
         self._slots: np.ndarray | None = None
         self._workers: list[_Worker] = []
         self._deaths = 0
         self._answers = 0
         if self.workers == 0:
             return
-        self._ctx = mp.get_context(mp_context or ("forkserver" if sys.platform.startswith("linux") else "spawn"))
+        # typeshed types a context picked by a run-time name as BaseContext, which lacks Process; every real one has it
+        self._ctx = cast("SpawnContext | ForkServerContext | ForkContext",
+                         mp.get_context(mp_context or ("forkserver" if sys.platform.startswith("linux") else "spawn")))
         if transport == "shm":
             self._open_ring(out_size)
         self._workers = [self._start_worker() for _ in range(self.workers)]
@@ -380,10 +387,10 @@ class ReaderPool:
         dead: set[int] = set()
         for obj in ready:
             if obj in conns:
-                wid = conns[obj]
+                wid, conn = conns[obj], cast("Connection", obj)
                 try:
-                    while obj.poll():
-                        self._file(wid, obj.recv())
+                    while conn.poll():
+                        self._file(wid, conn.recv())
                 except (EOFError, OSError):
                     dead.add(wid)
             else:
@@ -440,8 +447,8 @@ class ReaderPool:
         for c, rows in enumerate(self._chunks.get(seq, [])):
             while True:
                 if seq in self._errors:
-                    for msg in self._pending.pop(seq, {}).values():
-                        self._free.append(msg[3])
+                    for held in self._pending.pop(seq, {}).values():
+                        self._free.append(held[3])
                     stream.error = self._errors[seq]
                     stream.finished = True
                     raise stream.error

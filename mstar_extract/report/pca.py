@@ -82,7 +82,7 @@ class Basis:
             return None
 
 
-def _sample_bag(path: os.PathLike[str], k: int, rng: np.random.Generator) -> np.ndarray | None:
+def _sample_bag(path: str | os.PathLike[str], k: int, rng: np.random.Generator) -> np.ndarray | None:
     import h5py
 
     try:

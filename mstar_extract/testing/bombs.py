@@ -64,7 +64,10 @@ def write_flat_tiff(path: str | os.PathLike, width: int, height: int, tile: int 
 
     from mstar_extract.testing.scene import TEXTURE_PATH
 
-    texture = cv2.imread(str(TEXTURE_PATH))[:, :, ::-1]
+    bgr = cv2.imread(str(TEXTURE_PATH))
+    if bgr is None:
+        raise FileNotFoundError(f"{TEXTURE_PATH}: cannot read the texture image")
+    texture = bgr[:, :, ::-1]
     reps = (math.ceil(tile / texture.shape[0]), math.ceil(tile / texture.shape[1]), 1)
     crop = np.ascontiguousarray(np.tile(texture, reps)[:tile, :tile])
     n = math.ceil(width / tile) * math.ceil(height / tile)

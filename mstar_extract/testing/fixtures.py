@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,8 @@ class FixtureSlide:
 def save_truth(path: Path, scene: Scene, slide_mpp: float, mpp: float = TRUTH_MPP) -> Path:
     """Write the scene's ground-truth masks (see module docstring) to ``path`` (.npz)."""
     masks = render_truth(scene, mpp)
-    np.savez_compressed(path, mpp=np.float64(mpp), slide_mpp=np.float64(slide_mpp), **masks)
+    arrays: dict[str, Any] = {"mpp": np.float64(mpp), "slide_mpp": np.float64(slide_mpp), **masks}
+    np.savez_compressed(path, **arrays)
     return path
 
 
@@ -76,8 +78,8 @@ def load_truth(path: str | os.PathLike) -> dict[str, np.ndarray | float]:
     """Read a ``.truth.npz``: boolean masks plus ``mpp`` and ``slide_mpp`` as floats."""
     with np.load(path) as z:
         out: dict[str, np.ndarray | float] = {k: z[k] for k in z.files}
-    out["mpp"] = float(out["mpp"])  # type: ignore[arg-type]
-    out["slide_mpp"] = float(out["slide_mpp"])  # type: ignore[arg-type]
+    out["mpp"] = float(out["mpp"])
+    out["slide_mpp"] = float(out["slide_mpp"])
     return out
 
 

@@ -43,15 +43,15 @@ def find_contours(
     px_area = mpp * mpp
     out: list[tuple[np.ndarray, list[np.ndarray]]] = []
     for i in np.flatnonzero(hier[:, 3] == -1):
-        outer = contours[i]
+        outer = contours[int(i)]
         holes_idx = np.flatnonzero(hier[:, 3] == i)
-        hole_areas = [cv2.contourArea(contours[j]) for j in holes_idx]
+        hole_areas = [cv2.contourArea(contours[int(j)]) for j in holes_idx]
         net = cv2.contourArea(outer) + _boundary_area(outer) - float(np.sum(hole_areas))
         if net * px_area < min_area_um2:
             continue
         holes = []
         for j, a in zip(holes_idx, hole_areas, strict=True):
-            hole = contours[j]
+            hole = contours[int(j)]
             keep = a * px_area >= min_hole_um2
             if not keep and force_hole is not None:
                 x, y, w, h = cv2.boundingRect(hole)

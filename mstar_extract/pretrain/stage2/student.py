@@ -137,7 +137,7 @@ class EmaModel(nn.Module):
         self.module = copy.deepcopy(source)
         self.module.requires_grad_(False)
         if getattr(self.module, "grad_checkpointing", False):  # copied from a checkpointed student: no use without grads
-            self.module.set_grad_checkpointing(False)
+            self.module.set_grad_checkpointing(False)  # type: ignore[operator]  # timm models have it
         self.train(False)
 
     def train(self, mode: bool = True) -> EmaModel:

@@ -44,7 +44,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 from mstar_extract.discover import file_key, glob_slides, missing_reason, one_path_per_file, scan_dir
 from mstar_extract.errors import UsageError
@@ -65,6 +65,16 @@ class SlideEntry:
     path: Path
     mpp: float | None = None
     error: str | None = None
+
+
+class SlideRef(Protocol):
+    """What names one slide in an outcome: a :class:`SlideEntry`, or the outcome of an earlier step."""
+
+    @property
+    def slide_id(self) -> str: ...
+
+    @property
+    def path(self) -> str | os.PathLike[str]: ...
 
 
 def _is_hidden(path: Path, root: Path) -> bool:

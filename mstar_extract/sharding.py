@@ -46,7 +46,7 @@ RANK_SALT = "rank"
 
 
 # ----------------------------------------------------------------------------------------------------- ids & hash
-def slide_key(entry: Any) -> str:
+def slide_key(entry: object) -> str:
     """The id used to place ``entry``: ``.slide_id``, ``["slide_id"]``, else the file name of a path/string."""
     sid = getattr(entry, "slide_id", None)
     if sid is None and isinstance(entry, Mapping):

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ from mstar_extract.downstream.scoring import DEFAULT_TOPJ, accuracy, balanced_ac
 from mstar_extract.errors import EXIT_FAILED, EXIT_OK, reason_of
 from mstar_extract.store.atomic import write_text_atomic
 from mstar_extract.store.layout import make_layout
+
+if TYPE_CHECKING:
+    from mstar_extract.inputs import SlideEntry
 
 log = logging.getLogger("mstar")
 
@@ -108,7 +111,7 @@ def _bag_problem(attrs: dict[str, Any], dim: int, clf: Classifier) -> str | None
 
 
 @torch.inference_mode()
-def score_bag(entry: Any, clf: Classifier, topj: Sequence[int]) -> SlideResult:
+def score_bag(entry: SlideEntry, clf: Classifier, topj: Sequence[int]) -> SlideResult:
     """One slide's predictions and pooled scores for every j (``error`` set instead when it cannot be scored)."""
     import h5py
 
@@ -164,7 +167,7 @@ def metrics(results: list[SlideResult], classes: list[str], labels: dict[str, st
             "by_j": by_j}
 
 
-def run_zeroshot(entries: Sequence[Any], out_dir: str | Path, settings: ZeroShotSettings,
+def run_zeroshot(entries: Sequence[SlideEntry], out_dir: str | Path, settings: ZeroShotSettings,
                  reporter: Reporter | None = None) -> int:
     """Score every bag, write ``zeroshot.csv`` (and ``zeroshot_metrics.json`` with labels); the exit code."""
     reporter = reporter or Reporter()

@@ -19,13 +19,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from mstar_extract.cli.common import env_default
 from mstar_extract.errors import UsageError
 from mstar_extract.store.layout import LAYOUTS
+
+if TYPE_CHECKING:
+    from mstar_extract.inputs import SlideEntry
+    from mstar_extract.pipeline.tile_job import TileSettings
+    from mstar_extract.tiling import TilingParams
+    from mstar_extract.tissue.params import SegmentationParams
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -176,7 +182,7 @@ def segmentation_options(func: F) -> F:
     return _apply(func, decorators)
 
 
-def segmentation_params_from(kw: dict[str, Any]):
+def segmentation_params_from(kw: dict[str, Any]) -> SegmentationParams:
     """Pop the ``seg_*`` values from ``kw`` into a SegmentationParams (UsageError when invalid)."""
     from mstar_extract.tissue.params import SegmentationParams
 
@@ -187,7 +193,7 @@ def segmentation_params_from(kw: dict[str, Any]):
         raise UsageError(f"segmentation options: {exc}") from None
 
 
-def tiling_params_from(kw: dict[str, Any]):
+def tiling_params_from(kw: dict[str, Any]) -> TilingParams:
     """Pop the resolution/tiling values from ``kw`` into a TilingParams (UsageError when invalid)."""
     from mstar_extract.tiling import TilingParams
 
@@ -204,7 +210,7 @@ def tiling_params_from(kw: dict[str, Any]):
         raise UsageError(f"tiling options: {exc}") from None
 
 
-def tile_settings_from(kw: dict[str, Any], debug: bool = False):
+def tile_settings_from(kw: dict[str, Any], debug: bool = False) -> TileSettings:
     """Pop everything that :class:`~mstar_extract.pipeline.tile_job.TileSettings` needs from ``kw``."""
     from mstar_extract.pipeline.tile_job import TileSettings
 
@@ -217,7 +223,7 @@ def tile_settings_from(kw: dict[str, Any], debug: bool = False):
     )
 
 
-def select_slides(slides: tuple[str, ...], shard: str | None):
+def select_slides(slides: tuple[str, ...], shard: str | None) -> list[SlideEntry]:
     """Resolve SLIDES (``-`` reads stdin) and take this job's ``--shard`` share (and torchrun rank's part)."""
     import sys
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,7 +106,7 @@ def check_slide_ids(entries: Sequence[SlideEntry]) -> None:
         validate_slide_id(entry.slide_id, where=str(entry.path))
 
 
-def segment_and_plan(slide: Slide, slide_id: str, settings: TileSettings):
+def segment_and_plan(slide: Slide, slide_id: str, settings: TileSettings) -> tuple[TissueMask, ReadPlan]:
     """(TissueMask, ReadPlan) of an open slide: segmentation (or ``--tissue-mask``) then tiling."""
     from mstar_extract.tiling import plan_tiles
     from mstar_extract.tissue import find_mask_file, load_tissue_mask, segment_slide
@@ -151,7 +151,7 @@ def write_tile_outputs(out_dir: str | os.PathLike[str] | OutLayout, slide_id: st
     return paths
 
 
-def _open(path: Any, backend: str, mpp: float | None):
+def _open(path: str | os.PathLike[str], backend: str, mpp: float | None) -> Slide:
     """``open_slide`` with the tiling preference: under ``auto``, OpenSlide is tried first where it can read the
     format (tiling reads only a few whole low-resolution levels, and OpenSlide starts ~1.5 s faster than
     tiffslide, which imports zarr); any other choice, or OpenSlide refusing the file, falls back to ``auto``."""
@@ -166,7 +166,7 @@ def _open(path: Any, backend: str, mpp: float | None):
     return open_slide(path, backend=backend, mpp=mpp)
 
 
-def open_with_resolution(entry: SlideEntry, settings: TileSettings):
+def open_with_resolution(entry: SlideEntry, settings: TileSettings) -> Slide:
     """Open ``entry``'s slide for tiling (``extract`` uses this too, so both get identical coordinates).
 
     A per-slide ``mpp`` (from a list) always wins; ``--mpp-override`` applies only when the file has no
@@ -322,7 +322,8 @@ def _run_tile(entries: Sequence[SlideEntry], out_dir: str | os.PathLike[str], se
     return run.runner.close()
 
 
-def _run_pool(entries: Sequence[SlideEntry], out: Path, settings: TileSettings, n_workers: int, ready, record, stopped) -> None:
+def _run_pool(entries: Sequence[SlideEntry], out: Path, settings: TileSettings, n_workers: int,
+              ready: Callable[[SlideEntry], bool], record: Callable[[SlideOutcome], None], stopped: Callable[[], bool]) -> None:
     """Keep ``n_workers`` slides in flight; record outcomes as they complete; survive a dead worker."""
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool

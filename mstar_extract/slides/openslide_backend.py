@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,8 +13,11 @@ from mstar_extract.slides._pixels import rgba_to_rgb_on_white
 from mstar_extract.slides.base import Level, Slide
 from mstar_extract.slides.resolution import resolve
 
+if TYPE_CHECKING:
+    import openslide
 
-def _open(path: Path):
+
+def _open(path: Path) -> openslide.OpenSlide:
     import openslide
 
     try:

@@ -40,11 +40,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mstar_extract.testing.scene import Scene, random_scene, render_region, render_truth
+
+if TYPE_CHECKING:
+    import tifffile
+    from pydicom import Dataset
 
 TRUTH_MPP = 4.0
 APERIO_HEAD = "Aperio Image Library v12.0.15"
@@ -100,9 +104,11 @@ def _tiles(scene: Scene, mpp: float, width: int, height: int, tile: int) -> Iter
             yield out
 
 
-def _write_tiled(tw, scene: Scene, mpp: float, size: tuple[int, int], tile: int, quality: int, stream: bool, **kw) -> None:
+def _write_tiled(tw: tifffile.TiffWriter, scene: Scene, mpp: float, size: tuple[int, int], tile: int, quality: int,
+                 stream: bool, **kw: Any) -> None:
     w, h = size
-    common = dict(tile=(tile, tile), compression="jpeg", compressionargs={"level": quality}, photometric="rgb", metadata=None)
+    common: dict[str, Any] = dict(tile=(tile, tile), compression="jpeg", compressionargs={"level": quality}, photometric="rgb",
+                                  metadata=None)
     if stream:
         tw.write(_tiles(scene, mpp, w, h, tile), shape=(h, w, 3), dtype=np.uint8, **common, **kw)
     else:
@@ -271,7 +277,7 @@ def make_dicom(svs: str | os.PathLike, folder: str | os.PathLike, *, jpeg2000: b
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
-    def post(ds, _meta):
+    def post(ds: Dataset, _meta: Any) -> Dataset:
         if container_id is not None:
             ds.ContainerIdentifier = container_id
         if objective_power is not None and "OpticalPathSequence" in ds:
@@ -303,7 +309,7 @@ def make_ome_tiff(svs: str | os.PathLike, path: str | os.PathLike, *, unit: str 
         levels = [p for p in src.pages if p.is_tiled]
         fh = src.filehandle
 
-        def tiles(page):
+        def tiles(page: tifffile.TiffPage) -> Iterator[bytes]:
             for off, cnt in zip(page.dataoffsets, page.databytecounts, strict=True):
                 fh.seek(off)
                 yield fh.read(cnt)

@@ -13,8 +13,12 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mstar_extract.models.encoder import Encoder
 
 
 @dataclass
@@ -25,7 +29,7 @@ class Stage2ToyData:
     n_patches: list[int]
 
 
-def _encoder(model: str, seed: int):
+def _encoder(model: str, seed: int) -> Encoder:
     import torch
 
     from mstar_extract.models.encoder import Encoder

@@ -99,7 +99,7 @@ def embed_bag(entry: SlideRef, bag: Path, out: Path, encoder: SlideEncoder, over
 def _embed_guarded(entry: SlideEntry, layout: OutLayout, encoder: SlideEncoder, settings: EmbedSettings) -> SlideOutcome:
     try:
         return embed_bag(entry, Path(entry.path), layout.slide_features(entry.slide_id), encoder, settings.overwrite)
-    except Exception as exc:
+    except Exception as exc:  # a per-slide failure, one line
         if settings.debug:
             log.exception("embedding %s failed", entry.path)
         return SlideOutcome.failed(entry, reason_of(exc))

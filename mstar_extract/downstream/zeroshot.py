@@ -181,7 +181,7 @@ def run_zeroshot(entries: Sequence[SlideEntry], out_dir: str | Path, settings: Z
         for entry in entries:
             try:
                 r = score_bag(entry, clf, settings.topj)
-            except Exception as exc:
+            except Exception as exc:  # a per-slide failure, one line
                 if settings.debug:
                     log.exception("scoring %s failed", entry.path)
                 r = SlideResult(entry.slide_id, str(entry.path), error=f"{entry.path}: {reason_of(exc)}")

@@ -193,7 +193,7 @@ def plan_slide(entry: SlideEntry, layout: OutLayout, settings: ExtractSettings) 
                 mask, plan = segment_and_plan(slide, entry.slide_id, settings.tile)
                 write_tile_outputs(layout, entry.slide_id, slide, mask, plan, settings.tile)
             mpp = float(slide.mpp) if slide.mpp_x is not None else plan.level0_mpp
-    except Exception as exc:
+    except Exception as exc:  # a per-slide failure, one line
         if is_whole_run(exc):
             raise  # OUT full or read-only: not this slide's problem (the main thread stops the run)
         if settings.tile.debug:
@@ -327,7 +327,7 @@ class ExtractRun:
             return
         try:
             seconds = self.encoder.warm_up(self.batch_size)
-        except Exception as exc:
+        except Exception as exc:  # nothing here is about a slide
             if self.settings.tile.debug:
                 log.exception("warm-up batch failed")
             reason = whole_run_reason(exc) or first_line(exc, with_type=True)
@@ -428,7 +428,7 @@ class ExtractRun:
         t_read = time.monotonic()
         try:
             feats = embed_slide(len(planned.plan), stream, self.encoder, self.feeder, self.patches)
-        except Exception as exc:
+        except Exception as exc:  # per-slide failure, one line
             if is_whole_run(exc):
                 raise
             if self.settings.tile.debug:
@@ -487,7 +487,7 @@ class ExtractRun:
             else:
                 features, keep = collect_features(job)
             bag = write_outputs(entry, self.layout, plan, features, keep, self.encoder, self.settings, job.n_bad)
-        except Exception as exc:
+        except Exception as exc:  # per-slide failure, one line
             if is_whole_run(exc):
                 raise
             if self.settings.tile.debug:

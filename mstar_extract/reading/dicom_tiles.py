@@ -114,7 +114,7 @@ class DicomFrameSource:
     def __init__(self, path: Path, frames: list[Frame], size: tuple[int, int], tile: tuple[int, int],
                  decode: Callable[[bytes], np.ndarray], cache_bytes: int) -> None:
         self.path = path
-        self._fh = open(path, "rb")
+        self._fh = open(path, "rb")  # owned, closed by close()
         self._frames = frames
         self.width, self.height = size
         self.tile_w, self.tile_h = tile

@@ -298,4 +298,4 @@ def _to_array(core: Any) -> np.ndarray:
     """A PIL core RGB image as a new (h, w, 3) uint8 array."""
     from PIL import Image
 
-    return np.asarray(Image.Image()._new(core))
+    return np.asarray(Image.Image()._new(core))  # wrap the core image without a copy

@@ -229,7 +229,7 @@ def check_tiff_structure(path: Path, size: int) -> None:
                 raise SlideOpenError(path, "TIFF file has no images")
     except SlideOpenError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # tifffile raises many types for broken files
         raise SlideOpenError(path, f"corrupt TIFF structure ({type(exc).__name__}: {exc})") from exc
     if end > size:
         raise SlideOpenError(

@@ -43,7 +43,7 @@ class TiffSlideSlide(Slide):
                 props = dict(ts.properties)
                 dims, dss = ts.level_dimensions, ts.level_downsamples
                 associated = tuple(sorted(ts.associated_images))
-        except Exception as exc:
+        except Exception as exc:  # tifffile/zarr raise many types for non-slides
             if ts is not None:  # opened but unusable: do not leak the file handle
                 ts.close()
             raise SlideOpenError(self.path, f"tiffslide cannot open it ({type(exc).__name__}: {exc})") from exc
@@ -61,7 +61,7 @@ class TiffSlideSlide(Slide):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 arr = self._ts.read_region(location, level, size, as_array=True, padding=True)
-        except Exception as exc:
+        except Exception as exc:  # imagecodecs/zarr errors on corrupt tiles
             raise ReadError(
                 self.path, f"cannot decode region at level-0 ({location[0]}, {location[1]}), level {level}, "
                 f"size {size[0]}x{size[1]}: {type(exc).__name__}: {exc}"

@@ -277,7 +277,7 @@ def make_dicom(svs: str | os.PathLike, folder: str | os.PathLike, *, jpeg2000: b
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
-    def post(ds: Dataset, _meta: Any) -> Dataset:
+    def post(ds: Dataset, _meta: Any) -> Dataset:  # wsidicomizer's metadata post-processor callback
         if container_id is not None:
             ds.ContainerIdentifier = container_id
         if objective_power is not None and "OpticalPathSequence" in ds:

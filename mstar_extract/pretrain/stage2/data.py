@@ -252,7 +252,7 @@ def clean_worker_errors(batches: Iterable[Any]) -> Iterator[Any]:
             item = next(it)
         except StopIteration:
             return
-        except Exception as exc:
+        except Exception as exc:  # DataLoader re-raises worker errors with the traceback as text
             text = str(exc)
             if "DataLoader worker" not in text:
                 raise

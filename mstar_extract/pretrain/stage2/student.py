@@ -140,7 +140,7 @@ class EmaModel(nn.Module):
             self.module.set_grad_checkpointing(False)  # type: ignore[operator]  # timm models have it
         self.train(False)
 
-    def train(self, mode: bool = True) -> EmaModel:
+    def train(self, mode: bool = True) -> EmaModel:  # the EMA never trains (mode is ignored)
         super().train(False)
         self.module.eval()
         return self

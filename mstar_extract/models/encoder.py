@@ -186,8 +186,12 @@ class Encoder:
         self._compiled_batch = None
         self.warmed_batch = None
         if self.compile:
-            # one static graph: every batch is padded to the warm-up size (embed), so nothing recompiles
-            self._forward = torch.compile(self.model, dynamic=False, backend=self.compile_backend or "inductor")
+            # one static graph: every batch is padded to the warm-up size (embed), so nothing recompiles; without a
+            # backend, torch.compile's own default (its default value differs between torch versions)
+            if self.compile_backend:
+                self._forward = torch.compile(self.model, dynamic=False, backend=self.compile_backend)
+            else:
+                self._forward = torch.compile(self.model, dynamic=False)
         return self
 
     # ---------------------------------------------------------------------------------------- facts

@@ -328,7 +328,7 @@ def _run_pool(entries: Sequence[SlideEntry], out: Path, settings: TileSettings, 
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    pending: Iterator[Any] = iter(entries)
+    pending: Iterator[SlideEntry] = iter(entries)
     in_flight: dict[Future, Any] = {}
     pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=_mp_context())
     try:

@@ -21,23 +21,24 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import IO, Any, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 log = logging.getLogger("mstar")
 
 QUIET, NORMAL, VERBOSE, DEBUG = -1, 0, 1, 2
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _StderrHandler(logging.StreamHandler):
     """A handler on whatever ``sys.stderr`` is when a record is emitted (not the one of the moment it was made):
     a caller that swaps ``sys.stderr`` (a test's capture, a CLI runner) still gets the lines."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 
@@ -155,7 +156,7 @@ class Reporter:
             self.stderr.flush()
 
     @contextmanager
-    def progress(self, total: int | None, desc: str, unit: str = "it", position: int = 0) -> Iterator["Progress"]:
+    def progress(self, total: int | None, desc: str, unit: str = "it", position: int = 0) -> Iterator[Progress]:
         """A progress bar (tqdm on a terminal) or periodic log lines (stderr is a file or pipe).
 
         ``position`` stacks several bars on a terminal (0 = the top one)."""

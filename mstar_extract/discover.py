@@ -46,7 +46,7 @@ def is_link_free(path: str | os.PathLike) -> bool:
     return os.path.realpath(path) == os.path.abspath(path)
 
 
-def missing_reason(path: str | os.PathLike) -> str:
+def missing_reason(path: str | os.PathLike[str]) -> str:
     """Why ``path`` (which does not exist) cannot be read: a broken symbolic link, naming its target, or absent."""
     if os.path.islink(path):
         try:

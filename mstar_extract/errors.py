@@ -18,7 +18,7 @@ finished when this run ended, after waiting for them (``mstar_extract.pipeline.r
 ``mstar status OUT`` tells when they are, a rerun does what is left."""
 
 
-def worst_exit_code(codes: "list[int | None]") -> int:
+def worst_exit_code(codes: list[int | None]) -> int:
     """One exit code for several processes of one run (``--devices``): a whole-run error (3) before a failed slide
     (1), before slides left to other processes (4), before 0; a process killed by a signal (negative or None)
     counts as 1."""

@@ -41,12 +41,13 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence, TextIO
+from typing import Protocol, TextIO
 
-from mstar_extract.errors import UsageError
 from mstar_extract.discover import file_key, glob_slides, missing_reason, one_path_per_file, scan_dir
+from mstar_extract.errors import UsageError
 from mstar_extract.slides.formats import is_slide_file, slide_identity
 from mstar_extract.store.layout import validate_slide_id
 
@@ -64,6 +65,16 @@ class SlideEntry:
     path: Path
     mpp: float | None = None
     error: str | None = None
+
+
+class SlideRef(Protocol):
+    """What names one slide in an outcome: a :class:`SlideEntry`, or the outcome of an earlier step."""
+
+    @property
+    def slide_id(self) -> str: ...
+
+    @property
+    def path(self) -> str | os.PathLike[str]: ...
 
 
 def _is_hidden(path: Path, root: Path) -> bool:
@@ -107,7 +118,8 @@ def parse_list(text: str, base: Path, source: str, force_csv: bool = False) -> l
         return [_checked(_entry(base, ln.strip(), None, None), f"{source} line {lineno}") for lineno, ln in lines]
     rows = csv.reader(io.StringIO("\n".join(ln for _, ln in lines[1:])), delimiter=delim)
     out: list[SlideEntry] = []
-    for (lineno, _), row in zip(lines[1:], rows):
+    # not strict: a quoted field that spans lines makes fewer rows than lines (pairing kept as it always was)
+    for (lineno, _), row in zip(lines[1:], rows, strict=False):
         rec = {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header)}
         where = f"{source} line {lineno}"
         if not rec.get("path"):

@@ -59,17 +59,22 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import unquote
 
 from mstar_extract.envdefaults import DEFAULT_LOCK_TIMEOUT_S
 from mstar_extract.errors import MstarError, RunError
 from mstar_extract.store.atomic import temp_path_for
-from mstar_extract.store.layout import LOCK_SUFFIX, OutLayout, lock_file_name
-from mstar_extract.store.layout import LOCKS_DIR as LOCKS_DIR  # re-exported: the folder of the lock files
+from mstar_extract.store.layout import (
+    LOCK_SUFFIX,
+    LOCKS_DIR as LOCKS_DIR,  # re-exported: the folder of the lock files
+    OutLayout,
+    lock_file_name,
+)
 
 log = logging.getLogger("mstar")
 
@@ -161,8 +166,8 @@ def deferred_signals() -> Iterator[None]:
                 old[sig] = signal.signal(sig, hold)
         yield
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        for held, handler in old.items():
+            signal.signal(held, handler)
         for signum in dict.fromkeys(pending):
             signal.raise_signal(signum)
 
@@ -228,7 +233,7 @@ class LockInfo:
     readable: bool = True
     """False when the content is not a JSON object naming an owner (empty, truncated, damaged)."""
 
-    def same_file(self, other: "LockInfo") -> bool:
+    def same_file(self, other: LockInfo) -> bool:
         """Is ``other`` (read later) the very lock this one describes?"""
         if self.token is not None or other.token is not None:
             return self.token == other.token
@@ -550,7 +555,7 @@ class SlideLock:
             _unlink(self.path)
         self._owner_pid = 0
 
-    def __enter__(self) -> "SlideLock":
+    def __enter__(self) -> SlideLock:
         """Hold the lock for the block. In the main thread, when SIGTERM still has its default action, SIGTERM
         raises :class:`Terminated` inside the block so that the lock is released (old handler restored after)."""
         try:

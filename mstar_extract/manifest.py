@@ -29,9 +29,10 @@ import io
 import os
 import socket
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from mstar_extract.store.atomic import write_text_atomic
 from mstar_extract.store.layout import MANIFEST_NAME, MANIFEST_PARTS_DIR, OutLayout
@@ -120,7 +121,7 @@ class ManifestRow(SlideRecord):
         return out
 
     @classmethod
-    def from_csv_dict(cls, d: dict[str, str]) -> "ManifestRow":
+    def from_csv_dict(cls, d: dict[str, str]) -> ManifestRow:
         """Parse a CSV row (KeyError without ``slide_id``/``status``, ValueError for a malformed number)."""
         values: dict[str, Any] = {"slide_id": d["slide_id"], "status": d["status"]}
         for f in fields(cls):

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mstar_extract.store.atomic import atomic_path
 from mstar_extract.tiling import ReadPlan
 from mstar_extract.tissue.result import TissueMask
+
+if TYPE_CHECKING:
+    from mstar_extract.slides.base import Slide
 
 TISSUE = (0, 200, 0)
 HOLE = (0, 90, 255)
@@ -123,7 +127,7 @@ def qc_caption(slide_id: str, mask: TissueMask, plan: ReadPlan | None, min_tissu
     return " ".join(parts)
 
 
-def _picture_base(slide, mask: TissueMask, min_side: int, max_side: int) -> tuple[np.ndarray, float, float]:
+def _picture_base(slide: Slide, mask: TissueMask, min_side: int, max_side: int) -> tuple[np.ndarray, float, float]:
     """The image segmentation ran on (read at ``max_side`` without one), resized so that its longer side lies in
     [``min_side``, ``max_side``]; returns it with its level-0 px per picture px (x, y)."""
     import cv2
@@ -158,7 +162,7 @@ def _write_jpeg(path: str | os.PathLike[str], rgb: np.ndarray, quality: int, wha
     return path
 
 
-def write_qc(path: str | os.PathLike[str], slide, mask: TissueMask, plan: ReadPlan | None, slide_id: str,
+def write_qc(path: str | os.PathLike[str], slide: Slide, mask: TissueMask, plan: ReadPlan | None, slide_id: str,
              min_tissue: float | None = None, min_side: int = 900, max_side: int = 1600, quality: int = 88) -> Path:
     """Render and write the QC JPEG of ``slide`` atomically; returns the path.
 
@@ -171,7 +175,7 @@ def write_qc(path: str | os.PathLike[str], slide, mask: TissueMask, plan: ReadPl
     return _write_jpeg(path, img, quality, f"QC picture for {slide_id}")
 
 
-def write_thumbnail(path: str | os.PathLike[str], slide, mask: TissueMask, max_side: int = 1000,
+def write_thumbnail(path: str | os.PathLike[str], slide: Slide, mask: TissueMask, max_side: int = 1000,
                     quality: int = 88) -> Path:
     """The plain thumbnail of ``slide`` (no drawing; longer side at most ``max_side``, as TRIDENT's
     ``thumbnails/<id>.jpg``), from the image segmentation ran on, atomically; returns the path."""

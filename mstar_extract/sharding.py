@@ -32,9 +32,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from mstar_extract.errors import UsageError
 
@@ -45,7 +46,7 @@ RANK_SALT = "rank"
 
 
 # ----------------------------------------------------------------------------------------------------- ids & hash
-def slide_key(entry: Any) -> str:
+def slide_key(entry: object) -> str:
     """The id used to place ``entry``: ``.slide_id``, ``["slide_id"]``, else the file name of a path/string."""
     sid = getattr(entry, "slide_id", None)
     if sid is None and isinstance(entry, Mapping):
@@ -62,7 +63,7 @@ def share_of(slide_id: str, count: int, salt: str = SHARD_SALT) -> int:
     """Index in ``[0, count)`` of the share that ``slide_id`` belongs to (the documented stable hash rule)."""
     if count < 1:
         raise ValueError("count must be >= 1")
-    digest = hashlib.sha256(f"{salt}\0{slide_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{salt}\0{slide_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % count
 
 

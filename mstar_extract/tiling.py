@@ -7,8 +7,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mstar_extract.slides.base import Slide
+    from mstar_extract.tissue.result import TissueMask
 
 
 @dataclass
@@ -213,7 +218,7 @@ def centres_in(coords: np.ndarray, patch_size_level0: int, mask: np.ndarray, sca
     return mask[cy, cx].astype(bool)
 
 
-def plan_tiles(slide, mask_result, params: TilingParams | None = None) -> ReadPlan:
+def plan_tiles(slide: Slide, mask_result: TissueMask, params: TilingParams | None = None) -> ReadPlan:
     """Patch grid at the target resolution over ``slide``'s tissue (``mask_result``: a TissueMask).
 
     Keeps patches with tissue fraction >= ``min_tissue`` whose centre is not in a hole; raises

@@ -22,8 +22,10 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "report": ("mstar_extract.cli.report", "report", "Write OUT/report.html: the whole run in one offline HTML page."),
     "bench": ("mstar_extract.cli.bench", "bench", "Measure reader, model and pipeline throughput (patches/s)."),
     "weights": ("mstar_extract.cli.weights", "weights", "List, download and verify model weights."),
-    "pretrain": ("mstar_extract.cli.pretrain", "pretrain", "Run mSTAR pretraining stage 1 or 2 (YAML config); export a zero-shot checkpoint."),
-    "embed-slides": ("mstar_extract.cli.embed", "embed_slides", "Embed each slide with the stage-1 aggregator (slide_features/)."),
+    "pretrain": ("mstar_extract.cli.pretrain", "pretrain",
+                 "Run mSTAR pretraining stage 1 or 2 (YAML config); export a zero-shot checkpoint."),
+    "embed-slides": ("mstar_extract.cli.embed", "embed_slides",
+                     "Embed each slide with the stage-1 aggregator (slide_features/)."),
     "zeroshot": ("mstar_extract.cli.zeroshot", "zeroshot", "Classify slides zero-shot from class prompts (mSTAR's method)."),
 }
 

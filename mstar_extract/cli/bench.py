@@ -12,9 +12,7 @@ from typing import Any
 import click
 
 from mstar_extract.cli.common import emit_result, env_default, output_options
-from mstar_extract.cli.options import (
-    BACKENDS, fast_decode_option, resolution_options, segmentation_options, tile_settings_from,
-)
+from mstar_extract.cli.options import BACKENDS, fast_decode_option, resolution_options, segmentation_options, tile_settings_from
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -34,7 +34,8 @@ _JSON = click.option("--json", "as_json", is_flag=True, help="Print one JSON obj
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True,
               help="Untimed batches first (torch.compile compiles here).")
 @click.option("--input-px", type=click.IntRange(min=1), default=None,
-              help="Side of the synthetic uint8 patches; 256 includes the on-device 256->224 resize. [default: the model input size]")
+              help="Side of the synthetic uint8 patches; "
+                   "256 includes the on-device 256->224 resize. [default: the model input size]")
 @output_options()
 def model(model: str, weights: str, device: str | None, batch_size: int | None, precision: str | None,
           compile: bool, as_json: bool, seconds: float, iters: int | None, warmup: int, input_px: int | None,
@@ -73,7 +74,8 @@ def model(model: str, weights: str, device: str | None, batch_size: int | None, 
               help="Reader processes (0 = read in this process). [default: $MSTAR_WORKERS, else CPUs - 1]")
 @click.option("--magnification", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Target magnification. [default: 20]")
-@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None, help="Target µm/px (instead of --magnification).")
+@click.option("--mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Target µm/px (instead of --magnification).")
 @click.option("--patch-size", type=click.IntRange(min=1), default=256, show_default=True, help="Patch px at the target.")
 @click.option("--backend", type=click.Choice(BACKENDS), default=lambda: env_default("MSTAR_BACKEND", "auto"),
               show_default="auto, or $MSTAR_BACKEND")

@@ -21,7 +21,8 @@ from mstar_extract.cli.common import output_options
 @click.option("--overwrite", is_flag=True, default=False,
               help="Embed again slides whose embedding is current, or was made by another aggregator.")
 @click.option("--lock-timeout", type=click.FloatRange(min=0), default=None,
-              help="Seconds without a heartbeat after which another job's slide lock counts as stale. [default: $MSTAR_LOCK_TIMEOUT, else 600]")
+              help="Seconds without a heartbeat after which another job's slide "
+                   "lock counts as stale. [default: $MSTAR_LOCK_TIMEOUT, else 600]")
 @output_options()
 def embed_slides(bags: tuple[str, ...], out: str, aggregator: str, device: str | None, on_error: str, overwrite: bool,
                  lock_timeout: float | None, reporter: Any) -> int:

@@ -7,12 +7,20 @@ from typing import Any
 import click
 
 from mstar_extract.cli.common import output_options
-from mstar_extract.cli.report import no_report_option, report_after_run
 from mstar_extract.cli.help import EXTRACT_SECTIONS, SectionedCommand
 from mstar_extract.cli.options import (
-    fast_decode_option, lock_timeout_option, model_options, native_resolution_warning, resolution_options,
-    segmentation_options, select_slides, slide_encoder_option, slide_input_options, tile_settings_from,
+    fast_decode_option,
+    lock_timeout_option,
+    model_options,
+    native_resolution_warning,
+    resolution_options,
+    segmentation_options,
+    select_slides,
+    slide_encoder_option,
+    slide_input_options,
+    tile_settings_from,
 )
+from mstar_extract.cli.report import no_report_option, report_after_run
 
 
 def extract_options(func: Any) -> Any:
@@ -20,15 +28,19 @@ def extract_options(func: Any) -> Any:
     decorators = [
         model_options(),
         click.option("--devices", default=None, metavar="0,1,...",
-                     help="Several GPUs on this node: one extraction process per GPU, each with its own readers. [default: one process]"),
+                     help="Several GPUs on this node: one extraction process per GPU, "
+                          "each with its own readers. [default: one process]"),
         click.option("--dtype", type=click.Choice(("float32", "float16")), default="float32", show_default=True,
                      help="dtype of the stored features."),
         click.option("--format", "fmt", type=click.Choice(("h5", "pt", "both")), default="h5", show_default=True,
-                     help="h5: features/<id>.h5; pt or both: also pt_files/<id>.pt (float32 (N, D) tensor for CLAM/mSTAR MIL code)."),
+                     help="h5: features/<id>.h5; pt or both: also pt_files/<id>.pt "
+                          "(float32 (N, D) tensor for CLAM/mSTAR MIL code)."),
         click.option("--coords-dir", type=click.Path(exists=True, file_okay=False), default=None,
-                     help="Reuse patch coordinates from mstar tile (coords/), CLAM (patches/) or TRIDENT (*_patches.h5) instead of segmenting."),
+                     help="Reuse patch coordinates from mstar tile (coords/), "
+                          "CLAM (patches/) or TRIDENT (*_patches.h5) instead of segmenting."),
         click.option("--skip-bad-patches", is_flag=True, default=False,
-                     help="Drop patches whose pixels cannot be decoded (after one retry) and count them in the manifest, instead of failing the slide."),
+                     help="Drop patches whose pixels cannot be decoded (after one retry) "
+                          "and count them in the manifest, instead of failing the slide."),
         fast_decode_option(),
         lock_timeout_option,
     ]
@@ -65,8 +77,8 @@ def extract(slides: tuple[str, ...], out: str, reporter: Any, **kw: Any) -> int:
       mstar extract slides/ out/ --layout trident    # out/ as a TRIDENT job folder (docs/layouts.md)
       sbatch --array=0-15 ... mstar extract slides/ out/ --shard auto
     """
-    from mstar_extract.errors import UsageError, WeightsError
     from mstar_extract.envdefaults import default_device, default_lock_timeout, default_weights, default_workers
+    from mstar_extract.errors import UsageError, WeightsError
     from mstar_extract.pipeline.extract_job import ExtractSettings
     from mstar_extract.pipeline.launch import launch_extract
     from mstar_extract.sharding import parse_devices

@@ -8,7 +8,8 @@ is never hidden, only unsorted until it is given a section).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import click
 

@@ -17,14 +17,21 @@ Every option's help shows its default. Heavy libraries are not imported here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from mstar_extract.cli.common import env_default
 from mstar_extract.errors import UsageError
 from mstar_extract.store.layout import LAYOUTS
+
+if TYPE_CHECKING:
+    from mstar_extract.inputs import SlideEntry
+    from mstar_extract.pipeline.tile_job import TileSettings
+    from mstar_extract.tiling import TilingParams
+    from mstar_extract.tissue.params import SegmentationParams
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -63,14 +70,17 @@ def slide_input_options(func: F) -> F:
                      help="Slide reader. auto chooses per file (docs/backends.md): OpenSlide or tiffslide for "
                           "TIFF-based formats, OpenSlide for the others, the plain-image reader for PNG/JPEG."),
         click.option("--mpp-override", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Level-0 µm/px for slides whose files have no resolution metadata (a list's 'mpp' column sets it per slide and always wins). [default: none]"),
+                     help="Level-0 µm/px for slides whose files have no resolution metadata (a "
+                          "list's 'mpp' column sets it per slide and always wins). [default: none]"),
         click.option("--workers", type=click.IntRange(min=0), default=None,
                      help="Worker processes (tile: slides segmented in parallel; extract: patch readers, 0 = read in "
                           "the main process). [default: $MSTAR_WORKERS, else CPUs - 1, at most 16]"),
         click.option("--shard", default=None, metavar="I/N|auto",
-                     help="Process only share I of N of the slides (stable hash of the slide id); 'auto' reads the SLURM array variables. [default: all]"),
+                     help="Process only share I of N of the slides (stable hash of the slide id); "
+                          "'auto' reads the SLURM array variables. [default: all]"),
         click.option("--on-error", type=click.Choice(("skip", "fail")), default="skip", show_default=True,
-                     help="skip: a failed slide is recorded and the others go on; fail: stop after the first failure. Exit code 1 either way."),
+                     help="skip: a failed slide is recorded and the others go on; "
+                          "fail: stop after the first failure. Exit code 1 either way."),
         click.option("--overwrite", is_flag=True, default=False,
                      help="Redo slides whose outputs are already complete (default: skip them)."),
         *pixel_limit_options(),
@@ -129,22 +139,29 @@ def resolution_options(func: F) -> F:
         click.option("--overlap", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Overlap of neighbouring patches in pixels at the target resolution."),
         click.option("--min-tissue", type=click.FloatRange(0.0, 1.0), default=DEFAULT_MIN_TISSUE, show_default=True,
-                     help="Keep a patch when at least this fraction of it lies on tissue (patches centred in a hole are never kept)."),
+                     help="Keep a patch when at least this fraction of it lies "
+                          "on tissue (patches centred in a hole are never kept)."),
         click.option("--exact-mpp", is_flag=True, default=False,
-                     help="Scale by the exact mpp ratio instead of snapping level 0 to its nominal objective (0.2527 µm/px -> 40x)."),
+                     help="Scale by the exact mpp ratio instead of snapping "
+                          "level 0 to its nominal objective (0.2527 µm/px -> 40x)."),
         click.option("--snap-tolerance", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True,
                      help="Relative tolerance for snapping level 0's magnification (10 / mpp) to a nominal objective."),
         click.option("--coords-format", type=click.Choice(COORDS_FORMATS), default=None,
-                     help="coords/<id>.h5 attributes: TRIDENT's (patch_size at target, patch_size_level0, ...) or CLAM's (patch_level, patch_size at that level). --layout clam/trident fix it. [default: the layout's; trident for mstar]"),
+                     help="coords/<id>.h5 attributes: TRIDENT's (patch_size at target, patch_size_level0, ...) "
+                          "or CLAM's (patch_level, patch_size at that level). --layout clam/trident fix it. [default: "
+                          "the layout's; trident for mstar]"),
         click.option("--layout", type=click.Choice(LAYOUT_NAMES), default="mstar", show_default=True,
-                     help="Where files go in OUT (docs/layouts.md): mstar (features/, coords/, ...); clam (patches/, h5_files/, pt_files/: CLAM's and the mSTAR repo's scripts read OUT as is); trident (TRIDENT's job folder: <mag>x_<ps>px_<overlap>px_overlap/patches/, .../features_<model>/). One OUT keeps one layout."),
+                     help="Where files go in OUT (docs/layouts.md): mstar (features/, coords/, ...); clam (patches/, h5_files/, "
+                          "pt_files/: CLAM's and the mSTAR repo's scripts read OUT as is); trident (TRIDENT's job folder: "
+                          "<mag>x_<ps>px_<overlap>px_overlap/patches/, .../features_<model>/). One OUT keeps one layout."),
     ])
 
 
 def _seg_option(name: str, default: Any, help_text: str, ftype: Any) -> Callable[[F], F]:
     flag = "--" + name.replace("_", "-")
     if ftype in (bool, "bool"):
-        return click.option(f"{flag}/--no-{name.replace('_', '-')}", f"seg_{name}", default=default, show_default=True, help=help_text)
+        return click.option(f"{flag}/--no-{name.replace('_', '-')}", f"seg_{name}", default=default, show_default=True,
+                            help=help_text)
     py = {"int": int, "float": float, "str": str}.get(ftype if isinstance(ftype, str) else ftype.__name__, str)
     return click.option(flag, f"seg_{name}", type=py, default=default, show_default=True, help=help_text)
 
@@ -158,13 +175,14 @@ def segmentation_options(func: F) -> F:
         decorators.append(_seg_option(f.name, f.default, f.metadata.get("help", ""), f.type))
     decorators.append(click.option(
         "--tissue-mask", type=click.Path(exists=True), default=None,
-        help="Use this tissue outline instead of segmenting: a GeoJSON (QuPath/TRIDENT, level-0 pixels) or a mask image, or a folder of <slide_id>.geojson/.png files. [default: segment]"))
+        help="Use this tissue outline instead of segmenting: a GeoJSON (QuPath/TRIDENT, level-0 pixels) "
+             "or a mask image, or a folder of <slide_id>.geojson/.png files. [default: segment]"))
     decorators.append(click.option("--qc/--no-qc", "qc", default=True, show_default=True,
                                    help="Write qc/<slide_id>.jpg (contours, holes, pen, patch grid)."))
     return _apply(func, decorators)
 
 
-def segmentation_params_from(kw: dict[str, Any]):
+def segmentation_params_from(kw: dict[str, Any]) -> SegmentationParams:
     """Pop the ``seg_*`` values from ``kw`` into a SegmentationParams (UsageError when invalid)."""
     from mstar_extract.tissue.params import SegmentationParams
 
@@ -175,7 +193,7 @@ def segmentation_params_from(kw: dict[str, Any]):
         raise UsageError(f"segmentation options: {exc}") from None
 
 
-def tiling_params_from(kw: dict[str, Any]):
+def tiling_params_from(kw: dict[str, Any]) -> TilingParams:
     """Pop the resolution/tiling values from ``kw`` into a TilingParams (UsageError when invalid)."""
     from mstar_extract.tiling import TilingParams
 
@@ -192,7 +210,7 @@ def tiling_params_from(kw: dict[str, Any]):
         raise UsageError(f"tiling options: {exc}") from None
 
 
-def tile_settings_from(kw: dict[str, Any], debug: bool = False):
+def tile_settings_from(kw: dict[str, Any], debug: bool = False) -> TileSettings:
     """Pop everything that :class:`~mstar_extract.pipeline.tile_job.TileSettings` needs from ``kw``."""
     from mstar_extract.pipeline.tile_job import TileSettings
 
@@ -205,7 +223,7 @@ def tile_settings_from(kw: dict[str, Any], debug: bool = False):
     )
 
 
-def select_slides(slides: tuple[str, ...], shard: str | None):
+def select_slides(slides: tuple[str, ...], shard: str | None) -> list[SlideEntry]:
     """Resolve SLIDES (``-`` reads stdin) and take this job's ``--shard`` share (and torchrun rank's part)."""
     import sys
 

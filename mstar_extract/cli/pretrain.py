@@ -60,17 +60,23 @@ _train_guarded = output_options()(_train)
 
 def _with_output_options(func: Any) -> Any:
     """Give ``func`` the click parameters of :func:`output_options` (``-q``, ``-v``, ``--debug``, ``--jsonl``)."""
-    func.__click_params__ = list(getattr(func, "__click_params__", [])) + list(_train_guarded.__click_params__)
+    # click's decorators keep their parameters on the function object, which the type of a function does not know
+    func.__click_params__ = list(getattr(func, "__click_params__", [])) + list(_train_guarded.__click_params__)  # type: ignore[attr-defined]
     return func
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--stage", type=click.Choice(["1", "2"]), default=None, help="1 = slide-level multimodal contrastive; 2 = self-taught patch extractor. Required to train.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config (missing keys take the documented defaults; see docs/pretrain.md).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one config value, e.g. --set optim.lr=1e-4 (repeatable).")
-@click.option("--resume", default=None, metavar="auto|PATH", help="Continue from the run's latest checkpoint (auto) or from a checkpoint file.")
+@click.option("--stage", type=click.Choice(["1", "2"]), default=None,
+              help="1 = slide-level multimodal contrastive; 2 = self-taught patch extractor. Required to train.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config (missing keys take the documented defaults; see docs/pretrain.md).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override one config value, e.g. --set optim.lr=1e-4 (repeatable).")
+@click.option("--resume", default=None, metavar="auto|PATH",
+              help="Continue from the run's latest checkpoint (auto) or from a checkpoint file.")
 @click.option("--out", "out_dir", default=None, metavar="DIR", help="Run folder (overrides run.out_dir).")
-@click.option("--init", default=None, metavar="mstar|uni|PATH|random", help="Stage 2 only: student initialisation (overrides student.init).")
+@click.option("--init", default=None, metavar="mstar|uni|PATH|random",
+              help="Stage 2 only: student initialisation (overrides student.init).")
 @click.option("--print-config", is_flag=True, help="Print the resolved config as YAML and exit.")
 @_with_output_options
 @click.pass_context

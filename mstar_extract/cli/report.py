@@ -3,8 +3,9 @@ hook that ``extract`` and ``tile`` call when they finish (:func:`report_after_ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import click
 

@@ -18,8 +18,8 @@ from mstar_extract.cli.common import output_options
 from mstar_extract.console import Reporter
 from mstar_extract.envdefaults import default_lock_timeout
 from mstar_extract.errors import EXIT_USAGE
-from mstar_extract.status import COUNT_KEYS, StatusReport, collect_status
 from mstar_extract.report.layout import run_path
+from mstar_extract.status import COUNT_KEYS, StatusReport, collect_status
 
 
 def _age(seconds: float | None) -> str:

@@ -7,12 +7,16 @@ from typing import Any
 import click
 
 from mstar_extract.cli.common import output_options
-from mstar_extract.cli.report import no_report_option, report_after_run
 from mstar_extract.cli.help import TILE_SECTIONS, SectionedCommand
 from mstar_extract.cli.options import (
-    lock_timeout_option, resolution_options, segmentation_options, select_slides, slide_input_options,
+    lock_timeout_option,
+    resolution_options,
+    segmentation_options,
+    select_slides,
+    slide_input_options,
     tile_settings_from,
 )
+from mstar_extract.cli.report import no_report_option, report_after_run
 
 
 @click.command(cls=SectionedCommand, sections=TILE_SECTIONS, context_settings={"max_content_width": 110})

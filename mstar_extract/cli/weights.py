@@ -31,7 +31,8 @@ def weights() -> None:
 
 @weights.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print the registry as JSON on stdout.")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Hub cache (default $MSTAR_CACHE or the HF cache).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Hub cache (default $MSTAR_CACHE or the HF cache).")
 @output_options(jsonl=False)
 def list_cmd(as_json: bool, cache_dir: str | None, reporter: Reporter) -> int:
     """Known models: hub repository, file, architecture, feature size, licence, sha256, cached or not."""

@@ -28,14 +28,16 @@ def _topj(value: str) -> tuple[int, ...]:
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False), metavar="FILE.json",
               help='Class prompts, mSTAR\'s format: {"0": {"classnames": {label: [names]}, "templates": ["... CLASSNAME ..."]}}.')
 @click.option("--labels", type=click.Path(dir_okay=False), default=None, metavar="FILE.csv",
-              help="CSV with slide_id and a label column: adds accuracy and balanced accuracy (OUT/zeroshot_metrics.json). [default: none]")
+              help="CSV with slide_id and a label column: "
+                   "adds accuracy and balanced accuracy (OUT/zeroshot_metrics.json). [default: none]")
 @click.option("--label-column", default="label", show_default=True, help="Name of the label column of --labels.")
 @click.option("--topj", default="1,5,10,50,100", show_default=True, metavar="J,J,...",
               help="Top-j pooling: a class's slide score is the mean of its j highest patch logits.")
 @click.option("--device", default=None, metavar="auto|cuda|cuda:N|cpu",
               help="Where the text encoder and proj run. [default: $MSTAR_DEVICE, else auto]")
 @click.option("--text-model", default=None, metavar="NAME|DIR",
-              help="Config and tokenizer for a checkpoint without our text record (mSTAR's own used dmis-lab/biobert-base-cased-v1.2). [default: the checkpoint's]")
+              help="Config and tokenizer for a checkpoint without our text record (mSTAR's "
+                   "own used dmis-lab/biobert-base-cased-v1.2). [default: the checkpoint's]")
 @output_options()
 def zeroshot(bags: tuple[str, ...], out: str, checkpoint: str, prompts: str, labels: str | None, label_column: str,
              topj: str, device: str | None, text_model: str | None, reporter: Any) -> int:

@@ -21,14 +21,18 @@ Nyström attention keeps memory linear in the number of patches (measured in doc
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from mstar_extract.errors import MstarError, UsageError, first_line
+
+if TYPE_CHECKING:
+    from mstar_extract.pretrain.stage1.transmil import TransMIL
 
 FEATURE_KEYS = ("model", "weights_sha256")
 
@@ -64,7 +68,7 @@ def _parts(obj: Any, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor
 class SlideEncoder:
     """A frozen aggregator on a device, with where it came from."""
 
-    model: torch.nn.Module
+    model: TransMIL
     path: Path
     sha256: str
     feature_model: dict[str, Any] | None
@@ -79,7 +83,7 @@ class SlideEncoder:
         return int(self.model.dim)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "auto") -> "SlideEncoder":
+    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "auto") -> SlideEncoder:
         """Read an aggregator export (UsageError when missing; MstarError, one line, when unusable)."""
         from mstar_extract.models.encoder import resolve_device
         from mstar_extract.models.weights import sha256_file

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from mstar_extract.console import Reporter
 from mstar_extract.downstream.aggregator import SlideEncoder
@@ -29,6 +30,9 @@ from mstar_extract.downstream.slide_store import collect_table, embedding_state,
 from mstar_extract.errors import reason_of
 from mstar_extract.pipeline.runner import SlideOutcome, SlideRunner
 from mstar_extract.store.layout import OutLayout, make_layout
+
+if TYPE_CHECKING:
+    from mstar_extract.inputs import SlideEntry, SlideRef
 
 log = logging.getLogger("mstar")
 
@@ -62,7 +66,7 @@ def _read_features(bag: Path) -> Any:
         return f["features"][()]
 
 
-def embed_bag(entry: Any, bag: Path, out: Path, encoder: SlideEncoder, overwrite: bool = False) -> SlideOutcome:
+def embed_bag(entry: SlideRef, bag: Path, out: Path, encoder: SlideEncoder, overwrite: bool = False) -> SlideOutcome:
     """Embed one bag into ``out``; any per-slide problem becomes the outcome's one-line reason."""
     from mstar_extract.store.bags import validate_bag
 
@@ -92,16 +96,16 @@ def embed_bag(entry: Any, bag: Path, out: Path, encoder: SlideEncoder, overwrite
                         patches_per_s=round(n / max(seconds, 1e-9), 2), extra={"slide_features": str(out)})
 
 
-def _embed_guarded(entry: Any, layout: OutLayout, encoder: SlideEncoder, settings: EmbedSettings) -> SlideOutcome:
+def _embed_guarded(entry: SlideEntry, layout: OutLayout, encoder: SlideEncoder, settings: EmbedSettings) -> SlideOutcome:
     try:
         return embed_bag(entry, Path(entry.path), layout.slide_features(entry.slide_id), encoder, settings.overwrite)
-    except Exception as exc:  # noqa: BLE001 - a per-slide failure, one line
+    except Exception as exc:  # a per-slide failure, one line
         if settings.debug:
             log.exception("embedding %s failed", entry.path)
         return SlideOutcome.failed(entry, reason_of(exc))
 
 
-def run_embed_slides(entries: Sequence[Any], out_dir: str | Path, settings: EmbedSettings,
+def run_embed_slides(entries: Sequence[SlideEntry], out_dir: str | Path, settings: EmbedSettings,
                      reporter: Reporter | None = None, encoder: SlideEncoder | None = None) -> int:
     """Embed every bag of ``entries`` into ``out_dir``; returns the exit code (0, or 1 if any slide failed)."""
     reporter = reporter or Reporter()

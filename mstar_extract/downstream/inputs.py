@@ -11,8 +11,8 @@ bags, or two different files with one slide id, is a :class:`~mstar_extract.erro
 from __future__ import annotations
 
 import glob
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from mstar_extract.errors import UsageError
 from mstar_extract.inputs import SlideEntry

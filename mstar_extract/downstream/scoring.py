@@ -9,7 +9,7 @@ github.com/Innse/mSTAR (commit 7608e7f).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -17,7 +17,7 @@ result the same up to float rounding; tested against the official padding).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,16 @@ from torch import nn
 from mstar_extract.downstream.prompts import Prompts
 from mstar_extract.errors import MstarError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 DEFAULT_TEXT_MODEL = "dmis-lab/biobert-base-cased-v1.2"
 
 
 class TextTower(nn.Module):
     """``text_encoder`` (masked-LM model) + ``proj_text``: texts → report embeddings (B, D)."""
 
-    def __init__(self, text_encoder: nn.Module, proj_text: nn.Linear, pooling: str = "cls") -> None:
+    def __init__(self, text_encoder: PreTrainedModel, proj_text: nn.Linear, pooling: str = "cls") -> None:
         super().__init__()
         self.text_encoder, self.proj_text, self.pooling = text_encoder, proj_text, pooling
 
@@ -69,7 +72,7 @@ def _text_record(ckpt: dict[str, Any], text_model: str | None, where: str) -> tu
 def load_text_tower(ckpt: dict[str, Any], where: str, text_model: str | None = None,
                     device: torch.device | str = "cpu") -> tuple[TextTower, Any, int]:
     """(text tower in eval mode on ``device``, tokenizer, max tokens) of a zero-shot checkpoint."""
-    from mstar_extract.pretrain.textexport import mlm_from_config, base_model
+    from mstar_extract.pretrain.textexport import base_model, mlm_from_config
 
     rec, tokenizer = _text_record(ckpt, text_model, where)
     sd = {k.replace("module.", ""): v for k, v in ckpt["model_state_dict"].items()}

@@ -23,9 +23,10 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ from mstar_extract.downstream.scoring import DEFAULT_TOPJ, accuracy, balanced_ac
 from mstar_extract.errors import EXIT_FAILED, EXIT_OK, reason_of
 from mstar_extract.store.atomic import write_text_atomic
 from mstar_extract.store.layout import make_layout
+
+if TYPE_CHECKING:
+    from mstar_extract.inputs import SlideEntry
 
 log = logging.getLogger("mstar")
 
@@ -107,7 +111,7 @@ def _bag_problem(attrs: dict[str, Any], dim: int, clf: Classifier) -> str | None
 
 
 @torch.inference_mode()
-def score_bag(entry: Any, clf: Classifier, topj: Sequence[int]) -> SlideResult:
+def score_bag(entry: SlideEntry, clf: Classifier, topj: Sequence[int]) -> SlideResult:
     """One slide's predictions and pooled scores for every j (``error`` set instead when it cannot be scored)."""
     import h5py
 
@@ -148,7 +152,7 @@ def _csv_text(results: list[SlideResult], clf: Classifier, topj: Sequence[int], 
             row["label"] = labels.get(r.slide_id, "")
         for j in r.preds:
             row[f"pred_top{j}"] = classes[r.preds[j]]
-            row.update({f"score_top{j}_{c}": f"{s:.6g}" for c, s in zip(classes, r.scores[j])})
+            row.update({f"score_top{j}_{c}": f"{s:.6g}" for c, s in zip(classes, r.scores[j], strict=True)})
         w.writerow(row)
     return buf.getvalue()
 
@@ -163,7 +167,7 @@ def metrics(results: list[SlideResult], classes: list[str], labels: dict[str, st
             "by_j": by_j}
 
 
-def run_zeroshot(entries: Sequence[Any], out_dir: str | Path, settings: ZeroShotSettings,
+def run_zeroshot(entries: Sequence[SlideEntry], out_dir: str | Path, settings: ZeroShotSettings,
                  reporter: Reporter | None = None) -> int:
     """Score every bag, write ``zeroshot.csv`` (and ``zeroshot_metrics.json`` with labels); the exit code."""
     reporter = reporter or Reporter()
@@ -177,7 +181,7 @@ def run_zeroshot(entries: Sequence[Any], out_dir: str | Path, settings: ZeroShot
         for entry in entries:
             try:
                 r = score_bag(entry, clf, settings.topj)
-            except Exception as exc:  # noqa: BLE001 - a per-slide failure, one line
+            except Exception as exc:  # a per-slide failure, one line
                 if settings.debug:
                     log.exception("scoring %s failed", entry.path)
                 r = SlideResult(entry.slide_id, str(entry.path), error=f"{entry.path}: {reason_of(exc)}")

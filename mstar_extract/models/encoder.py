@@ -163,7 +163,7 @@ class Encoder:
         cache_dir: str | os.PathLike[str] | None = None,
         token: str | bool | None = None,
         compile_backend: str | None = None,
-    ) -> "Encoder":
+    ) -> Encoder:
         """Spec by name, weights resolved (PATH/hf/random) and loaded strictly, moved to ``device``.
 
         ``compile_backend`` is passed to ``torch.compile`` (default inductor; ``eager`` traces only).
@@ -177,18 +177,21 @@ class Encoder:
         net = build_with_weights(spec, resolved)
         return cls(spec, net, resolved, dev, prec, compile=compile, compile_backend=compile_backend)
 
-    def to(self, device: str | torch.device) -> "Encoder":
+    def to(self, device: str | torch.device) -> Encoder:
         """Move the network to ``device`` (channels-last; a CUDA device becomes this process's current device,
         :func:`use_device`); a compiled graph is rebuilt lazily."""
         self.device = use_device(device)
-        self.model.to(self.device, memory_format=torch.channels_last)
+        self.model.to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stub omits it
         self._forward = self.model
         self._compiled_batch = None
         self.warmed_batch = None
         if self.compile:
-            kw = {"backend": self.compile_backend} if self.compile_backend else {}
-            # one static graph: every batch is padded to the warm-up size (embed), so nothing recompiles
-            self._forward = torch.compile(self.model, dynamic=False, **kw)
+            # one static graph: every batch is padded to the warm-up size (embed), so nothing recompiles; without a
+            # backend, torch.compile's own default (its default value differs between torch versions)
+            if self.compile_backend:
+                self._forward = torch.compile(self.model, dynamic=False, backend=self.compile_backend)
+            else:
+                self._forward = torch.compile(self.model, dynamic=False)
         return self
 
     # ---------------------------------------------------------------------------------------- facts
@@ -233,7 +236,7 @@ class Encoder:
         return time.perf_counter() - t0
 
     @torch.inference_mode()
-    def embed(self, batch: "torch.Tensor | np.ndarray") -> torch.Tensor:
+    def embed(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 ``(B, H, W, 3)`` patches -> float32 ``(B, D)`` features on :attr:`device`.
 
         Patches of any size are resized (antialiased bilinear) to :attr:`input_size` on the device.

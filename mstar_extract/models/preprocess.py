@@ -22,14 +22,14 @@ the inference precision; autocast casts afterwards.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 
-def as_uint8_batch(batch: "torch.Tensor | np.ndarray", device: torch.device | str | None = None) -> torch.Tensor:
+def as_uint8_batch(batch: torch.Tensor | np.ndarray, device: torch.device | str | None = None) -> torch.Tensor:
     """A ``(B, H, W, 3)`` uint8 tensor on ``device`` (numpy accepted; CPU tensors copied non-blocking)."""
     if isinstance(batch, np.ndarray):
         batch = torch.from_numpy(np.ascontiguousarray(batch))
@@ -53,7 +53,7 @@ def _mean_std(mean: tuple[float, ...], std: tuple[float, ...], device: torch.dev
 
 
 def preprocess(
-    batch: "torch.Tensor | np.ndarray",
+    batch: torch.Tensor | np.ndarray,
     input_size: int = 224,
     mean: Sequence[float] = (0.485, 0.456, 0.406),
     std: Sequence[float] = (0.229, 0.224, 0.225),

@@ -69,7 +69,7 @@ class EncoderSpec:
         """The repository's page, where gated access is requested."""
         return f"https://huggingface.co/{self.hub_repo}" if self.hub_repo else None
 
-    def build(self) -> "torch.nn.Module":
+    def build(self) -> torch.nn.Module:
         """The network with random weights (``pretrained=False``), in eval mode on the CPU."""
         import timm
 

@@ -24,9 +24,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from mstar_extract.errors import WeightsError, first_line
 from mstar_extract.models.registry import EncoderSpec
@@ -157,7 +158,7 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{"
 
 
-def _unwrap(obj: Any, path: Path) -> dict[str, "torch.Tensor"]:
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     import torch
 
     if not isinstance(obj, Mapping):
@@ -178,7 +179,7 @@ def _unwrap(obj: Any, path: Path) -> dict[str, "torch.Tensor"]:
     return sd
 
 
-def load_state_dict_file(path: str | os.PathLike[str], mmap: bool = False) -> dict[str, "torch.Tensor"]:
+def load_state_dict_file(path: str | os.PathLike[str], mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.safetensors`` or a torch file (``weights_only=True``), on the CPU.
 
     ``mmap=True`` maps a (zip-format) torch file instead of reading it (copy-on-write; much faster for a
@@ -230,8 +231,8 @@ def _names(keys: list[str], n: int = 3) -> str:
 
 
 def load_into(
-    model: "torch.nn.Module",
-    state_dict: Mapping[str, "torch.Tensor"],
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
     spec: EncoderSpec,
     source: object,
     assign: bool = False,
@@ -419,14 +420,14 @@ def resolve_weights(
     return ResolvedWeights("path", path, sha256_file(path))
 
 
-def load_weights(model: "torch.nn.Module", spec: EncoderSpec, resolved: ResolvedWeights) -> None:
+def load_weights(model: torch.nn.Module, spec: EncoderSpec, resolved: ResolvedWeights) -> None:
     """Load the resolved weights into an existing ``model`` (no-op for random)."""
     if resolved.path is None:
         return
     load_into(model, load_state_dict_file(resolved.path), spec, resolved.path)
 
 
-def build_with_weights(spec: EncoderSpec, resolved: ResolvedWeights) -> "torch.nn.Module":
+def build_with_weights(spec: EncoderSpec, resolved: ResolvedWeights) -> torch.nn.Module:
     """The network of ``spec`` holding the resolved weights, in eval mode on the CPU.
 
     With a weights file the network is built on the ``meta`` device (no random initialisation of 300 M

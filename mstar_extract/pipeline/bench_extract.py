@@ -13,11 +13,16 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from mstar_extract.console import Reporter
 from mstar_extract.pipeline.extract_job import ExtractSettings, default_batch_size, run_extract
+
+if TYPE_CHECKING:
+    from mstar_extract.inputs import SlideEntry
+    from mstar_extract.models.encoder import Encoder
 
 
 def _manifest_rows(out: Path, slide_ids: set[str]) -> list[dict[str, Any]]:
@@ -28,7 +33,7 @@ def _manifest_rows(out: Path, slide_ids: set[str]) -> list[dict[str, Any]]:
     return [{k: getattr(r, k) for k in keys} for r in latest_rows(read_parts(out)) if r.slide_id in slide_ids]
 
 
-def _warm_up(encoder: Any, settings: ExtractSettings) -> float | None:
+def _warm_up(encoder: Encoder, settings: ExtractSettings) -> float | None:
     """Seconds of the warm-up batch (before the clock); None when it failed: the run's own warm-up then meets
     the error again and stops with its one line (exit 3)."""
     try:
@@ -37,7 +42,7 @@ def _warm_up(encoder: Any, settings: ExtractSettings) -> float | None:
         return None
 
 
-def bench_extract(entries: Sequence[Any], settings: ExtractSettings, reporter: Reporter | None = None,
+def bench_extract(entries: Sequence[SlideEntry], settings: ExtractSettings, reporter: Reporter | None = None,
                   out: str | Path | None = None, keep: bool = False) -> dict[str, Any]:
     """Run the extraction pipeline over ``entries`` and return its throughput.
 

@@ -25,25 +25,38 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mstar_extract.console import Progress, Reporter
 from mstar_extract.errors import EXIT_FAILED, RunError, first_line, reason_of
 from mstar_extract.pipeline.runner import HELD_BY_OTHERS, SlideOutcome, SlideRunner
-from mstar_extract.pipeline.whole_run import is_whole_run, whole_run_error, whole_run_reason
-from mstar_extract.pipeline.writer import HostFeatures, SlideWriter, WriteJob
 from mstar_extract.pipeline.tile_job import (
-    ClamReaderNote, TileSettings, check_slide_ids, layout_for, open_with_resolution, prepare_out, segment_and_plan,
+    ClamReaderNote,
+    TileSettings,
+    check_slide_ids,
+    layout_for,
+    open_with_resolution,
+    prepare_out,
+    segment_and_plan,
     write_tile_outputs,
 )
+from mstar_extract.pipeline.whole_run import is_whole_run, whole_run_error, whole_run_reason
+from mstar_extract.pipeline.writer import HostFeatures, SlideWriter, WriteJob
 from mstar_extract.store.layout import OutLayout, layout_class
 from mstar_extract.tiling import ReadPlan
+
+if TYPE_CHECKING:
+    from mstar_extract.downstream.aggregator import SlideEncoder
+    from mstar_extract.inputs import SlideEntry
+    from mstar_extract.models.encoder import Encoder
+    from mstar_extract.slides.base import Slide
 
 log = logging.getLogger("mstar")
 
@@ -108,7 +121,7 @@ def _bag_summary(bag: Path) -> tuple[int, float | None]:
     return n, (None if mpp is None or math.isnan(mpp) else mpp)
 
 
-def check_complete(entry: Any, layout: OutLayout, settings: ExtractSettings, encoder: Any) -> SlideOutcome | None:
+def check_complete(entry: SlideEntry, layout: OutLayout, settings: ExtractSettings, encoder: Encoder) -> SlideOutcome | None:
     """``skipped`` when a complete, valid bag for this model and weights exists (and the .pt when asked);
     ``failed`` when a complete bag of *other* weights is in the way; None when the slide must be computed."""
     from mstar_extract.store.bags import validate_bag
@@ -149,14 +162,14 @@ def expected_settings(settings: ExtractSettings) -> dict[str, Any]:
 class Planned:
     """A slide ready to read: its entry, read plan and level-0 mpp (or an outcome when planning ended it)."""
 
-    entry: Any
+    entry: SlideEntry
     plan: ReadPlan | None = None
     level0_mpp: float | None = None
     outcome: SlideOutcome | None = None
     t0: float = 0.0
 
 
-def _given_coords(entry: Any, slide: Any, coords_dir: str) -> ReadPlan:
+def _given_coords(entry: SlideEntry, slide: Slide, coords_dir: str) -> ReadPlan:
     """The read plan of ``--coords-dir``'s file for this slide (a per-slide failure when there is none)."""
     from mstar_extract.errors import SlideError
     from mstar_extract.store.coords import find_coords_file, read_coords_file
@@ -169,7 +182,7 @@ def _given_coords(entry: Any, slide: Any, coords_dir: str) -> ReadPlan:
     return plan
 
 
-def plan_slide(entry: Any, layout: OutLayout, settings: ExtractSettings) -> Planned:
+def plan_slide(entry: SlideEntry, layout: OutLayout, settings: ExtractSettings) -> Planned:
     """Open, segment and tile one slide (or read its ``--coords-dir`` file). Never raises for per-slide problems."""
     t0 = time.monotonic()
     try:
@@ -180,7 +193,7 @@ def plan_slide(entry: Any, layout: OutLayout, settings: ExtractSettings) -> Plan
                 mask, plan = segment_and_plan(slide, entry.slide_id, settings.tile)
                 write_tile_outputs(layout, entry.slide_id, slide, mask, plan, settings.tile)
             mpp = float(slide.mpp) if slide.mpp_x is not None else plan.level0_mpp
-    except Exception as exc:  # noqa: BLE001 - a per-slide failure, one line
+    except Exception as exc:  # a per-slide failure, one line
         if is_whole_run(exc):
             raise  # OUT full or read-only: not this slide's problem (the main thread stops the run)
         if settings.tile.debug:
@@ -190,8 +203,8 @@ def plan_slide(entry: Any, layout: OutLayout, settings: ExtractSettings) -> Plan
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def write_outputs(entry: Any, layout: OutLayout, plan: ReadPlan, features: np.ndarray, keep: np.ndarray,
-                  encoder: Any, settings: ExtractSettings, n_bad: int) -> Path:
+def write_outputs(entry: SlideEntry, layout: OutLayout, plan: ReadPlan, features: np.ndarray, keep: np.ndarray,
+                  encoder: Encoder, settings: ExtractSettings, n_bad: int) -> Path:
     """The .pt (when asked) and then the bag (last: the completion marker), both atomic; returns the bag's path."""
     from mstar_extract.store.bags import bag_attrs, write_bag, write_pt
 
@@ -213,7 +226,7 @@ def default_batch_size(device_type: str) -> int:
     return 256 if device_type == "cuda" else 32
 
 
-def embed_slide(n: int, stream: Any, encoder: Any, feeder: Any, patches: Progress) -> HostFeatures:
+def embed_slide(n: int, stream: Any, encoder: Encoder, feeder: Any, patches: Progress) -> HostFeatures:
     """Run the model over one slide's batch stream. The features are on their way to the host when this returns
     (:class:`~mstar_extract.pipeline.writer.HostFeatures`, sealed): nothing here waits for the device."""
     feats = HostFeatures(n, encoder.feature_dim, encoder.device)
@@ -262,9 +275,9 @@ class ExtractRun:
     * :meth:`write_slide` (writer thread) — its features to the host, its bag, its outcome.
     """
 
-    def __init__(self, entries: Sequence[Any], layout: OutLayout, settings: ExtractSettings, encoder: Any,
+    def __init__(self, entries: Sequence[SlideEntry], layout: OutLayout, settings: ExtractSettings, encoder: Encoder,
                  reporter: Reporter, overwrite: bool = False, on_error: str = "skip",
-                 runner: SlideRunner | None = None, slide_encoder: Any = None) -> None:
+                 runner: SlideRunner | None = None, slide_encoder: SlideEncoder | None = None) -> None:
         from mstar_extract.reading import DeviceFeeder
 
         self.layout, self.settings, self.encoder, self.reporter = layout, settings, encoder, reporter
@@ -314,7 +327,7 @@ class ExtractRun:
             return
         try:
             seconds = self.encoder.warm_up(self.batch_size)
-        except Exception as exc:  # noqa: BLE001 - nothing here is about a slide
+        except Exception as exc:  # nothing here is about a slide
             if self.settings.tile.debug:
                 log.exception("warm-up batch failed")
             reason = whole_run_reason(exc) or first_line(exc, with_type=True)
@@ -415,7 +428,7 @@ class ExtractRun:
         t_read = time.monotonic()
         try:
             feats = embed_slide(len(planned.plan), stream, self.encoder, self.feeder, self.patches)
-        except Exception as exc:  # noqa: BLE001 - per-slide failure, one line
+        except Exception as exc:  # per-slide failure, one line
             if is_whole_run(exc):
                 raise
             if self.settings.tile.debug:
@@ -474,7 +487,7 @@ class ExtractRun:
             else:
                 features, keep = collect_features(job)
             bag = write_outputs(entry, self.layout, plan, features, keep, self.encoder, self.settings, job.n_bad)
-        except Exception as exc:  # noqa: BLE001 - per-slide failure, one line
+        except Exception as exc:  # per-slide failure, one line
             if is_whole_run(exc):
                 raise
             if self.settings.tile.debug:
@@ -514,7 +527,7 @@ def summary_on_stop(runner: SlideRunner) -> Iterator[None]:
         raise err from exc
 
 
-def check_before_work(entries: Sequence[Any], out_dir: str | os.PathLike[str] | OutLayout,
+def check_before_work(entries: Sequence[SlideEntry], out_dir: str | os.PathLike[str] | OutLayout,
                       settings: ExtractSettings, overwrite: bool = False) -> OutLayout:
     """What can be checked before the model is loaded, writing nothing: the slide ids, and OUT's settings record
     against every setting of this run but the weights' checksum. Returns OUT's layout; UsageError otherwise."""
@@ -528,13 +541,13 @@ def check_before_work(entries: Sequence[Any], out_dir: str | os.PathLike[str] | 
 
 
 def run_extract(
-    entries: Sequence[Any],
+    entries: Sequence[SlideEntry],
     out_dir: str | os.PathLike[str],
     settings: ExtractSettings,
     reporter: Reporter | None = None,
     overwrite: bool = False,
     on_error: str = "skip",
-    encoder: Any = None,
+    encoder: Encoder | None = None,
     failed_code: int = EXIT_FAILED,
 ) -> int:
     """Extract features for ``entries`` into ``out_dir``; returns the exit code (0, or ``failed_code`` if any slide
@@ -574,7 +587,7 @@ def run_extract(
     return code
 
 
-def load_slide_encoder(settings: ExtractSettings, encoder: Any) -> Any:
+def load_slide_encoder(settings: ExtractSettings, encoder: Encoder) -> SlideEncoder | None:
     """``--slide-encoder``'s aggregator on the model's device, checked against the model before any work (a
     UsageError when it was trained on other patch features); None without the option."""
     if not settings.slide_encoder:

@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING
 
 from mstar_extract.console import Reporter, setup_logging
 from mstar_extract.errors import EXIT_FAILED, EXIT_OK, EXIT_RUN, MstarError, RunError, first_line, worst_exit_code
 from mstar_extract.pipeline.extract_job import ExtractSettings, run_extract
+
+if TYPE_CHECKING:
+    from mstar_extract.inputs import SlideEntry
 
 
 def _resolve_weights_once(settings: ExtractSettings) -> ExtractSettings:
@@ -54,7 +58,7 @@ def bind_device(device: str) -> None:
         use_device(device)
 
 
-def _device_main(entries: list[Any], out: str, settings: ExtractSettings, verbosity: int, jsonl: bool,
+def _device_main(entries: list[SlideEntry], out: str, settings: ExtractSettings, verbosity: int, jsonl: bool,
                  overwrite: bool, on_error: str) -> None:  # pragma: no cover - runs in a child process
     import sys
 
@@ -81,7 +85,7 @@ def _device_main(entries: list[Any], out: str, settings: ExtractSettings, verbos
     sys.exit(code)
 
 
-def launch_extract(entries: Sequence[Any], out: str | os.PathLike[str], settings: ExtractSettings, reporter: Reporter,
+def launch_extract(entries: Sequence[SlideEntry], out: str | os.PathLike[str], settings: ExtractSettings, reporter: Reporter,
                    devices: list[str] | None = None, overwrite: bool = False, on_error: str = "skip") -> int:
     """Run extraction in this process, or in one child process per device; returns the exit code."""
     from mstar_extract.locks import sigterm_as_interrupt
@@ -92,9 +96,8 @@ def launch_extract(entries: Sequence[Any], out: str | os.PathLike[str], settings
     if info is not None and not devices:
         import torch
 
-        from mstar_extract.sharding import rank_device
-
         from mstar_extract.envdefaults import available_cpus, local_ranks
+        from mstar_extract.sharding import rank_device
 
         settings = replace(settings, device=rank_device(settings.device, info, torch.cuda.is_available()))
         bind_device(settings.device)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from mstar_extract.pipeline.tile_job import TileSettings
 
 
-def output_record(tile: "TileSettings") -> dict[str, Any]:
+def output_record(tile: TileSettings) -> dict[str, Any]:
     """OUT's layout (``--layout``) and what names its folders (TRIDENT's ``<mag>x_<ps>px_<overlap>px_overlap``):
     recorded by every run, ``--coords-dir`` ones too, since it decides where every file goes."""
     from mstar_extract.pipeline.tile_job import layout_for
@@ -25,7 +25,7 @@ def output_record(tile: "TileSettings") -> dict[str, Any]:
     return layout_for(".", tile).recorded()
 
 
-def tiling_record(tile: "TileSettings") -> dict[str, Any]:
+def tiling_record(tile: TileSettings) -> dict[str, Any]:
     """The settings that decide a slide's coordinates (and so its QC picture, contours and bag)."""
     t = tile.tiling
     return {
@@ -41,7 +41,7 @@ def tiling_record(tile: "TileSettings") -> dict[str, Any]:
     }
 
 
-def features_record(settings: "ExtractSettings", weights_sha256: str | None = None) -> dict[str, Any]:
+def features_record(settings: ExtractSettings, weights_sha256: str | None = None) -> dict[str, Any]:
     """The settings that decide the features of a bag. ``weights_sha256`` is known once the weights are
     resolved; without it the key is left out (and not compared)."""
     rec: dict[str, Any] = {
@@ -54,7 +54,7 @@ def features_record(settings: "ExtractSettings", weights_sha256: str | None = No
     return rec
 
 
-def run_record(tile: "TileSettings", extract: "ExtractSettings | None" = None,
+def run_record(tile: TileSettings, extract: ExtractSettings | None = None,
                weights_sha256: str | None = None) -> dict[str, dict[str, Any]]:
     """The record groups a run defines: ``output`` (always), ``tiling`` (unless ``--coords-dir`` brings the
     coordinates) and, for ``extract``, ``features``."""

@@ -43,12 +43,15 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mstar_extract.console import Progress, Reporter
 from mstar_extract.errors import EXIT_FAILED, EXIT_INCOMPLETE, EXIT_OK, EXIT_RUN
 from mstar_extract.manifest import FINISHED_STATUSES, STATUSES, ManifestRow, ManifestWriter, SlideRecord
 from mstar_extract.store.layout import OutLayout
+
+if TYPE_CHECKING:
+    from mstar_extract.inputs import SlideEntry, SlideRef
 
 HELD_BY_OTHERS = "taken by another process"
 """The reason of a ``skipped`` outcome whose slide another live process holds (it is not done)."""
@@ -69,11 +72,11 @@ class SlideOutcome(SlideRecord):
         return ManifestRow(**self.record())
 
     @classmethod
-    def failed(cls, entry: Any, error: str, seconds: float | None = None, **kw: Any) -> "SlideOutcome":
+    def failed(cls, entry: SlideRef, error: str, seconds: float | None = None, **kw: Any) -> SlideOutcome:
         return cls(slide_id=str(entry.slide_id), path=str(entry.path), status="failed", error=error, seconds=seconds, **kw)
 
     @classmethod
-    def skipped(cls, entry: Any, reason: str = "", n_patches: int | None = None, **kw: Any) -> "SlideOutcome":
+    def skipped(cls, entry: SlideRef, reason: str = "", n_patches: int | None = None, **kw: Any) -> SlideOutcome:
         return cls(slide_id=str(entry.slide_id), path=str(entry.path), status="skipped", error=reason,
                    n_patches=n_patches, seconds=0.0, **kw)
 
@@ -118,17 +121,18 @@ class SlideRunner:
             self._progress = Progress(self.reporter, self.total, f"{self.command}: slides", "slide")
         return self._progress
 
-    def claim(self, entry: Any) -> bool:
+    def claim(self, entry: SlideEntry) -> bool:
         """Take ownership of ``entry`` for this process with its lock file ``OUT/.locks/<slide_id>.lock``
         (atomic create; stale locks of dead processes or older than the lock timeout are taken over).
         False when another live process holds it. The lock is released in :meth:`release`."""
         if not self.use_locks:
             return True
+        from mstar_extract.envdefaults import DEFAULT_LOCK_TIMEOUT_S
         from mstar_extract.locks import SlideLock
 
         slide_id = str(entry.slide_id)
-        kw = {} if self.lock_timeout is None else {"timeout_s": float(self.lock_timeout)}
-        lock = self._locks[slide_id] = SlideLock(self.out_dir, slide_id, **kw)  # registered before any file exists
+        timeout_s = DEFAULT_LOCK_TIMEOUT_S if self.lock_timeout is None else float(self.lock_timeout)
+        lock = self._locks[slide_id] = SlideLock(self.out_dir, slide_id, timeout_s=timeout_s)  # registered before any file exists
         if lock.acquire():
             return True
         self.release(slide_id)
@@ -151,7 +155,7 @@ class SlideRunner:
         for slide_id in held:
             self.release(slide_id)
 
-    def begin(self, entry: Any) -> bool:
+    def begin(self, entry: SlideEntry) -> bool:
         """Announce ``entry`` ("started" event) if this process may work on it; False means skip it silently
         (another process owns it — the caller may record it as skipped with :meth:`finish`)."""
         with self._lock:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from mstar_extract.console import Reporter
 from mstar_extract.errors import SlideError, UsageError, reason_of
@@ -25,6 +26,11 @@ from mstar_extract.pipeline.runner import HELD_BY_OTHERS, SlideOutcome, SlideRun
 from mstar_extract.store.layout import LayoutContext, OutLayout, layout_class, make_layout, validate_slide_id
 from mstar_extract.tiling import ReadPlan, TilingParams
 from mstar_extract.tissue.params import SegmentationParams
+
+if TYPE_CHECKING:
+    from mstar_extract.inputs import SlideEntry
+    from mstar_extract.slides.base import Slide
+    from mstar_extract.tissue.result import TissueMask
 
 log = logging.getLogger("mstar")
 
@@ -93,19 +99,19 @@ class ClamReaderNote:
                                f"{why}; for CLAM's or the mSTAR repo's scripts use --layout clam")
 
 
-def check_slide_ids(entries: Sequence[Any]) -> None:
+def check_slide_ids(entries: Sequence[SlideEntry]) -> None:
     """UsageError, before any work, when a slide id cannot name output files (API callers; the CLI checks
     the list as it reads it)."""
     for entry in entries:
         validate_slide_id(entry.slide_id, where=str(entry.path))
 
 
-def segment_and_plan(slide: Any, slide_id: str, settings: TileSettings):
+def segment_and_plan(slide: Slide, slide_id: str, settings: TileSettings) -> tuple[TissueMask, ReadPlan]:
     """(TissueMask, ReadPlan) of an open slide: segmentation (or ``--tissue-mask``) then tiling."""
     from mstar_extract.tiling import plan_tiles
     from mstar_extract.tissue import find_mask_file, load_tissue_mask, segment_slide
 
-    slide.mpp  # raises ResolutionError (with how to fix it) before any work
+    _ = slide.mpp  # raises ResolutionError (with how to fix it) before any work
     if settings.tissue_mask:
         f = find_mask_file(settings.tissue_mask, slide_id)
         if f is None:
@@ -118,7 +124,7 @@ def segment_and_plan(slide: Any, slide_id: str, settings: TileSettings):
     return mask, plan
 
 
-def write_tile_outputs(out_dir: str | os.PathLike[str] | OutLayout, slide_id: str, slide: Any, mask: Any,
+def write_tile_outputs(out_dir: str | os.PathLike[str] | OutLayout, slide_id: str, slide: Slide, mask: TissueMask,
                        plan: ReadPlan, settings: TileSettings) -> dict[str, Path]:
     """QC picture (and the plain thumbnail of layouts that have one), GeoJSON, then the coordinates file (last =
     the completion marker), where OUT's layout puts them; returns their paths."""
@@ -134,18 +140,18 @@ def write_tile_outputs(out_dir: str | os.PathLike[str] | OutLayout, slide_id: st
         if files.thumbnail is not None:
             paths["thumbnail"] = write_thumbnail(files.thumbnail, slide, mask)
     if settings.geojson:
-        from mstar_extract.tissue.contours import to_level0
-        from mstar_extract.tissue.contours import find_contours
+        from mstar_extract.tissue.contours import find_contours, to_level0
         from mstar_extract.tissue.geojson import write_geojson
 
         with_pen = layout.geojson_pen and mask.pen.any()
         pen = to_level0(find_contours(mask.pen, 1.0, 0.0, 0.0), mask.scale_x, mask.scale_y) if with_pen else []
         write_geojson(paths["geojson"], mask.contours, pen, slide_id)
+    assert settings.coords_format is not None  # TileSettings.__post_init__ always sets it
     write_coords(paths["coords"], plan, slide_id, str(slide.path), settings.coords_format, slide.level_dimensions)
     return paths
 
 
-def _open(path: Any, backend: str, mpp: float | None):
+def _open(path: str | os.PathLike[str], backend: str, mpp: float | None) -> Slide:
     """``open_slide`` with the tiling preference: under ``auto``, OpenSlide is tried first where it can read the
     format (tiling reads only a few whole low-resolution levels, and OpenSlide starts ~1.5 s faster than
     tiffslide, which imports zarr); any other choice, or OpenSlide refusing the file, falls back to ``auto``."""
@@ -160,7 +166,7 @@ def _open(path: Any, backend: str, mpp: float | None):
     return open_slide(path, backend=backend, mpp=mpp)
 
 
-def open_with_resolution(entry: Any, settings: TileSettings):
+def open_with_resolution(entry: SlideEntry, settings: TileSettings) -> Slide:
     """Open ``entry``'s slide for tiling (``extract`` uses this too, so both get identical coordinates).
 
     A per-slide ``mpp`` (from a list) always wins; ``--mpp-override`` applies only when the file has no
@@ -174,7 +180,7 @@ def open_with_resolution(entry: Any, settings: TileSettings):
     return apply_mpp_fallback(_open(entry.path, settings.backend, None), settings.mpp_override)
 
 
-def tile_slide(entry: Any, out_dir: str | os.PathLike[str], settings: TileSettings) -> SlideOutcome:
+def tile_slide(entry: SlideEntry, out_dir: str | os.PathLike[str], settings: TileSettings) -> SlideOutcome:
     """Segment and tile one slide and write its outputs. Never raises for per-slide problems: an unreadable
     slide, missing resolution, a bad tissue mask or any unexpected error becomes a ``failed`` outcome."""
     t0 = time.monotonic()
@@ -201,7 +207,7 @@ def tile_slide(entry: Any, out_dir: str | os.PathLike[str], settings: TileSettin
     )
 
 
-def completed_outcome(entry: Any, out_dir: str | os.PathLike[str] | OutLayout,
+def completed_outcome(entry: SlideEntry, out_dir: str | os.PathLike[str] | OutLayout,
                       settings: TileSettings | None = None) -> SlideOutcome | None:
     """A ``skipped`` outcome (with the patch count and level-0 mpp found in the file) when the slide's
     coordinates file is already complete, else None."""
@@ -222,7 +228,7 @@ def _mp_context() -> Any:
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def prepare_out(entries: Sequence[Any], layout: OutLayout, record: dict[str, dict[str, Any]], overwrite: bool,
+def prepare_out(entries: Sequence[SlideEntry], layout: OutLayout, record: dict[str, dict[str, Any]], overwrite: bool,
                 clean_older_than_s: float) -> None:
     """Everything a run does to OUT before its first slide: check the slide ids and OUT's settings record
     (UsageError, nothing written), record the settings, and remove temp files of killed runs (other hosts' live
@@ -246,7 +252,7 @@ class _TileRun:
         self.stop = False
         self.note = ClamReaderNote(runner.reporter, settings)
 
-    def ready(self, entry: Any) -> bool:
+    def ready(self, entry: SlideEntry) -> bool:
         """Lock the slide and check for complete outputs; True when the slide must be computed."""
         if not self.runner.begin(entry):  # another live process holds the slide's lock: accounted as skipped
             self.runner.finish(SlideOutcome.skipped(entry, HELD_BY_OTHERS))
@@ -267,7 +273,7 @@ class _TileRun:
 
 
 def run_tile(
-    entries: Sequence[Any],
+    entries: Sequence[SlideEntry],
     out_dir: str | os.PathLike[str],
     settings: TileSettings,
     workers: int = 1,
@@ -289,7 +295,7 @@ def run_tile(
                          DEFAULT_LOCK_TIMEOUT_S if lock_timeout is None else float(lock_timeout))
 
 
-def _run_tile(entries: Sequence[Any], out_dir: str | os.PathLike[str], settings: TileSettings, workers: int,
+def _run_tile(entries: Sequence[SlideEntry], out_dir: str | os.PathLike[str], settings: TileSettings, workers: int,
               reporter: Reporter, overwrite: bool, on_error: str, lock_timeout: float) -> int:
     from mstar_extract.pipeline.record import run_record
 
@@ -316,12 +322,13 @@ def _run_tile(entries: Sequence[Any], out_dir: str | os.PathLike[str], settings:
     return run.runner.close()
 
 
-def _run_pool(entries: Sequence[Any], out: Path, settings: TileSettings, n_workers: int, ready, record, stopped) -> None:
+def _run_pool(entries: Sequence[SlideEntry], out: Path, settings: TileSettings, n_workers: int,
+              ready: Callable[[SlideEntry], bool], record: Callable[[SlideOutcome], None], stopped: Callable[[], bool]) -> None:
     """Keep ``n_workers`` slides in flight; record outcomes as they complete; survive a dead worker."""
     from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
-    pending: Iterable[Any] = iter(entries)
+    pending: Iterator[SlideEntry] = iter(entries)
     in_flight: dict[Future, Any] = {}
     pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=_mp_context())
     try:
@@ -348,7 +355,7 @@ def _run_pool(entries: Sequence[Any], out: Path, settings: TileSettings, n_worke
                 except Exception as exc:  # noqa: BLE001
                     record(SlideOutcome.failed(entry, reason_of(exc)))
             if broken:
-                for fut, entry in list(in_flight.items()):
+                for entry in list(in_flight.values()):
                     record(SlideOutcome.failed(entry, "worker process died (killed, or out of memory)"))
                 in_flight.clear()
                 pool.shutdown(wait=False, cancel_futures=True)

@@ -17,15 +17,16 @@ import dataclasses
 import functools
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 from mstar_extract.errors import UsageError
 
 T = TypeVar("T")
 
 
-def opt(default: Any, help: str, choices: Iterable[Any] | None = None, source: str = "ours") -> Any:  # noqa: A002
+def opt(default: Any, help: str, choices: Iterable[Any] | None = None, source: str = "ours") -> Any:
     """A dataclass field with a default and documentation.
 
     ``source`` is ``"paper"`` when the value is what is known of mSTAR's paper, ``"ours"`` when the paper is
@@ -37,7 +38,7 @@ def opt(default: Any, help: str, choices: Iterable[Any] | None = None, source: s
     return dataclasses.field(default=default, metadata=meta)
 
 
-def section(cls: type, help: str) -> Any:  # noqa: A002
+def section(cls: type, help: str) -> Any:
     """A nested-dataclass field (a config section)."""
     return dataclasses.field(default_factory=cls, metadata={"help": help, "section": True})
 
@@ -54,7 +55,7 @@ def _is_optional(tp: Any) -> tuple[bool, Any]:
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) != len(typing.get_args(tp)):
-            return True, args[0] if len(args) == 1 else Union[tuple(args)]
+            return True, args[0] if len(args) == 1 else Union[tuple(args)]  # noqa: UP007 - built at run time from a tuple
     return False, tp
 
 
@@ -293,13 +294,18 @@ class TrainConfig:
     """Loop length, batch, precision, logging and checkpoint cadence."""
 
     epochs: int = opt(50, "Passes over the training split.")
-    max_steps: Optional[int] = opt(None, "Stop after this many optimisation steps in total (null = epochs decide).")
-    stop_after_steps: Optional[int] = opt(None, "Leave (with a checkpoint) after this many steps of this invocation; the schedule still spans the whole run. For wall-time-limited jobs: resume with --resume auto.")
+    max_steps: int | None = opt(None, "Stop after this many optimisation steps in total (null = epochs decide).")
+    stop_after_steps: int | None = opt(None, "Leave (with a checkpoint) after this many steps of this invocation; "
+                                             "the schedule still spans the whole run. For wall-time-limited jobs: "
+                                             "resume with --resume auto.")
     batch_size: int = opt(16, "Slides per process per step (global batch = batch_size × world size).")
-    precision: str = opt("auto", "auto = bf16 autocast on GPUs with bf16 hardware (compute capability >= 8.0), fp16 with a GradScaler on older GPUs (V100, T4), fp32 on CPU.", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = opt("auto", "auto = bf16 autocast on GPUs with bf16 hardware (compute capability >= 8.0), "
+                                 "fp16 with a GradScaler on older GPUs (V100, T4), fp32 on CPU.",
+                         choices=("auto", "bf16", "fp16", "fp32"))
     seed: int = opt(0, "Seed of model init, shuffling and patch sampling (identical on every rank).")
     num_workers: int = opt(4, "DataLoader worker processes per rank.")
-    cpu_threads: Optional[int] = opt(None, "torch intra-op threads per process when training on CPU (null = torch's default). 1 is fastest for tiny models on a busy machine.")
+    cpu_threads: int | None = opt(None, "torch intra-op threads per process when training on CPU (null = torch's default). "
+                                        "1 is fastest for tiny models on a busy machine.")
     log_every: int = opt(10, "Write a metrics line every N steps.")
     ckpt_every: int = opt(500, "Write a checkpoint every N steps (and always at the end).")
     keep_checkpoints: int = opt(3, "Keep only the newest N step checkpoints (0 = keep all).")

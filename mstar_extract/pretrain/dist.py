@@ -119,18 +119,18 @@ def _gather_padded(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         x = torch.cat([x, x.new_zeros((top - x.shape[0], *x.shape[1:]))], dim=0)
     parts = [torch.empty_like(x) for _ in sizes]
     dist.all_gather(parts, x.contiguous())
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)], dim=0)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)], dim=0)
 
 
 class _AllGatherGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, same_size: bool) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, same_size: bool) -> torch.Tensor:
         sizes = _gather_sizes(x.shape[0], x.device, same_size)
         ctx.sizes, ctx.rank = sizes, dist.get_rank()
         return _gather_padded(x, sizes)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])

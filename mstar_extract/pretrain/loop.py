@@ -14,21 +14,22 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from mstar_extract.console import Reporter
 from mstar_extract.errors import UsageError
-from mstar_extract.pretrain import checkpoint as ckpt
-from mstar_extract.pretrain import dist as D
+from mstar_extract.pretrain import checkpoint as ckpt, dist as D
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float, lr_scale: float = 1.0) -> list[dict[str, Any]]:
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+                 lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """Two AdamW groups (decay / no decay: biases, norms, embeddings, 1-d params, temperatures) at ``lr × lr_scale``."""
     decay, no_decay = [], []
     for name, p in named:
@@ -54,7 +55,8 @@ def build_optimizer(groups: list[dict[str, Any]], optim_cfg: Any) -> torch.optim
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int,
+                  min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Multiplier 0→1 linearly over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
 
     def factor(step: int) -> float:
@@ -121,7 +123,7 @@ def resolve_precision(precision: str, device: torch.device) -> AmpChoice:
     return choose_precision(precision, device.type, device.type == "cuda" and native_bf16(device))
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager[Any]:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
@@ -131,7 +133,7 @@ def to_floats(values: dict[str, Any]) -> dict[str, Any]:
     out = dict(values)
     if keys:
         stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
-        out.update(zip(keys, stacked.tolist()))
+        out.update(zip(keys, stacked.tolist(), strict=True))
     return out
 
 
@@ -263,7 +265,8 @@ class TrainLoop:
         if len(rngs) == self.info.world_size:
             ckpt.set_rng_state(rngs[self.info.rank])
         elif rngs:
-            self.reporter.warn(f"checkpoint was written by {len(rngs)} processes, this run has {self.info.world_size}: random streams restart")
+            self.reporter.warn(f"checkpoint was written by {len(rngs)} processes, "
+                               f"this run has {self.info.world_size}: random streams restart")
             ckpt.set_rng_state(rngs[0])
 
     # ------------------------------------------------------------------ one step

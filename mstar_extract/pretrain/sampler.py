@@ -8,7 +8,7 @@ check behind the two-process test), and ``start_batch`` skips batches already do
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler

@@ -33,6 +33,8 @@ import torch
 from mstar_extract.errors import MstarError, UsageError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
+
     from mstar_extract.pretrain.stage1.text import TextEncoder
 
 TEXT_FORMAT = "mstar-stage1-text"
@@ -40,7 +42,7 @@ TEXT_PREFIX = "text_encoder."
 PROJ_TEXT_PREFIX = "proj_text."
 
 
-def mlm_from_config(values: dict[str, Any]) -> torch.nn.Module:
+def mlm_from_config(values: dict[str, Any]) -> PreTrainedModel:
     """A freshly initialised ``AutoModelForMaskedLM`` of this config (seed 0, no download)."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
@@ -57,7 +59,7 @@ def mlm_from_config(values: dict[str, Any]) -> torch.nn.Module:
         return AutoModelForMaskedLM.from_config(config)
 
 
-def base_model(mlm: torch.nn.Module) -> torch.nn.Module:
+def base_model(mlm: PreTrainedModel) -> torch.nn.Module:
     """The encoder inside a masked-LM model (``mlm.bert`` for BERT)."""
     return getattr(mlm, mlm.base_model_prefix)
 
@@ -67,7 +69,7 @@ def config_dict(config: Any) -> dict[str, Any]:
     return json.loads(config.to_json_string(use_diff=False))
 
 
-def official_text_state(text: "TextEncoder") -> dict[str, torch.Tensor]:
+def official_text_state(text: TextEncoder) -> dict[str, torch.Tensor]:
     """``text_encoder.*`` (``AutoModelForMaskedLM`` names) and ``proj_text.*`` of a trained report encoder."""
     mlm = mlm_from_config(config_dict(text.encoder.config))
     base = base_model(mlm)
@@ -119,7 +121,7 @@ def load_tokenizer_files(files: dict[str, Any], where: str) -> Any:
             raise MstarError(f"{where}: cannot rebuild the tokenizer ({first_line(exc)})") from None
 
 
-def text_meta(text: "TextEncoder", tokenizer: Any, model_name: str, max_tokens: int) -> dict[str, Any]:
+def text_meta(text: TextEncoder, tokenizer: Any, model_name: str, max_tokens: int) -> dict[str, Any]:
     """The ``text`` entry of a text export (see the module docstring)."""
     return {
         "model": str(model_name),
@@ -132,7 +134,7 @@ def text_meta(text: "TextEncoder", tokenizer: Any, model_name: str, max_tokens: 
     }
 
 
-def text_export(text: "TextEncoder", tokenizer: Any, model_name: str, max_tokens: int,
+def text_export(text: TextEncoder, tokenizer: Any, model_name: str, max_tokens: int,
                 meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """The content of ``text_mstar.pth``."""
     return {"format": TEXT_FORMAT, "version": 1, "model_state_dict": official_text_state(text),

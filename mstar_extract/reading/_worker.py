@@ -46,7 +46,8 @@ def warm_up() -> None:  # pragma: no cover - child
             pass
 
 
-def worker_main(tasks: Any, results: Any, shm_name: str | None, n_slots: int, opts: WorkerOptions) -> None:  # pragma: no cover - child
+def worker_main(tasks: Any, results: Any, shm_name: str | None, n_slots: int,
+                opts: WorkerOptions) -> None:  # pragma: no cover - child
     """Worker loop: receive ``(seq, chunk, slot, path, backend, meta_plan, coords)``, answer one message each."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -85,7 +86,7 @@ def worker_main(tasks: Any, results: Any, shm_name: str | None, n_slots: int, op
                             skip_bad_patches=opts.skip_bad_patches, tile_cache_mb=opts.tile_cache_mb,
                             decode=opts.decode)  # type: ignore[arg-type]
             _ = r.slide  # open now: an unreadable file fails here, once per job and worker
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             readers[seq] = exc
             raise
         readers[seq] = r

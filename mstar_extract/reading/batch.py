@@ -33,7 +33,7 @@ class PatchBatch:
     def __len__(self) -> int:
         return int(self.indices.shape[0])
 
-    def copy(self) -> "PatchBatch":
+    def copy(self) -> PatchBatch:
         """A batch that owns its memory (safe to keep after the pool moves on)."""
         return PatchBatch(self.indices.copy(), self.pixels.copy(), self.coords.copy(), self.bad_indices.copy(),
                           list(self.bad_reasons))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,8 @@ class ReadBenchResult:
 
 
 def bench_read(jobs: Sequence[SlideJob], workers: int = 1, batch_size: int = 256, out_size: int = DEFAULT_OUT_SIZE,
-               method: str = "auto", decode: str = "full", on_slide: Callable[[dict[str, Any]], None] | None = None) -> ReadBenchResult:
+               method: str = "auto", decode: str = "full",
+               on_slide: Callable[[dict[str, Any]], None] | None = None) -> ReadBenchResult:
     """Time producing every model-ready uint8 patch of ``jobs`` with a :class:`ReaderPool`.
 
     ``method="naive"`` times :func:`read_patches_naive` (one ``read_region`` per patch) in this process instead.

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def _frames(bot: list[int], pieces: list[tuple[int, int]], n_frames: int) -> lis
     first = pieces[0][0] - 8
     rel = [off - 8 - first for off, _ in pieces]
     bounds = list(bot) + [rel[-1] + 1]
-    frames = [tuple(p for r, p in zip(rel, pieces) if bounds[k] <= r < bounds[k + 1]) for k in range(n_frames)]
+    frames = [tuple(p for r, p in zip(rel, pieces, strict=True) if bounds[k] <= r < bounds[k + 1]) for k in range(n_frames)]
     return frames if all(frames) else None
 
 
@@ -113,7 +114,7 @@ class DicomFrameSource:
     def __init__(self, path: Path, frames: list[Frame], size: tuple[int, int], tile: tuple[int, int],
                  decode: Callable[[bytes], np.ndarray], cache_bytes: int) -> None:
         self.path = path
-        self._fh = open(path, "rb")  # noqa: SIM115 - owned, closed by close()
+        self._fh = open(path, "rb")  # owned, closed by close()
         self._frames = frames
         self.width, self.height = size
         self.tile_w, self.tile_h = tile
@@ -128,7 +129,7 @@ class DicomFrameSource:
 
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, slide: Any, level: int, cache_mb: float = 128) -> "DicomFrameSource | None":
+    def open(cls, slide: Any, level: int, cache_mb: float = 128) -> DicomFrameSource | None:
         """A frame source for ``level`` of the open DICOM ``slide`` (OpenSlide, vendor ``dicom``), or None when
         its frames cannot be read here or do not decode to exactly OpenSlide's pixels."""
         if getattr(slide, "backend", None) != "openslide" or getattr(slide, "vendor", None) != "dicom":
@@ -148,7 +149,7 @@ class DicomFrameSource:
         return src
 
     @classmethod
-    def _build(cls, path: Path, size: tuple[int, int], cache_bytes: int) -> "DicomFrameSource | None":
+    def _build(cls, path: Path, size: tuple[int, int], cache_bytes: int) -> DicomFrameSource | None:
         import pydicom
 
         from mstar_extract.slides.dicom import series_of

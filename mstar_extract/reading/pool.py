@@ -35,18 +35,24 @@ import signal
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from mstar_extract.errors import MstarError, SlideError
-from mstar_extract.reading.batch import PatchBatch
 from mstar_extract.reading._worker import ERRORS, WorkerOptions, error_message, worker_main
+from mstar_extract.reading.batch import PatchBatch
 from mstar_extract.reading.reader import DEFAULT_OUT_SIZE, PatchReader, grid_order
 from mstar_extract.tiling import ReadPlan
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.context import ForkContext, ForkServerContext, SpawnContext
+    from multiprocessing.shared_memory import SharedMemory
 
 log = logging.getLogger("mstar.reading")
 
@@ -129,7 +135,7 @@ class SlideStream:
     After iteration: ``bad_indices``/``bad_reasons`` (patches dropped with ``skip_bad_patches``), ``n_bad``.
     """
 
-    def __init__(self, pool: "ReaderPool", seq: int, job: SlideJob) -> None:
+    def __init__(self, pool: ReaderPool, seq: int, job: SlideJob) -> None:
         self._pool = pool
         self.seq = seq
         self.job = job
@@ -158,7 +164,7 @@ def _main_module_hidden() -> Iterator[None]:
     if main is None:
         yield
         return
-    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    saved: dict[str, Any] = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
     main.__dict__.pop("__file__", None)
     main.__dict__["__spec__"] = None
     try:
@@ -213,14 +219,16 @@ class ReaderPool:
         self._errors: dict[int, SlideError] = {}
         self._free: list[int] = list(range(self.n_slots))
         self._closed = False
-        self._shm = None
+        self._shm: SharedMemory | None = None
         self._slots: np.ndarray | None = None
         self._workers: list[_Worker] = []
         self._deaths = 0
         self._answers = 0
         if self.workers == 0:
             return
-        self._ctx = mp.get_context(mp_context or ("forkserver" if sys.platform.startswith("linux") else "spawn"))
+        # typeshed types a context picked by a run-time name as BaseContext, which lacks Process; every real one has it
+        self._ctx = cast("SpawnContext | ForkServerContext | ForkContext",
+                         mp.get_context(mp_context or ("forkserver" if sys.platform.startswith("linux") else "spawn")))
         if transport == "shm":
             self._open_ring(out_size)
         self._workers = [self._start_worker() for _ in range(self.workers)]
@@ -379,10 +387,10 @@ class ReaderPool:
         dead: set[int] = set()
         for obj in ready:
             if obj in conns:
-                wid = conns[obj]
+                wid, conn = conns[obj], cast("Connection", obj)
                 try:
-                    while obj.poll():
-                        self._file(wid, obj.recv())
+                    while conn.poll():
+                        self._file(wid, conn.recv())
                 except (EOFError, OSError):
                     dead.add(wid)
             else:
@@ -439,8 +447,8 @@ class ReaderPool:
         for c, rows in enumerate(self._chunks.get(seq, [])):
             while True:
                 if seq in self._errors:
-                    for msg in self._pending.pop(seq, {}).values():
-                        self._free.append(msg[3])
+                    for held in self._pending.pop(seq, {}).values():
+                        self._free.append(held[3])
                     stream.error = self._errors[seq]
                     stream.finished = True
                     raise stream.error
@@ -475,7 +483,7 @@ class ReaderPool:
             stream.error = exc
             stream.finished = True
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             kind, epath, reason = error_message(exc, job.path)
             stream.error = ERRORS[kind](epath, reason)
             stream.finished = True
@@ -528,7 +536,7 @@ class ReaderPool:
                 pass
             self._shm = None
 
-    def __enter__(self) -> "ReaderPool":
+    def __enter__(self) -> ReaderPool:
         return self
 
     def __exit__(self, *exc: object) -> None:

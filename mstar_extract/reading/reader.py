@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -210,7 +211,7 @@ class PatchReader:
             self._slide.close()
             self._slide = None
 
-    def __enter__(self) -> "PatchReader":
+    def __enter__(self) -> PatchReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -256,11 +257,12 @@ class PatchReader:
         if m:
             pixels[:m] = pixels[good_pos]
         bad_rows = indices[bad_pos]
-        for row, msg in zip(bad_rows.tolist(), msgs):
+        for row, msg in zip(bad_rows.tolist(), msgs, strict=True):
             self.bad.append((int(row), msg))
         return PatchBatch(indices[good_pos], pixels[:m], coords[good_pos], bad_rows, msgs)
 
-    def read_coords(self, coords: np.ndarray, out: np.ndarray | None = None, *, _keep: bool = False) -> tuple[np.ndarray, list[str]]:
+    def read_coords(self, coords: np.ndarray, out: np.ndarray | None = None, *,
+                    _keep: bool = False) -> tuple[np.ndarray, list[str]]:
         """Low level: read patches with level-0 top-left ``coords`` (B, 2) into ``out[k]`` (B, S, S, 3) uint8.
 
         Returns ``ok`` (B,) bool and one message per failed patch; failed rows of ``out`` are undefined.
@@ -354,7 +356,7 @@ class PatchReader:
 
     def _read_regions(self, c0: np.ndarray, lc: np.ndarray, out: np.ndarray, ok: np.ndarray, reasons: dict[int, str]) -> None:
         r, level = self.plan.read_size, self.plan.level
-        for x, y, w, h, members in row_regions(lc, r, self.max_region_px):
+        for x, _y, w, h, members in row_regions(lc, r, self.max_region_px):
             loc0 = (int(c0[members[0], 0]), int(c0[members[0], 1]))
             try:
                 region = self._backend_read(loc0, level, (w, h)) if len(members) > 1 else None

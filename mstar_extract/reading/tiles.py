@@ -81,7 +81,7 @@ class TiffTileSource:
     # -- construction -------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike, level_size: tuple[int, int], cache_mb: float = 128,
-             scale: int = 1) -> "TiffTileSource | None":
+             scale: int = 1) -> TiffTileSource | None:
         """A source for the tiled page of ``path`` whose size is ``level_size`` (w, h), or None if unsupported."""
         try:
             import tifffile
@@ -298,4 +298,4 @@ def _to_array(core: Any) -> np.ndarray:
     """A PIL core RGB image as a new (h, w, 3) uint8 array."""
     from PIL import Image
 
-    return np.asarray(Image.Image()._new(core))  # noqa: SLF001 - wrap the core image without a copy
+    return np.asarray(Image.Image()._new(core))  # wrap the core image without a copy

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mstar_extract.report.cache import Listing, input_signature, key_of, load_cache, save_cache
 from mstar_extract.report.layout import PageLinks, run_path

@@ -90,7 +90,8 @@ def _geometry(facts: dict[str, Any], root: dict[str, Any], ds: dict[str, Any]) -
 
 def mask_facts(settings: dict[str, Any]) -> dict[str, Any]:
     """Tissue area (mm²), ink fraction and mpp source from the recorded settings (older files: derived)."""
-    mask = settings.get("mask") if isinstance(settings.get("mask"), dict) else {}
+    mask_group = settings.get("mask")
+    mask = mask_group if isinstance(mask_group, dict) else {}
     area = mask.get("tissue_area_mm2")
     shape, mpp, frac = mask.get("mask_shape"), mask.get("mask_mpp"), mask.get("tissue_fraction")
     if area is None and shape and mpp and frac is not None:

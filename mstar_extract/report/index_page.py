@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mstar_extract.report.htmlutil import duration, esc, json_for_script, num, status_badge
 from mstar_extract.report.layout import ASSETS_DIR, asset_name

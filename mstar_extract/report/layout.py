@@ -14,8 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from mstar_extract.store.layout import REPORT_ASSETS_DIR as ASSETS_DIR
-from mstar_extract.store.layout import REPORT_NAME, OutLayout
+from mstar_extract.store.layout import REPORT_ASSETS_DIR as ASSETS_DIR, REPORT_NAME, OutLayout
 
 _RUN_FILES = ("manifest", "report", "assets")
 _ASSET_FIXED = {"cache": "cache.json", "pca": "pca.npz", "lock": ".lock", "css": "report.css", "js": "report.js"}

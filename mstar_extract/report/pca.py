@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -63,9 +63,9 @@ class Basis:
         return self.n_bags < FREEZE_BAGS and n_bags >= 2 * self.n_bags
 
     def save(self, path: Path) -> None:
-        from mstar_extract.report.files import write_bytes
-
         import io
+
+        from mstar_extract.report.files import write_bytes
 
         buf = io.BytesIO()
         np.savez(buf, mean=self.mean, components=self.components, lo=self.lo, hi=self.hi,
@@ -73,7 +73,7 @@ class Basis:
         write_bytes(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: Path) -> "Basis | None":
+    def load(cls, path: Path) -> Basis | None:
         try:
             with np.load(path) as z:
                 return cls(z["mean"], z["components"], z["lo"], z["hi"], str(z["fingerprint"]), int(z["n_bags"]),
@@ -82,7 +82,7 @@ class Basis:
             return None
 
 
-def _sample_bag(path: os.PathLike[str], k: int, rng: np.random.Generator) -> np.ndarray | None:
+def _sample_bag(path: str | os.PathLike[str], k: int, rng: np.random.Generator) -> np.ndarray | None:
     import h5py
 
     try:

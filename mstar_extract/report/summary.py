@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 FEW_PATCHES_RATIO = 0.25
 """A slide is flagged ``few patches`` below this fraction of the run's median patch count ..."""
@@ -61,7 +62,7 @@ def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return merged
 
 
-def _busy_clock(merged: list[tuple[float, float]]):
+def _busy_clock(merged: list[tuple[float, float]]) -> Callable[[float], float]:
     """A function: time -> seconds with some slide in progress between the run's start and that time."""
     import bisect
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 W, H, PAD_L, PAD_B, PAD_T, PAD_R = 520, 140, 56, 26, 10, 12
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mstar_extract.errors import SlideOpenError, UsageError
 from mstar_extract.slides.base import Level, MppSource, Slide

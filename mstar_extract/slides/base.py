@@ -125,7 +125,7 @@ class Slide(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def __enter__(self) -> "Slide":
+    def __enter__(self) -> Slide:
         return self
 
     def __exit__(self, *exc: object) -> None:

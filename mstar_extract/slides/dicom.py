@@ -28,6 +28,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 log = logging.getLogger("mstar")
 
@@ -112,7 +113,7 @@ def read_instance(path: Path) -> DicomInstance | None:
     return DicomInstance(path, str(ds.SeriesInstanceUID), flavor, width, height, container)
 
 
-def _usable_container(cid: str | None) -> bool:
+def _usable_container(cid: str | None) -> TypeGuard[str]:
     return cid is not None and cid.strip().lower() not in PLACEHOLDER_IDS and "/" not in cid
 
 
@@ -125,8 +126,9 @@ def _assign_ids(folder: Path, groups: dict[str, list[DicomInstance]]) -> tuple[D
     draft = [DicomSeries(uid, folder, tuple(insts), uid) for uid, insts in groups.items()]
     counts: dict[str, int] = {}
     for s in draft:
-        if _usable_container(s.container_id):
-            counts[s.container_id] = counts.get(s.container_id, 0) + 1  # type: ignore[index]
+        cid = s.container_id
+        if _usable_container(cid):
+            counts[cid] = counts.get(cid, 0) + 1
     for s in draft:
         cid = s.container_id
         sid = cid if cid is not None and _usable_container(cid) and counts.get(cid) == 1 else s.uid

@@ -222,14 +222,14 @@ def check_tiff_structure(path: Path, size: int) -> None:
                 n_pages += 1
                 offsets = getattr(page, "dataoffsets", ()) or ()
                 counts = getattr(page, "databytecounts", ()) or ()
-                for off, cnt in zip(offsets, counts):
+                for off, cnt in zip(offsets, counts, strict=False):  # a damaged file may list more of one
                     if cnt and off + cnt > end:
                         end = off + cnt
             if n_pages == 0:
                 raise SlideOpenError(path, "TIFF file has no images")
     except SlideOpenError:
         raise
-    except Exception as exc:  # noqa: BLE001 - tifffile raises many types for broken files
+    except Exception as exc:  # tifffile raises many types for broken files
         raise SlideOpenError(path, f"corrupt TIFF structure ({type(exc).__name__}: {exc})") from exc
     if end > size:
         raise SlideOpenError(

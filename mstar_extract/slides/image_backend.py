@@ -49,7 +49,7 @@ def _header(path: Path) -> tuple[tuple[int, int], dict[str, str]]:
                 props.update({"tiff.XResolution": str(float(dpi[0])), "tiff.YResolution": str(float(dpi[1])),
                               "tiff.ResolutionUnit": "inch"})
             return (int(im.size[0]), int(im.size[1])), props
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken images
+    except Exception as exc:  # PIL raises many types for broken images
         raise SlideOpenError(path, f"cannot read image ({type(exc).__name__}: {exc})") from exc
 
 
@@ -70,7 +70,7 @@ def _decode(path: Path) -> np.ndarray:
             if im.mode not in ("RGB", "RGBA"):
                 im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
             arr = np.asarray(im)
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types for broken images
+    except Exception as exc:  # PIL raises many types for broken images
         raise SlideOpenError(path, f"cannot read image ({type(exc).__name__}: {exc})") from exc
     return rgba_to_rgb_on_white(arr)
 

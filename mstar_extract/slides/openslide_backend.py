@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,8 +13,11 @@ from mstar_extract.slides._pixels import rgba_to_rgb_on_white
 from mstar_extract.slides.base import Level, Slide
 from mstar_extract.slides.resolution import resolve
 
+if TYPE_CHECKING:
+    import openslide
 
-def _open(path: Path):  # noqa: ANN202 - returns openslide.OpenSlide
+
+def _open(path: Path) -> openslide.OpenSlide:
     import openslide
 
     try:
@@ -37,7 +41,7 @@ class OpenSlideSlide(Slide):
         self.properties = {str(k): str(v) for k, v in osr.properties.items()}
         self.vendor = self.properties.get("openslide.vendor")
         self.levels = tuple(
-            Level(int(w), int(h), float(ds)) for (w, h), ds in zip(osr.level_dimensions, osr.level_downsamples)
+            Level(int(w), int(h), float(ds)) for (w, h), ds in zip(osr.level_dimensions, osr.level_downsamples, strict=True)
         )
         res = resolve(self.properties, mpp)
         self.mpp_x, self.mpp_y, self.mpp_source = res.mpp_x, res.mpp_y, res.source  # type: ignore[assignment]

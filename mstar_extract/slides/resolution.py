@@ -26,6 +26,10 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from xml.etree.ElementTree import Element
 
 MPP_MIN = 0.01
 MPP_MAX = 50.0
@@ -87,7 +91,7 @@ def mpp_from_tiff_resolution(x_res: object, y_res: object, unit: object) -> tupl
     return mx, my
 
 
-def _ome_root(text: object):  # noqa: ANN202 - an ElementTree element or None
+def _ome_root(text: object) -> Element | None:
     if not isinstance(text, str) or "<OME" not in text[:4096]:
         return None
     import xml.etree.ElementTree as ET
@@ -98,11 +102,11 @@ def _ome_root(text: object):  # noqa: ANN202 - an ElementTree element or None
         return None
 
 
-def _first(root, local: str):  # noqa: ANN001, ANN202
+def _first(root: Element, local: str) -> Element | None:
     return next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == local), None)
 
 
-def _ome_size(pixels, axis: str) -> float | None:  # noqa: ANN001
+def _ome_size(pixels: Element, axis: str) -> float | None:
     value = _float(pixels.get(f"PhysicalSize{axis}"))
     unit = pixels.get(f"PhysicalSize{axis}Unit", "µm")
     factor = OME_UNIT_UM.get(unit.strip())

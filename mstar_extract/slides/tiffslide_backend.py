@@ -43,14 +43,14 @@ class TiffSlideSlide(Slide):
                 props = dict(ts.properties)
                 dims, dss = ts.level_dimensions, ts.level_downsamples
                 associated = tuple(sorted(ts.associated_images))
-        except Exception as exc:  # noqa: BLE001 - tifffile/zarr raise many types for non-slides
+        except Exception as exc:  # tifffile/zarr raise many types for non-slides
             if ts is not None:  # opened but unusable: do not leak the file handle
                 ts.close()
             raise SlideOpenError(self.path, f"tiffslide cannot open it ({type(exc).__name__}: {exc})") from exc
         self._ts = ts
         self.properties = {str(k): str(v) for k, v in props.items() if v is not None}
         self.vendor = self.properties.get("tiffslide.vendor")
-        self.levels = tuple(Level(int(w), int(h), float(ds)) for (w, h), ds in zip(dims, dss))
+        self.levels = tuple(Level(int(w), int(h), float(ds)) for (w, h), ds in zip(dims, dss, strict=True))
         res = resolve(self.properties, mpp)
         self.mpp_x, self.mpp_y, self.mpp_source = res.mpp_x, res.mpp_y, res.source  # type: ignore[assignment]
         self.objective_magnification = res.magnification
@@ -61,7 +61,7 @@ class TiffSlideSlide(Slide):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 arr = self._ts.read_region(location, level, size, as_array=True, padding=True)
-        except Exception as exc:  # noqa: BLE001 - imagecodecs/zarr errors on corrupt tiles
+        except Exception as exc:  # imagecodecs/zarr errors on corrupt tiles
             raise ReadError(
                 self.path, f"cannot decode region at level-0 ({location[0]}, {location[1]}), level {level}, "
                 f"size {size[0]}x{size[1]}: {type(exc).__name__}: {exc}"

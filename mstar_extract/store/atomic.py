@@ -19,9 +19,10 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 TMP_SUFFIX = ".tmp"
 
@@ -122,7 +123,7 @@ def _errno_of(exc: BaseException) -> int | None:
     if isinstance(exc, OSError) and code in DISK_ERRNOS:
         return int(code)
     text = str(exc)
-    for code, name in DISK_ERRNOS.items():
+    for code in DISK_ERRNOS:
         if _HDF5_ERRNO[0].format(code) in text or _HDF5_ERRNO[1].format(os.strerror(code)) in text:
             return code
     return None

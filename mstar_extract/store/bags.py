@@ -23,10 +23,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -129,7 +130,7 @@ def _from_attr(key: str, value: Any) -> Any:
 
 
 def bag_attrs(
-    plan: "ReadPlan",
+    plan: ReadPlan,
     *,
     slide_id: str,
     slide_path: str | os.PathLike[str],

@@ -52,9 +52,10 @@ from __future__ import annotations
 import os
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import quote
 
 from mstar_extract.errors import UsageError
@@ -377,8 +378,9 @@ def layout_from_record(out_dir: str | os.PathLike[str], record: Mapping[str, Any
     ``output`` group's layout and folder context, the ``features`` group's model. A record without an ``output``
     group predates layouts: ``mstar``."""
     record = record or {}
-    out = record.get("output") if isinstance(record.get("output"), Mapping) else {}
-    feats = record.get("features") if isinstance(record.get("features"), Mapping) else {}
+    output_group, features_group = record.get("output"), record.get("features")
+    out = output_group if isinstance(output_group, Mapping) else {}
+    feats = features_group if isinstance(features_group, Mapping) else {}
     context = LayoutContext(magnification=out.get("magnification"), patch_size=out.get("patch_size"),
                             overlap=out.get("overlap"), model=feats.get("model"))
     return make_layout(out_dir, str(out.get("layout", "mstar")), context)

@@ -18,8 +18,9 @@ only, since the coordinates bring their own geometry), key by key, only keys bot
 version adds is filled in, never a reason to refuse). A group the record lacks is added (``tile`` then
 ``extract`` on one OUT: ``extract`` adds ``features``); a record without ``output`` was written before layouts
 existed, so it stands for ``{"layout": "mstar"}``. With ``--overwrite`` the run's groups replace the recorded
-ones, except the layout: the files of two layouts never share one OUT (:data:`FIXED_KEYS`). Updates are atomic and serialised by a short lock (``.mstar_settings
-.json.lock``), so two jobs starting together on an empty OUT with different settings cannot both proceed.
+ones, except the layout: the files of two layouts never share one OUT (:data:`FIXED_KEYS`). Updates are atomic
+and serialised by a short lock (``.mstar_settings.json.lock``), so two jobs starting together on an empty OUT
+with different settings cannot both proceed.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any
 
 from mstar_extract.errors import RunError, UsageError
 from mstar_extract.store.atomic import write_text_atomic

@@ -59,13 +59,15 @@ def write_sparse_tiff(path: str | os.PathLike, width: int, height: int, tile: in
 
 def write_flat_tiff(path: str | os.PathLike, width: int, height: int, tile: int = 512, mpp: float = 0.25) -> Path:
     """A ``width x height`` tiled JPEG TIFF, one level (no pyramid), every tile the same H&E texture crop."""
+    import cv2
     import tifffile
 
     from mstar_extract.testing.scene import TEXTURE_PATH
 
-    import cv2
-
-    texture = cv2.imread(str(TEXTURE_PATH))[:, :, ::-1]
+    bgr = cv2.imread(str(TEXTURE_PATH))
+    if bgr is None:
+        raise FileNotFoundError(f"{TEXTURE_PATH}: cannot read the texture image")
+    texture = bgr[:, :, ::-1]
     reps = (math.ceil(tile / texture.shape[0]), math.ceil(tile / texture.shape[1]), 1)
     crop = np.ascontiguousarray(np.tile(texture, reps)[:tile, :tile])
     n = math.ceil(width / tile) * math.ceil(height / tile)

@@ -37,13 +37,18 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mstar_extract.testing.scene import Scene, random_scene, render_region, render_truth
+
+if TYPE_CHECKING:
+    import tifffile
+    from pydicom import Dataset
 
 TRUTH_MPP = 4.0
 APERIO_HEAD = "Aperio Image Library v12.0.15"
@@ -68,7 +73,8 @@ class FixtureSlide:
 def save_truth(path: Path, scene: Scene, slide_mpp: float, mpp: float = TRUTH_MPP) -> Path:
     """Write the scene's ground-truth masks (see module docstring) to ``path`` (.npz)."""
     masks = render_truth(scene, mpp)
-    np.savez_compressed(path, mpp=np.float64(mpp), slide_mpp=np.float64(slide_mpp), **masks)
+    arrays: dict[str, Any] = {"mpp": np.float64(mpp), "slide_mpp": np.float64(slide_mpp), **masks}
+    np.savez_compressed(path, **arrays)
     return path
 
 
@@ -76,8 +82,8 @@ def load_truth(path: str | os.PathLike) -> dict[str, np.ndarray | float]:
     """Read a ``.truth.npz``: boolean masks plus ``mpp`` and ``slide_mpp`` as floats."""
     with np.load(path) as z:
         out: dict[str, np.ndarray | float] = {k: z[k] for k in z.files}
-    out["mpp"] = float(out["mpp"])  # type: ignore[arg-type]
-    out["slide_mpp"] = float(out["slide_mpp"])  # type: ignore[arg-type]
+    out["mpp"] = float(out["mpp"])
+    out["slide_mpp"] = float(out["slide_mpp"])
     return out
 
 
@@ -98,9 +104,11 @@ def _tiles(scene: Scene, mpp: float, width: int, height: int, tile: int) -> Iter
             yield out
 
 
-def _write_tiled(tw, scene: Scene, mpp: float, size: tuple[int, int], tile: int, quality: int, stream: bool, **kw) -> None:
+def _write_tiled(tw: tifffile.TiffWriter, scene: Scene, mpp: float, size: tuple[int, int], tile: int, quality: int,
+                 stream: bool, **kw: Any) -> None:
     w, h = size
-    common = dict(tile=(tile, tile), compression="jpeg", compressionargs={"level": quality}, photometric="rgb", metadata=None)
+    common: dict[str, Any] = dict(tile=(tile, tile), compression="jpeg", compressionargs={"level": quality}, photometric="rgb",
+                                  metadata=None)
     if stream:
         tw.write(_tiles(scene, mpp, w, h, tile), shape=(h, w, 3), dtype=np.uint8, **common, **kw)
     else:
@@ -145,7 +153,7 @@ def make_svs(
         th, tw_ = thumb.shape[:2]
         tw.write(thumb, compression="jpeg", compressionargs={"level": 90}, photometric="rgb", metadata=None,
                  rowsperstrip=16, description=f"{APERIO_HEAD} \r\n{w0}x{h0} -> {tw_}x{th} - {tail}")
-        for ds, (lw, lh) in zip(levels[1:], sizes[1:]):
+        for ds, (lw, lh) in zip(levels[1:], sizes[1:], strict=True):
             desc = f"{APERIO_HEAD} \r\n{w0}x{h0} [0,0 {w0}x{h0}] ({tile}x{tile}) -> {lw}x{lh} JPEG/RGB Q={quality}{tail}"
             _write_tiled(tw, scene, mpp * ds, (lw, lh), tile, quality, stream,
                          description=desc, subfiletype=0)
@@ -173,7 +181,7 @@ def make_tiff(
     path = Path(path)
     w0, h0 = scene.size_at(mpp)
     with tifffile.TiffWriter(path) as tw:
-        for i, (ds, size) in enumerate(zip(levels, _level_sizes(w0, h0, levels))):
+        for i, (ds, size) in enumerate(zip(levels, _level_sizes(w0, h0, levels), strict=True)):
             _write_tiled(tw, scene, mpp * ds, size, tile, quality, False, subfiletype=1 if i else 0)
     return path
 
@@ -211,7 +219,8 @@ def make_truncated_svs(path: str | os.PathLike, scene: Scene, mpp: float = 0.25)
     return path
 
 
-def make_corrupt_tile_tiff(path: str | os.PathLike, scene: Scene, mpp: float = 0.5, tile: int = 256) -> tuple[Path, tuple[int, int, int, int]]:
+def make_corrupt_tile_tiff(path: str | os.PathLike, scene: Scene, mpp: float = 0.5,
+                           tile: int = 256) -> tuple[Path, tuple[int, int, int, int]]:
     """A pyramidal TIFF whose structure is valid but one level-0 JPEG tile (in the middle, on tissue when
     possible) holds garbage bytes. Returns the path and the tile's level-0 box (x, y, w, h)."""
     import tifffile
@@ -268,7 +277,7 @@ def make_dicom(svs: str | os.PathLike, folder: str | os.PathLike, *, jpeg2000: b
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
-    def post(ds, _meta):  # noqa: ANN001, ANN202 - wsidicomizer's metadata post-processor callback
+    def post(ds: Dataset, _meta: Any) -> Dataset:  # wsidicomizer's metadata post-processor callback
         if container_id is not None:
             ds.ContainerIdentifier = container_id
         if objective_power is not None and "OpticalPathSequence" in ds:
@@ -300,8 +309,8 @@ def make_ome_tiff(svs: str | os.PathLike, path: str | os.PathLike, *, unit: str 
         levels = [p for p in src.pages if p.is_tiled]
         fh = src.filehandle
 
-        def tiles(page):  # noqa: ANN001, ANN202
-            for off, cnt in zip(page.dataoffsets, page.databytecounts):
+        def tiles(page: tifffile.TiffPage) -> Iterator[bytes]:
+            for off, cnt in zip(page.dataoffsets, page.databytecounts, strict=True):
                 fh.seek(off)
                 yield fh.read(cnt)
 

@@ -17,8 +17,9 @@ can be compared with it. Plain images, which OpenSlide cannot open, are read wit
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +67,7 @@ class ReferenceSlide:
         if self._osr is not None:
             self._osr.close()
 
-    def __enter__(self) -> "ReferenceSlide":
+    def __enter__(self) -> ReferenceSlide:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -128,12 +128,13 @@ def _pen_strokes(rng: np.random.Generator, W: float, H: float, blobs: list[Blob]
     strokes: list[Stroke] = []
     xs = np.linspace(0.12 * W, 0.88 * W, 40)
     ys = 0.88 * H + 0.025 * H * np.sin(xs / W * 5 * math.pi + float(rng.uniform(0, 6)))
-    strokes.append(Stroke(tuple(zip(xs.tolist(), ys.tolist())), pen_w, "green"))
+    strokes.append(Stroke(tuple(zip(xs.tolist(), ys.tolist(), strict=True)), pen_w, "green"))
     if blobs:
         b = blobs[0]
         t = np.linspace(0.3, 0.3 + 1.6 * math.pi, 60)
         rr = 1.18 * b.radius * (1 + 0.05 * np.sin(3 * t))
-        strokes.append(Stroke(tuple(zip((b.cx + rr * np.cos(t)).tolist(), (b.cy + rr * np.sin(t)).tolist())), pen_w, "blue"))
+        ring = zip((b.cx + rr * np.cos(t)).tolist(), (b.cy + rr * np.sin(t)).tolist(), strict=True)
+        strokes.append(Stroke(tuple(ring), pen_w, "blue"))
         b = blobs[min(1, len(blobs) - 1)]
         strokes.append(Stroke(((b.cx + 0.1 * b.radius, b.cy + 0.2 * b.radius), (b.cx + 0.45 * b.radius, b.cy + 1.5 * b.radius)),
                               pen_w, "black"))

@@ -17,7 +17,7 @@ class TissueContour:
     outer: np.ndarray
     holes: list[np.ndarray] = field(default_factory=list)
 
-    def scaled(self, fx: float, fy: float) -> "TissueContour":
+    def scaled(self, fx: float, fy: float) -> TissueContour:
         """The same contour with x multiplied by ``fx`` and y by ``fy`` (e.g. level-0 -> mask pixels)."""
         f = np.array([fx, fy], dtype=np.float64)
         return TissueContour(self.outer * f, [h * f for h in self.holes])
@@ -43,15 +43,15 @@ def find_contours(
     px_area = mpp * mpp
     out: list[tuple[np.ndarray, list[np.ndarray]]] = []
     for i in np.flatnonzero(hier[:, 3] == -1):
-        outer = contours[i]
+        outer = contours[int(i)]
         holes_idx = np.flatnonzero(hier[:, 3] == i)
-        hole_areas = [cv2.contourArea(contours[j]) for j in holes_idx]
+        hole_areas = [cv2.contourArea(contours[int(j)]) for j in holes_idx]
         net = cv2.contourArea(outer) + _boundary_area(outer) - float(np.sum(hole_areas))
         if net * px_area < min_area_um2:
             continue
         holes = []
-        for j, a in zip(holes_idx, hole_areas):
-            hole = contours[j]
+        for j, a in zip(holes_idx, hole_areas, strict=True):
+            hole = contours[int(j)]
             keep = a * px_area >= min_hole_um2
             if not keep and force_hole is not None:
                 x, y, w, h = cv2.boundingRect(hole)
@@ -85,7 +85,7 @@ def rasterize(
             cv2.drawContours(holes, [h.reshape(-1, 1, 2).astype(np.int32)], -1, 1, thickness=cv2.FILLED)
     # hole interiors (not their boundary pixels, which belong to tissue)
     if holes.any():
-        for o, hs in contours:
+        for _outer, hs in contours:
             for h in hs:
                 cv2.drawContours(holes, [h.reshape(-1, 1, 2).astype(np.int32)], -1, 0, thickness=1)
     holes_b = holes.astype(bool) & outer.astype(bool)

@@ -15,11 +15,11 @@ import numpy as np
 
 from mstar_extract.errors import SlideError
 from mstar_extract.slides.base import Slide
+from mstar_extract.slides.downsample import read_downsampled
 from mstar_extract.tissue.contours import find_contours, rasterize_level0, to_level0
 from mstar_extract.tissue.geojson import read_geojson_contours
 from mstar_extract.tissue.params import SegmentationParams
 from mstar_extract.tissue.result import TissueMask
-from mstar_extract.slides.downsample import read_downsampled
 
 GEOJSON_EXT = (".geojson", ".json")
 IMAGE_EXT = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -83,7 +83,7 @@ def load_tissue_mask(path: str | os.PathLike[str], slide: Slide, params: Segment
         mh, mw = m.shape
         if abs((w0 / mw) / (h0 / mh) - 1.0) > 0.05:
             raise SlideError(slide.path, f"tissue mask {path}: {mw}x{mh} does not have the slide's aspect ratio ({w0}x{h0})")
-        m = cv2.resize(m.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_AREA) >= 0.5
+        m = cv2.resize(np.asarray(m, dtype=np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_AREA) >= 0.5
         raw = find_contours(m, 1.0, 0.0, 0.0)
         contours = to_level0(raw, sx, sy)
         filled = np.zeros(shape, np.uint8)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import numpy as np
 
 from mstar_extract.slides.base import Slide
+from mstar_extract.slides.downsample import read_at_mpp
 from mstar_extract.tissue.contours import find_contours, rasterize, to_level0
 from mstar_extract.tissue.detect import detect_pixels, disk, odd_px
 from mstar_extract.tissue.params import SegmentationParams
 from mstar_extract.tissue.result import TissueMask
-from mstar_extract.slides.downsample import read_at_mpp
 
 
 def segment_image(

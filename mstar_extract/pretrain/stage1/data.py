@@ -1,11 +1,11 @@
 """Stage-1 data: the manifest, the gene table (log1p + binning), and the per-slide dataset.
 
 Manifest CSV columns: ``slide_id`` and ``features`` (feature bag .h5 with ``features`` (N, D) and ``coords``
-(N, 2), as :mod:`mstar_extract.store.bags` writes them) are required; ``report`` (the text) or ``report_path`` (a text file), ``sample_id`` (row key
-of the gene table), ``cancer_type`` and ``split`` are optional. Relative paths are relative to the manifest's
-folder. Any modality may be missing for a row (empty cell / no gene-table row); the dataset then returns a
-zero placeholder and a False mask, and the losses leave it out. Every check runs before training starts and
-fails with one line naming the file and the problem.
+(N, 2), as :mod:`mstar_extract.store.bags` writes them) are required; ``report`` (the text) or ``report_path`` (a
+text file), ``sample_id`` (row key of the gene table), ``cancer_type`` and ``split`` are optional. Relative paths
+are relative to the manifest's folder. Any modality may be missing for a row (empty cell / no gene-table row); the
+dataset then returns a zero placeholder and a False mask, and the losses leave it out. Every check runs before
+training starts and fails with one line naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def read_manifest(path: str | Path, feature_dim: int) -> list[SlideRecord]:
                 raise UsageError(f"{rp}: report of slide '{sid}' not found")
             report = rp.read_text(encoding="utf-8", errors="replace").strip() or None
         records.append(
-            SlideRecord(sid, feat, n, report, row.get("sample_id") or None, row.get("cancer_type") or None, row.get("split") or None)
+            SlideRecord(sid, feat, n, report, row.get("sample_id") or None, row.get("cancer_type") or None,
+                        row.get("split") or None)
         )
     if not records:
         raise UsageError(f"{path}: manifest has no rows")
@@ -117,7 +118,8 @@ def read_manifest(path: str | Path, feature_dim: int) -> list[SlideRecord]:
     return records
 
 
-def split_records(records: list[SlideRecord], train_split: str, val_split: str, val_fraction: float) -> tuple[list[SlideRecord], list[SlideRecord]]:
+def split_records(records: list[SlideRecord], train_split: str, val_split: str,
+                  val_fraction: float) -> tuple[list[SlideRecord], list[SlideRecord]]:
     """(train, val): by the ``split`` column when any row has one, else a stable hash of slide_id."""
     if any(r.split for r in records):
         return [r for r in records if r.split == train_split], [r for r in records if r.split == val_split]
@@ -259,7 +261,8 @@ class Stage1Dataset(Dataset):
     sees exactly the patches an uninterrupted one would, whatever the worker layout.
     """
 
-    def __init__(self, records: list[SlideRecord], genes: GeneTable | None, max_patches: int, feature_dim: int, seed: int, train: bool) -> None:
+    def __init__(self, records: list[SlideRecord], genes: GeneTable | None, max_patches: int, feature_dim: int, seed: int,
+                 train: bool) -> None:
         self.records, self.genes = records, genes
         self.max_patches, self.feature_dim = max_patches, feature_dim
         self.seed, self.train, self.epoch = seed, train, 0

@@ -52,7 +52,8 @@ def feature_model_of(bags: list[Path]) -> tuple[dict[str, Any] | None, str | Non
             return None, f"{bag}: cannot read its attributes ({first_line(exc)}); the feature model is not recorded"
         if model is None or sha is None:
             return None, None  # bags without provenance (e.g. generated ones): nothing to record
-        seen.add((str(model.decode() if isinstance(model, bytes) else model), str(sha.decode() if isinstance(sha, bytes) else sha), dim))
+        seen.add((str(model.decode() if isinstance(model, bytes) else model),
+                  str(sha.decode() if isinstance(sha, bytes) else sha), dim))
     if len(seen) != 1:
         models = ", ".join(sorted(f"{m} ({s[:12]})" for m, s, _ in seen))
         return None, (f"the bags come from {len(seen)} feature models ({models}); the aggregator records none, so "

@@ -47,7 +47,8 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, mask: 
     return torch.where(n >= 2, loss, _zero(a, b, logit_scale))
 
 
-def batch_hard_triplet(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.3, mask: torch.Tensor | None = None) -> torch.Tensor:
+def batch_hard_triplet(emb: torch.Tensor, labels: torch.Tensor, margin: float = 0.3,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
     """Batch-hard triplet loss (Hermans et al. 2017) with Euclidean distance.
 
     For each valid anchor: the farthest sample of the same label and the closest of another label;
@@ -121,6 +122,7 @@ def stage1_losses(
         full = masks["slide"] & masks["report"] & masks["gene"]
         cat = torch.cat([F.normalize(emb[m].float(), dim=-1) for m in ("slide", "report", "gene")], dim=-1)
         out["triplet"] = batch_hard_triplet(cat, labels, margin, full)
-    total = sum((weights[k] * out[k] for k in ("slide_report", "slide_gene", "report_gene", "triplet")), torch.zeros((), device=cat.device))
+    total = sum((weights[k] * out[k] for k in ("slide_report", "slide_gene", "report_gene", "triplet")),
+                torch.zeros((), device=cat.device))
     out["loss"] = total
     return out

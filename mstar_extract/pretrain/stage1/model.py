@@ -26,7 +26,8 @@ class Stage1Model(nn.Module):
         self.text = TextEncoder(t.model, dim, t.trainable_layers, t.gradient_checkpointing, t.local_files_only, t.pooling)
         g = cfg.genes
         self.genes = (
-            GeneEncoder(n_genes, cfg.data.n_bins, g.dim, g.depth, g.heads, g.ff_mult, g.dropout, dim, gene_init) if n_genes else None
+            GeneEncoder(n_genes, cfg.data.n_bins, g.dim, g.depth, g.heads, g.ff_mult, g.dropout, dim, gene_init)
+            if n_genes else None
         )
         lc = cfg.loss
         self.temps = Temperatures(lc.temperature, lc.learn_temperature, lc.min_temperature)
@@ -47,7 +48,8 @@ class Stage1Model(nn.Module):
 def loss_weights(cfg: Stage1Config) -> dict[str, float]:
     """The weights of the four loss terms (``loss.w_*``)."""
     lc = cfg.loss
-    return {"slide_report": lc.w_slide_report, "slide_gene": lc.w_slide_gene, "report_gene": lc.w_report_gene, "triplet": lc.w_triplet}
+    return {"slide_report": lc.w_slide_report, "slide_gene": lc.w_slide_gene, "report_gene": lc.w_report_gene,
+            "triplet": lc.w_triplet}
 
 
 def masks_of(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -69,7 +69,7 @@ class TextEncoder(nn.Module):
             self.encoder = AutoModel.from_pretrained(name, local_files_only=local_files_only)
         except (OSError, ValueError) as exc:
             raise MstarError(f"text model '{name}': cannot load it ({first_line(exc)})") from None
-        hidden = int(getattr(self.encoder.config, "hidden_size"))
+        hidden = int(self.encoder.config.hidden_size)
         self.proj = nn.Linear(hidden, out_dim)
         self._freeze(trainable_layers, name)
         if gradient_checkpointing:

@@ -2,8 +2,8 @@
 
 Used by ``examples/pretrain/make_toy_data.py`` and the tests: everything (feature bags in the format of
 :mod:`mstar_extract.store.bags`, reports, a gene table, a gene list, a tiny BERT model + WordPiece vocabulary
-saved with ``save_pretrained``) is written locally, so nothing is downloaded. Signals are weak and noisy per patch / word / gene, so the models have
-to learn to pool them.
+saved with ``save_pretrained``) is written locally, so nothing is downloaded. Signals are weak and noisy per
+patch / word / gene, so the models have to learn to pool them.
 """
 
 from __future__ import annotations
@@ -41,11 +41,13 @@ class ToyPaths:
 
 
 def vocabulary() -> list[str]:
-    words = sorted({w for ws in TYPE_WORDS for w in ws} | {w for ws in GRADE_WORDS for w in ws} | set(FILLER) | {"grade", "differentiated"})
+    words = sorted({w for ws in TYPE_WORDS for w in ws} | {w for ws in GRADE_WORDS for w in ws} | set(FILLER)
+                   | {"grade", "differentiated"})
     return SPECIAL + [".", ",", ";", ":"] + words
 
 
-def make_tiny_bert(out: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, max_positions: int = 128, seed: int = 0) -> Path:
+def make_tiny_bert(out: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, max_positions: int = 128,
+                   seed: int = 0) -> Path:
     """A tiny BERT (random weights) and its WordPiece vocabulary, saved so ``AutoModel``/``AutoTokenizer`` load it."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer

@@ -8,9 +8,10 @@ function below: :func:`prepare_data`, :func:`build_model`, :func:`build_data`, :
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,8 +19,7 @@ from torch.utils.data import DataLoader
 
 from mstar_extract.console import Reporter
 from mstar_extract.errors import UsageError
-from mstar_extract.pretrain import checkpoint as ckpt
-from mstar_extract.pretrain import dist as D
+from mstar_extract.pretrain import checkpoint as ckpt, dist as D
 from mstar_extract.pretrain.config import config_to_dict, save_config
 from mstar_extract.pretrain.loop import TrainLoop, build_optimizer, param_groups, total_steps, warmup_cosine
 from mstar_extract.pretrain.sampler import GlobalBatchSampler
@@ -44,7 +44,11 @@ from mstar_extract.pretrain.stage1.validate import validate
 # config sections whose change makes a checkpoint unusable
 _MODEL_KEYS = ("aggregator", "text", "genes")
 # settings that may change between a checkpoint and its continuation
-_FREE = {"text": ("lr_scale", "gradient_checkpointing", "local_files_only"), "aggregator": ("dropout", "attn_dropout"), "genes": ("dropout",)}
+_FREE = {
+    "text": ("lr_scale", "gradient_checkpointing", "local_files_only"),
+    "aggregator": ("dropout", "attn_dropout"),
+    "genes": ("dropout",),
+}
 
 
 def _without_free(section: str, values: dict[str, Any] | None) -> dict[str, Any]:
@@ -54,13 +58,15 @@ def _without_free(section: str, values: dict[str, Any] | None) -> dict[str, Any]
 def _check_resume_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     for key in _MODEL_KEYS:
         if _without_free(key, saved.get(key)) != _without_free(key, current.get(key)):
-            raise UsageError(f"{path}: checkpoint was trained with a different '{key}' config section; use a new --out or the same config")
+            raise UsageError(f"{path}: checkpoint was trained with a different '{key}' config section; "
+                             "use a new --out or the same config")
     for key in ("n_bins", "binning", "gene_list", "max_patches"):
         if saved.get("data", {}).get(key) != current["data"].get(key):
             raise UsageError(f"{path}: checkpoint was trained with data.{key}={saved.get('data', {}).get(key)!r}")
 
 
-def prepare_data(cfg: Stage1Config, reporter: Reporter, is_main: bool = True) -> tuple[list[SlideRecord], list[SlideRecord], GeneTable | None]:
+def prepare_data(cfg: Stage1Config, reporter: Reporter,
+                 is_main: bool = True) -> tuple[list[SlideRecord], list[SlideRecord], GeneTable | None]:
     """Read and check manifest + gene table; (train records, val records, gene table)."""
     d = cfg.data
     if not d.manifest:
@@ -86,7 +92,8 @@ def main(cfg: Stage1Config, resume: str | None = None, reporter: Reporter | None
         D.cleanup()
 
 
-def build_model(cfg: Stage1Config, table: GeneTable | None, info: D.DistInfo, reporter: Reporter) -> tuple[nn.Module, Stage1Model]:
+def build_model(cfg: Stage1Config, table: GeneTable | None, info: D.DistInfo,
+                reporter: Reporter) -> tuple[nn.Module, Stage1Model]:
     """(the model to call — DDP-wrapped under torchrun —, the unwrapped model), seeded by ``train.seed``."""
     torch.manual_seed(cfg.train.seed)
     gene_init = None
@@ -121,7 +128,8 @@ def build_data(cfg: Stage1Config, train_recs: list[SlideRecord], val_recs: list[
     val_ds = Stage1Dataset(val_recs, table, d.max_patches, cfg.aggregator.in_dim, tc.seed, train=False)
     sampler = GlobalBatchSampler(len(train_ds), tc.batch_size, info.rank, info.world_size, tc.seed, shuffle=True, drop_last=True)
     if sampler.batches_per_epoch() == 0:
-        raise UsageError(f"training split has {len(train_ds)} slides, fewer than one global batch ({sampler.global_batch}); lower train.batch_size")
+        raise UsageError(f"training split has {len(train_ds)} slides, "
+                         f"fewer than one global batch ({sampler.global_batch}); lower train.batch_size")
 
     def make_loader(epoch: int, start: int) -> Iterable[dict[str, torch.Tensor]]:
         train_ds.set_epoch(epoch)
@@ -134,7 +142,8 @@ def build_data(cfg: Stage1Config, train_recs: list[SlideRecord], val_recs: list[
     return Stage1Data(train_ds, val_ds, collate, sampler, make_loader)
 
 
-def make_step_fn(model: nn.Module, raw: Stage1Model, cfg: Stage1Config, info: D.DistInfo) -> Callable[[dict[str, torch.Tensor]], dict[str, Any]]:
+def make_step_fn(model: nn.Module, raw: Stage1Model, cfg: Stage1Config,
+                 info: D.DistInfo) -> Callable[[dict[str, torch.Tensor]], dict[str, Any]]:
     """One training step's forward: embeddings of this rank, gathered over ranks, → every loss term (tensors).
 
     Every rank's training batch has exactly ``train.batch_size`` rows (the sampler drops the incomplete global

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,8 @@ def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks: Iterable[int] = 
 
 
 @torch.no_grad()
-def embed_dataset(model: Stage1Model, ds: Stage1Dataset, collate: Collate, batch_size: int, info: D.DistInfo) -> dict[str, torch.Tensor]:
+def embed_dataset(model: Stage1Model, ds: Stage1Dataset, collate: Collate, batch_size: int, info: D.DistInfo) -> dict[str,
+                  torch.Tensor]:
     """Embeddings, masks and labels of this rank's shard (rows rank::world) gathered over all ranks."""
     mine = list(range(info.rank, len(ds), info.world_size))
     dim = model.dim

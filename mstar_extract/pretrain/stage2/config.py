@@ -7,7 +7,6 @@ Built on the shared machinery of :mod:`mstar_extract.pretrain.config` (documente
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from mstar_extract.pretrain.config import DistConfig, OptimConfig, RunConfig, TrainConfig, opt, section
 
@@ -16,11 +15,16 @@ from mstar_extract.pretrain.config import DistConfig, OptimConfig, RunConfig, Tr
 class Stage2DataConfig:
     """Manifest, slide reading and the per-step patch mix."""
 
-    manifest: Optional[str] = opt(None, "Manifest CSV: slide_id, slide (WSI path), features (feature bag .h5 with coords). Required. Relative paths are resolved against the manifest's folder.")
-    backend: str = opt("auto", "Slide reader backend (as `mstar extract --backend`).", choices=("auto", "openslide", "tiffslide", "image"))
-    patch_size_level0: Optional[int] = opt(None, "Patch footprint in level-0 pixels; null = the bag's `patch_size_level0` attribute (20x 256 px → 512 at 40x).")
-    patches_per_slide: Optional[int] = opt(None, "Patches of each slide used per epoch (a fresh random subset every epoch); null = all of them.")
-    slides_per_batch: int = opt(4, "Each batch mixes patches from this many slides (batch_size / slides_per_batch patches each). More = more diverse batches, more slide opens.")
+    manifest: str | None = opt(None, "Manifest CSV: slide_id, slide (WSI path), features (feature bag .h5 with coords). "
+                                     "Required. Relative paths are resolved against the manifest's folder.")
+    backend: str = opt("auto", "Slide reader backend (as `mstar extract --backend`).",
+                       choices=("auto", "openslide", "tiffslide", "image"))
+    patch_size_level0: int | None = opt(None, "Patch footprint in level-0 pixels; "
+                                              "null = the bag's `patch_size_level0` attribute (20x 256 px → 512 at 40x).")
+    patches_per_slide: int | None = opt(None, "Patches of each slide used per epoch (a fresh "
+                                              "random subset every epoch); null = all of them.")
+    slides_per_batch: int = opt(4, "Each batch mixes patches from this many slides (batch_size / slides_per_batch patches each). "
+                                   "More = more diverse batches, more slide opens.")
     prefetch_batches: int = opt(2, "Batches each worker prepares ahead.")
     open_slides_per_worker: int = opt(16, "Slides each worker keeps open (LRU).")
 
@@ -29,9 +33,11 @@ class Stage2DataConfig:
 class TeacherConfig:
     """The frozen stage-1 aggregator and the per-patch targets it produces."""
 
-    file: Optional[str] = opt(None, "Stage-1 teacher export (`teacher.pt` of `mstar pretrain --stage 1`). Required.")
-    targets_dir: Optional[str] = opt(None, "Where per-slide targets are stored (`<slide_id>.h5`); null = `<run>/targets`. Reused across runs with the same teacher.")
-    dtype: str = opt("float16", "Stored target precision (float16 halves the disk use; computed in float32).", choices=("float16", "float32"))
+    file: str | None = opt(None, "Stage-1 teacher export (`teacher.pt` of `mstar pretrain --stage 1`). Required.")
+    targets_dir: str | None = opt(None, "Where per-slide targets are stored (`<slide_id>.h5`); "
+                                        "null = `<run>/targets`. Reused across runs with the same teacher.")
+    dtype: str = opt("float16", "Stored target precision (float16 halves the disk use; computed in float32).",
+                     choices=("float16", "float32"))
     device: str = opt("auto", "Device for computing targets (auto = the training device).")
 
 
@@ -39,9 +45,11 @@ class TeacherConfig:
 class StudentConfig:
     """The student patch extractor and its projection head."""
 
-    init: str = opt("uni", "Initial weights: mstar (released mSTAR, hub), uni (UNI, hub; the frozen extractor of stage 1), a state-dict PATH, or random.")
-    arch: str = opt("mstar", "Registry architecture for a PATH or random init (mstar | uni | timm:<name>); mstar/uni = ViT-L/16 (init_values 1e-5, 1024-d).", source="paper")
-    proj_dim: Optional[int] = opt(None, "Output size of `proj`; null = the teacher's embedding size (512).", source="paper")
+    init: str = opt("uni", "Initial weights: mstar (released mSTAR, hub), uni (UNI, hub; "
+                           "the frozen extractor of stage 1), a state-dict PATH, or random.")
+    arch: str = opt("mstar", "Registry architecture for a PATH or random init (mstar | uni | timm:<name>); "
+                             "mstar/uni = ViT-L/16 (init_values 1e-5, 1024-d).", source="paper")
+    proj_dim: int | None = opt(None, "Output size of `proj`; null = the teacher's embedding size (512).", source="paper")
     grad_checkpointing: bool = opt(False, "timm activation checkpointing of the ViT blocks (less memory, ~30% slower).")
 
 
@@ -49,11 +57,14 @@ class StudentConfig:
 class Stage2LossConfig:
     """L = D(proj(student(x)), target) + lambda · D'(student(x), ema(x))."""
 
-    distance: str = opt("cosine", "D: distance between proj(student(x)) and the teacher target (cosine = 1 − cos).", choices=("cosine", "mse", "normalized_mse", "smooth_l1"))
-    ema_distance: str = opt("cosine", "D': distance between student(x) and ema(x).", choices=("cosine", "mse", "normalized_mse", "smooth_l1"))
+    distance: str = opt("cosine", "D: distance between proj(student(x)) and the teacher target (cosine = 1 − cos).",
+                        choices=("cosine", "mse", "normalized_mse", "smooth_l1"))
+    ema_distance: str = opt("cosine", "D': distance between student(x) and ema(x).",
+                            choices=("cosine", "mse", "normalized_mse", "smooth_l1"))
     ema_weight: float = opt(0.6, "lambda, weight of the EMA (anti-forgetting) term.", source="paper")
     ema_momentum: float = opt(0.999, "EMA momentum (ema = m·ema + (1−m)·student after every step).")
-    ema_schedule: str = opt("constant", "constant = fixed momentum; cosine = from ema_momentum to 1.0 over the run.", choices=("constant", "cosine"))
+    ema_schedule: str = opt("constant", "constant = fixed momentum; cosine = from ema_momentum to 1.0 over the run.",
+                            choices=("constant", "cosine"))
 
 
 @dataclasses.dataclass
@@ -93,19 +104,23 @@ class Stage2TrainConfig(TrainConfig):
 
 @dataclasses.dataclass
 class Stage2RunConfig(RunConfig):
-    out_dir: str = opt("runs/stage2", "Run folder: config.yaml, targets/, metrics.jsonl, checkpoints/, exports (--out overrides).")
+    out_dir: str = opt("runs/stage2", "Run folder: config.yaml, targets/, metrics.jsonl, "
+                                      "checkpoints/, exports (--out overrides).")
 
 
 @dataclasses.dataclass
 class Stage2ExportConfig:
     """Files written at the end of training (relative to the run folder)."""
 
-    student: str = opt("student.pth", "Student patch extractor: plain timm state dict (released mSTAR format; `mstar extract --weights`).")
+    student: str = opt("student.pth", "Student patch extractor: plain timm state dict "
+                                      "(released mSTAR format; `mstar extract --weights`).")
     proj: str = opt("proj.pth", "The projection head in mSTAR's layout ({'model_state_dict': {'proj.weight', 'proj.bias'}}).")
     card: str = opt("model_card.json", "Model card: config, manifest hash, steps, teacher hash, init.")
     verify: bool = opt(True, "Re-load student.pth strict=True into a freshly built network after writing it.")
-    zeroshot: Optional[str] = opt("zeroshot.pth", "Zero-shot checkpoint in mSTAR's layout (stage-1 report encoder + proj; `mstar zeroshot --checkpoint`); null = none.")
-    text: Optional[str] = opt(None, "Stage-1 report encoder export for the zero-shot checkpoint; null = the `text_mstar.pth` written beside teacher.file.")
+    zeroshot: str | None = opt("zeroshot.pth", "Zero-shot checkpoint in mSTAR's layout (stage-1 report encoder + proj; "
+                                               "`mstar zeroshot --checkpoint`); null = none.")
+    text: str | None = opt(None, "Stage-1 report encoder export for the zero-shot checkpoint; "
+                                 "null = the `text_mstar.pth` written beside teacher.file.")
 
 
 @dataclasses.dataclass

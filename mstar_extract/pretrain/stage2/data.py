@@ -19,9 +19,10 @@ import csv
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -251,7 +252,7 @@ def clean_worker_errors(batches: Iterable[Any]) -> Iterator[Any]:
             item = next(it)
         except StopIteration:
             return
-        except Exception as exc:  # noqa: BLE001 - DataLoader re-raises worker errors with the traceback as text
+        except Exception as exc:  # DataLoader re-raises worker errors with the traceback as text
             text = str(exc)
             if "DataLoader worker" not in text:
                 raise

@@ -63,14 +63,14 @@ def student_state_dict(model: StudentWithProj) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in model.student.state_dict().items()}
 
 
-def verify_student_file(path: str | os.PathLike[str], spec: "EncoderSpec") -> None:
+def verify_student_file(path: str | os.PathLike[str], spec: EncoderSpec) -> None:
     """Load ``path`` with ``strict=True`` into a fresh ``spec`` network (raises WeightsError on any mismatch)."""
     from mstar_extract.models.weights import load_into, load_state_dict_file
 
     load_into(spec.build(), load_state_dict_file(path), spec, path)
 
 
-def export_student(model: StudentWithProj, spec: "EncoderSpec", student_path: str | os.PathLike[str],
+def export_student(model: StudentWithProj, spec: EncoderSpec, student_path: str | os.PathLike[str],
                    proj_path: str | os.PathLike[str], verify: bool = True) -> None:
     """Write ``student.pth`` (plain timm state dict) and ``proj.pth`` (``weight``, ``bias``), atomically.
 
@@ -95,7 +95,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def model_card(cfg: "Stage2Config", model: StudentWithProj, spec: "EncoderSpec", init: StudentInit, prov: Provenance,
+def model_card(cfg: Stage2Config, model: StudentWithProj, spec: EncoderSpec, init: StudentInit, prov: Provenance,
                files: ExportedFiles, final_metrics: dict[str, Any] | None) -> dict[str, Any]:
     """The model card's content (see the module docstring)."""
     return {
@@ -130,7 +130,7 @@ def model_card(cfg: "Stage2Config", model: StudentWithProj, spec: "EncoderSpec",
     }
 
 
-def export_run(cfg: "Stage2Config", model: StudentWithProj, spec: "EncoderSpec", init: StudentInit, prov: Provenance,
+def export_run(cfg: Stage2Config, model: StudentWithProj, spec: EncoderSpec, init: StudentInit, prov: Provenance,
                run_dir: Path, final_metrics: dict[str, Any] | None) -> ExportedFiles:
     """Write the three exports into ``run_dir`` (names from ``cfg.export``)."""
     files = ExportedFiles(run_dir / cfg.export.student, run_dir / cfg.export.proj, run_dir / cfg.export.card)
@@ -143,7 +143,7 @@ def export_run(cfg: "Stage2Config", model: StudentWithProj, spec: "EncoderSpec",
     return files
 
 
-def export_zeroshot(cfg: "Stage2Config", model: StudentWithProj, card: dict[str, Any], prov: Provenance, run_dir: Path,
+def export_zeroshot(cfg: Stage2Config, model: StudentWithProj, card: dict[str, Any], prov: Provenance, run_dir: Path,
                     files: ExportedFiles) -> None:
     """The zero-shot checkpoint (stage-1 report encoder + this run's ``proj``) into ``files``, or the reason why not."""
     from mstar_extract.pretrain.zeroshot_export import export_after_stage2, official_proj

@@ -1,13 +1,13 @@
 """Stage-2 loss: pull ``proj(student(x))`` to the teacher target, and keep ``student(x)`` near its EMA copy.
 
-``L = D(proj(student(x)), target) + λ · D'(student(x), ema(x))`` with λ = 0.6 (the paper; docs/pretrain.md, "Stage 2"); D and D' are one of
-:data:`DISTANCES`, each averaged over the batch.
+``L = D(proj(student(x)), target) + λ · D'(student(x), ema(x))`` with λ = 0.6 (the paper; docs/pretrain.md,
+"Stage 2"); D and D' are one of :data:`DISTANCES`, each averaged over the batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

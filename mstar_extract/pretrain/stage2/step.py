@@ -34,7 +34,7 @@ class Student:
     model: nn.Module
     """What the step calls: ``raw``, DDP-wrapped under torchrun."""
     ema: EmaModel
-    spec: "EncoderSpec"
+    spec: EncoderSpec
     """Registry spec of the student (input size, mean/std, export format)."""
     init: StudentInit
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -45,7 +46,7 @@ class StudentInit:
     weights_sha256: str
 
 
-def resolve_init(init: str, arch: str) -> tuple["EncoderSpec", str]:
+def resolve_init(init: str, arch: str) -> tuple[EncoderSpec, str]:
     """``student.init`` + ``student.arch`` → (registry spec, ``--weights`` value for the registry).
 
     ``mstar``/``uni`` select that registry entry with its hub weights (``arch`` is ignored); a path loads that
@@ -66,7 +67,7 @@ def resolve_init(init: str, arch: str) -> tuple["EncoderSpec", str]:
     return get_spec(arch), str(path)
 
 
-def prepare_student_init(init: str, arch: str) -> tuple["EncoderSpec", "ResolvedWeights"]:
+def prepare_student_init(init: str, arch: str) -> tuple[EncoderSpec, ResolvedWeights]:
     """Resolve ``student.init`` before any work: the registry spec and the weights file (hub download/cache,
     sha256) or random. Errors are one line (UsageError / WeightsError).
 
@@ -81,8 +82,8 @@ def prepare_student_init(init: str, arch: str) -> tuple["EncoderSpec", "Resolved
 
 
 def build_student_backbone(init: str, arch: str, seed: int | None = None,
-                           prepared: tuple["EncoderSpec", "ResolvedWeights"] | None = None,
-                           ) -> tuple[nn.Module, "EncoderSpec", StudentInit]:
+                           prepared: tuple[EncoderSpec, ResolvedWeights] | None = None,
+                           ) -> tuple[nn.Module, EncoderSpec, StudentInit]:
     """Build the student network through the registry and load its initial weights strictly.
 
     ``seed`` seeds torch right before the network is built, so a random init does not depend on what was built
@@ -136,10 +137,10 @@ class EmaModel(nn.Module):
         self.module = copy.deepcopy(source)
         self.module.requires_grad_(False)
         if getattr(self.module, "grad_checkpointing", False):  # copied from a checkpointed student: no use without grads
-            getattr(self.module, "set_grad_checkpointing")(False)
+            self.module.set_grad_checkpointing(False)  # type: ignore[operator]  # timm models have it
         self.train(False)
 
-    def train(self, mode: bool = True) -> "EmaModel":  # noqa: ARG002 - the EMA never trains
+    def train(self, mode: bool = True) -> EmaModel:  # the EMA never trains (mode is ignored)
         super().train(False)
         self.module.eval()
         return self

@@ -10,8 +10,8 @@ Targets file ``<targets_dir>/<slide_id>.h5`` (written atomically; format :data:`
 * ``targets``: (N, T) float16 (default) or float32 — row i ↔ row i of the bag;
 * ``coords``: (N, 2) int64 — the bag's coordinates (level-0 ``[x, y]`` top-left corners);
 * attrs: ``format``, ``slide_id``, ``features_path``, ``features_size``, ``features_mtime_ns`` (identity of the
-  bag the targets came from), ``teacher_sha256``, ``target_dim``, ``n_patches``, ``patch_size_level0``, ``patch_size`` (0 = unknown),
-  ``mstar_extract_version``, ``created``, and ``complete = 1`` last.
+  bag the targets came from), ``teacher_sha256``, ``target_dim``, ``n_patches``, ``patch_size_level0``,
+  ``patch_size`` (0 = unknown), ``mstar_extract_version``, ``created``, and ``complete = 1`` last.
 
 A file is reused when it is complete and its ``teacher_sha256``, ``n_patches`` and bag identity still match;
 otherwise it is recomputed. Under torchrun, slide ``i`` of the manifest is computed by rank ``i % world``.
@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -13,8 +13,12 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mstar_extract.models.encoder import Encoder
 
 
 @dataclass
@@ -25,7 +29,7 @@ class Stage2ToyData:
     n_patches: list[int]
 
 
-def _encoder(model: str, seed: int):  # noqa: ANN202 - mstar_extract.models.encoder.Encoder
+def _encoder(model: str, seed: int) -> Encoder:
     import torch
 
     from mstar_extract.models.encoder import Encoder
@@ -83,6 +87,6 @@ def make_stage2_toy_data(out: str | Path, n_slides: int = 3, seed: int = 0, mode
     with open(manifest, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(["slide_id", "slide", "features"])
-        for p, b in zip(slides, bags):
+        for p, b in zip(slides, bags, strict=True):
             w.writerow([p.stem, f"slides/{p.name}", f"features/{b.name}"])
     return Stage2ToyData(manifest, slides, bags, counts)

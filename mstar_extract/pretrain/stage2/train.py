@@ -17,17 +17,17 @@ The steps of :func:`run_stage2`, one function each:
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from mstar_extract.console import Reporter
 from mstar_extract.errors import MstarError, UsageError
-from mstar_extract.pretrain import checkpoint as ckpt
-from mstar_extract.pretrain import dist as D
+from mstar_extract.pretrain import checkpoint as ckpt, dist as D
 from mstar_extract.pretrain.config import config_to_dict, save_config
 from mstar_extract.pretrain.loop import LoopState, total_steps
 from mstar_extract.pretrain.stage2.config import Stage2Config

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 
-def vit_large_gamma05():  # noqa: ANN201
+def vit_large_gamma05():
     import timm
     import torch
 
@@ -38,7 +38,7 @@ def vit_large_gamma05():  # noqa: ANN201
     return net
 
 
-def read(plan, path: Path, decode: str):  # noqa: ANN001, ANN201
+def read(plan, path: Path, decode: str):
     import numpy as np
 
     from mstar_extract.reading import PatchReader
@@ -50,7 +50,7 @@ def read(plan, path: Path, decode: str):  # noqa: ANN001, ANN201
     return out
 
 
-def feature_stats(f, ref) -> dict[str, float]:  # noqa: ANN001
+def feature_stats(f, ref) -> dict[str, float]:
     import numpy as np
 
     from mstar_extract.testing.official import relative_l2
@@ -61,7 +61,7 @@ def feature_stats(f, ref) -> dict[str, float]:  # noqa: ANN001
             "cos_median": float(np.median(cos))}
 
 
-def features(net, pixels, device: str, precision: str):  # noqa: ANN001, ANN201
+def features(net, pixels, device: str, precision: str):
     import torch
 
     from mstar_extract.models.encoder import Encoder

@@ -52,7 +52,7 @@ def _cpu_of(pids: list[int]) -> float:
     return total
 
 
-def _time_pool(pool, path: Path, plan, tag: str, out) -> tuple[float, float]:  # noqa: ANN001
+def _time_pool(pool, path: Path, plan, tag: str, out) -> tuple[float, float]:
     from mstar_extract.reading import SlideJob
 
     c, t, wc = time.process_time(), time.perf_counter(), _cpu_of(pool.pids)

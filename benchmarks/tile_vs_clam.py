@@ -92,14 +92,14 @@ def clam_baseline(slide_path: str, out_dir: str, patch_size: int = 512, a_t: flo
 
     # --- patching
     all_coords = []
-    for cont, hs in zip(tissue, holes_all):
+    for cont, hs in zip(tissue, holes_all, strict=True):
         x0, y0, w, h = cv2.boundingRect(cont)
         xs, ys = np.arange(x0, x0 + w, patch_size), np.arange(y0, y0 + h, patch_size)
         gx, gy = np.meshgrid(xs, ys, indexing="ij")
         cands = np.stack([gx.ravel(), gy.ravel()], axis=1)
         with mp.Pool(min(4, mp.cpu_count())) as pool:
             res = pool.starmap(_clam_check, [(c, cont, hs, patch_size) for c in cands])
-        kept = [c for c, ok in zip(cands, res) if ok]
+        kept = [c for c, ok in zip(cands, res, strict=True) if ok]
         all_coords.extend(kept)
     if all_coords:
         with h5py.File(out / "patches" / f"{name}.h5", "w") as f:
@@ -206,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(f"slide {slide.name} ({args.width}x{args.height}, 40x), median of {args.repeat} runs, whole process:")
-        print(f"  mstar tile        {summary['mstar_wall_s']:.2f} s   peak RSS {summary['mstar_peak_rss_mib']:.0f} MiB   {n_mstar} patches")
-        print(f"  CLAM-style base   {summary['clam_wall_s']:.2f} s   peak RSS {summary['clam_peak_rss_mib']:.0f} MiB   {n_clam} patches (a_t={args.clam_a_t:g})")
+        print(f"  mstar tile        {summary['mstar_wall_s']:.2f} s   "
+              f"peak RSS {summary['mstar_peak_rss_mib']:.0f} MiB   {n_mstar} patches")
+        print(f"  CLAM-style base   {summary['clam_wall_s']:.2f} s   "
+              f"peak RSS {summary['clam_peak_rss_mib']:.0f} MiB   {n_clam} patches (a_t={args.clam_a_t:g})")
         print(f"  ratio mstar/CLAM  {summary['ratio_mstar_over_clam']:.2f}  (< 1 = mstar faster)")
     return 0
 

@@ -11,15 +11,7 @@ import pytest
 import torch
 
 from mstar_extract import __version__
-from mstar_extract.store.bags import (
-    COORDS_ATTRS,
-    REQUIRED_ROOT_ATTRS,
-    bag_attrs,
-    read_bag,
-    validate_bag,
-    write_bag,
-    write_pt,
-)
+from mstar_extract.store.bags import COORDS_ATTRS, REQUIRED_ROOT_ATTRS, bag_attrs, read_bag, validate_bag, write_bag, write_pt
 from mstar_extract.tiling import ReadPlan
 
 
@@ -49,7 +41,8 @@ def _attrs(plan: ReadPlan, dim: int, **kw: object) -> dict:
     )
 
 
-def _write(tmp_path: Path, n: int = 300, dim: int = 1024, dtype: str = "float32", **kw: object) -> tuple[Path, np.ndarray, ReadPlan]:
+def _write(tmp_path: Path, n: int = 300, dim: int = 1024, dtype: str = "float32",
+           **kw: object) -> tuple[Path, np.ndarray, ReadPlan]:
     plan = _plan(n)
     feats = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
     path = write_bag(tmp_path / "features" / "slideA.h5", feats, plan.coords, _attrs(plan, dim, **kw), dtype=dtype)

@@ -8,9 +8,7 @@ import openslide
 import pytest
 
 from mstar_extract.slides import open_slide
-from mstar_extract.store.coords import (
-    CoordsFormatError, find_coords_file, is_complete_coords, read_coords_file, write_coords,
-)
+from mstar_extract.store.coords import CoordsFormatError, find_coords_file, is_complete_coords, read_coords_file, write_coords
 from mstar_extract.tiling import TilingParams, plan_tiles
 from mstar_extract.tissue import segment_slide
 

@@ -18,15 +18,16 @@ from mstar_extract.envdefaults import (
     default_lock_timeout,
     default_weights,
     default_workers,
+    hf_hub_cache,
     local_ranks,
     node_processes,
-    hf_hub_cache,
     weights_cache,
 )
 from mstar_extract.errors import UsageError
 from mstar_extract.locks import lock_path
 from mstar_extract.manifest import ManifestRow, ManifestWriter
 from mstar_extract.testing.cli import run_mstar
+
 
 def _run(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     return run_mstar(*args, timeout=120, env={**os.environ, **env})

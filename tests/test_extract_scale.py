@@ -133,7 +133,7 @@ def test_two_processes_on_one_out_each_slide_done_exactly_once(six: Path, tmp_pa
     out = tmp_path / "out"
     procs = [start(*extract_args(six, out, "--jsonl")) for _ in range(2)]
     outputs = [p.communicate(timeout=900) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
         assert "Traceback" not in err
     parts = part_rows(out)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mstar_extract.reading.pool import ReaderPool, ring_slots
+from mstar_extract.reading.pool import ring_slots
 from mstar_extract.testing.fixtures import make_svs
 from mstar_extract.testing.scene import random_scene
 
@@ -139,8 +139,8 @@ def test_reader_ring_is_cut_to_a_512mb_dev_shm(big_slide: Path, tmp_path: Path) 
     import errno
     import pickle
 
-    from mstar_extract.pipeline.tile_job import TileSettings, open_with_resolution, segment_and_plan
     from mstar_extract.inputs import resolve_slides
+    from mstar_extract.pipeline.tile_job import TileSettings, open_with_resolution, segment_and_plan
     from mstar_extract.tiling import TilingParams
 
     settings = TileSettings(tiling=TilingParams(magnification=20.0, patch_size=128))

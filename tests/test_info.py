@@ -87,7 +87,8 @@ def test_broken_files_exit_1_with_one_line_each_others_reported(fixture_slides, 
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 4 and "Traceback" not in proc.stderr, proc.stderr
-    for path, reason in zip([*broken, missing], ["empty file", "not a SVS slide", "truncated file", "file not found"]):
+    reasons = ["empty file", "not a SVS slide", "truncated file", "file not found"]
+    for path, reason in zip([*broken, missing], reasons, strict=True):
         assert any(line.startswith(f"mstar: error: {path}: {reason}") for line in lines), (path, lines)
     recs = {r["slide_id"]: r for r in json.loads(proc.stdout)}
     assert recs["svs20"]["mpp_x"] == 0.5 and recs["truncated"]["error"].startswith("truncated file")

@@ -84,7 +84,8 @@ def test_duplicate_ids_name_both_paths(tree):
     touch(tree / "c" / "s1.tif")
     with pytest.raises(UsageError) as err:
         resolve_slides([str(tree / "a"), str(tree / "c")])
-    assert "'s1'" in str(err.value) and str(tree / "a" / "s1.svs") in str(err.value) and str(tree / "c" / "s1.tif") in str(err.value)
+    msg = str(err.value)
+    assert "'s1'" in msg and str(tree / "a" / "s1.svs") in msg and str(tree / "c" / "s1.tif") in msg
 
 
 def test_missing_argument_is_a_usage_error_naming_it(tree):

@@ -14,16 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mstar_extract.locks import (
-    LOCKS_DIR,
-    LockHeldError,
-    SlideLock,
-    hostname,
-    list_locks,
-    lock_path,
-    read_lock,
-    try_acquire,
-)
+from mstar_extract.locks import LOCKS_DIR, LockHeldError, SlideLock, hostname, list_locks, lock_path, read_lock, try_acquire
 from mstar_extract.store.atomic import write_text_atomic
 
 N_SLIDES = 20
@@ -31,7 +22,7 @@ SPAWN = mp.get_context("spawn")
 
 
 # ------------------------------------------------------------------------------------------- helpers (spawned)
-def _race_worker(out: str, ids: list[str], start: "mp.synchronize.Event", result: str) -> None:
+def _race_worker(out: str, ids: list[str], start: mp.synchronize.Event, result: str) -> None:
     """What `mstar extract` does per slide: lock, re-check the output, process, write atomically, release."""
     start.wait(60)
     mine = []
@@ -52,7 +43,7 @@ def _race_worker(out: str, ids: list[str], start: "mp.synchronize.Event", result
     Path(result).write_text(json.dumps(mine))
 
 
-def _takeover_worker(out: str, start: "mp.synchronize.Event", tried: "mp.synchronize.Barrier", result: str) -> None:
+def _takeover_worker(out: str, start: mp.synchronize.Event, tried: mp.synchronize.Barrier, result: str) -> None:
     start.wait(60)
     lock = try_acquire(out, "contested", timeout_s=100, heartbeat_s=0)
     tried.wait(60)  # the winner keeps holding until everybody has tried

@@ -33,7 +33,8 @@ def bag(path: Path, n: int, d: int = 8) -> Path:
 
 
 def manifest(path: Path, rows: list[dict[str, str]]) -> Path:
-    cols = sorted({k for r in rows for k in r}, key=["slide_id", "features", "report", "report_path", "sample_id", "cancer_type", "split"].index)
+    order = ["slide_id", "features", "report", "report_path", "sample_id", "cancer_type", "split"]
+    cols = sorted({k for r in rows for k in r}, key=order.index)
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
@@ -195,7 +196,7 @@ def test_global_batches_are_the_same_for_any_world_size() -> None:
     ranks = [GlobalBatchSampler(23, 2, rank=r, world_size=2, seed=5) for r in range(2)]
     for s in (single, *ranks):
         s.set_epoch(3)
-    got = [a + b for a, b in zip(*[list(s) for s in ranks])]
+    got = [a + b for a, b in zip(*[list(s) for s in ranks], strict=True)]
     assert got == list(single) and len(got) == 5  # 23 // 4, last incomplete global batch dropped
     single.set_epoch(3, start_batch=2)
     assert list(single) == got[2:] and len(single) == 3

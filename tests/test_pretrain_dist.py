@@ -57,7 +57,7 @@ def test_torchrun_two_processes_match_single_process(tmp_path: Path) -> None:
     assert r1.returncode == 0, r1.stderr[-3000:]
     a, b = steps(two), steps(one)
     assert [s["step"] for s in a] == [1, 2] == [s["step"] for s in b]
-    for sa, sb in zip(a, b):
+    for sa, sb in zip(a, b, strict=True):
         # grad_norm (before clipping) is the norm of the DDP-averaged gradient: equal only if the gather's
         # backward hands every rank the full gradient of the global loss (Adam alone would hide a scale error)
         for key in ("slide_report", "slide_gene", "report_gene", "triplet", "loss", "grad_norm"):

@@ -1,10 +1,12 @@
 """A full-size ViT-L/16 student (random init, ONE optimisation step on the CPU, batch 2) exports a ``student.pth``
-that loads with ``strict=True`` into the released mSTAR architecture and drives ``mstar extract --weights``."""
+that loads with ``strict=True`` into the released mSTAR architecture, and through ``--weights``' own loader
+(:meth:`Encoder.create`, what ``mstar extract --weights`` calls) gives the network's own features. This is also
+the suite's one test of the ``mstar`` spec's ViT-L (300 M parameters) with a weights file; the end-to-end command
+with a ViT-L is tests/test_extract.py's, against the official transform."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,14 +32,19 @@ def vitl_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg = load_config(Stage2Config, None, [
         f"data.manifest={data.manifest}", f"teacher.file={teacher}", "student.init=random", "student.arch=mstar",
         "train.batch_size=2", "data.slides_per_batch=1", "train.max_steps=1", "train.num_workers=0",
-        "train.log_every=1", f"run.out_dir={root / 'run'}"])
+        "train.log_every=1", "export.verify=false", f"run.out_dir={root / 'run'}"])  # the test verifies
     res = run_stage2(cfg)
     return {"root": root, "data": data, "res": res}
 
 
 @pytest.mark.slow
 def test_vit_large_student_exports_the_released_format(vitl_run: dict) -> None:
+    import numpy as np
     import timm
+
+    from mstar_extract.models.encoder import Encoder
+    from mstar_extract.models.preprocess import preprocess
+    from mstar_extract.models.weights import sha256_file
 
     res = vitl_run["res"]
     assert res.steps == 1 and len(res.history) == 1
@@ -48,30 +55,19 @@ def test_vit_large_student_exports_the_released_format(vitl_run: dict) -> None:
                             dynamic_img_size=True)
     result = net.load_state_dict(sd, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    out = net.eval()(torch.zeros(1, 3, 224, 224))
-    assert out.shape == (1, 1024) and torch.isfinite(out).all()
+    # through --weights' own loader (registry build + strict load): the released network's own features
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    enc = Encoder.create("mstar", weights=str(res.student_path), device="cpu")
+    assert 300e6 < sum(p.numel() for p in enc.model.parameters()) < 310e6  # ViT-L/16
+    assert enc.feature_dim == 1024 and enc.weights_sha256 == sha256_file(res.student_path)
+    feats = enc.embed(x)
+    with torch.inference_mode():
+        ref = net.eval()(preprocess(x))
+    assert feats.shape == (2, 1024) and torch.isfinite(feats).all()
+    torch.testing.assert_close(feats, ref, rtol=1e-4, atol=1e-4)
     proj = torch.load(res.proj_path, weights_only=True)["model_state_dict"]
     assert proj["proj.weight"].shape == (32, 1024)
     card = json.loads(res.card_path.read_text())
     assert card["architecture"] == "vit_large_patch16_224" and card["timm_kwargs"]["init_values"] == 1e-5
     assert card["steps"] == 1 and card["feature_dim"] == 1024
-
-
-@pytest.mark.slow
-def test_exported_student_runs_through_mstar_extract(vitl_run: dict, tmp_path: Path) -> None:
-    from mstar_extract.store.bags import validate_bag
-    from mstar_extract.testing.fixtures import make_svs
-    from mstar_extract.testing.scene import random_scene
-
-    slide = make_svs(tmp_path / "small.svs", random_scene(700.0, 500.0, seed=9, n_blobs=1, holes=False, pen=False,
-                                                          dust=False), mpp=0.5, magnification=20, levels=(1, 4))
-    student = vitl_run["res"].student_path
-    from mstar_extract.testing.cli import run_mstar
-
-    out = tmp_path / "out"
-    proc = run_mstar("extract", slide, out, "--weights", student, "--device", "cpu", "--batch-size", "8", timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from mstar_extract.models.weights import sha256_file
-
-    bag = out / "features" / "small.h5"
-    assert validate_bag(bag, {"feature_dim": 1024, "weights_sha256": sha256_file(student)}) is None

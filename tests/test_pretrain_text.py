@@ -34,7 +34,8 @@ def test_tokenizer_knows_the_vocabulary(bert: Path) -> None:
     assert len(ids) == 10  # cut to max_tokens
 
 
-@pytest.mark.parametrize("trainable, layers, embeddings", [(0, set(), False), (1, {"2"}, False), (2, {"1", "2"}, False), (-1, {"0", "1", "2"}, True)])
+@pytest.mark.parametrize("trainable, layers, embeddings",
+                         [(0, set(), False), (1, {"2"}, False), (2, {"1", "2"}, False), (-1, {"0", "1", "2"}, True)])
 def test_freezing(bert: Path, trainable: int, layers: set[str], embeddings: bool) -> None:
     torch.manual_seed(0)
     enc = TextEncoder(str(bert), out_dim=24, trainable_layers=trainable, local_files_only=True)

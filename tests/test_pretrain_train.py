@@ -76,7 +76,7 @@ def test_stop_and_resume_matches_uninterrupted(toy, tmp_path: Path) -> None:
     run(toy, part, *common, resume="auto")
     resumed, _ = metrics(part)
     assert [s["step"] for s in resumed] == [1, 2, 3, 4]
-    for a, b in zip(full, resumed):
+    for a, b in zip(full, resumed, strict=True):
         assert a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)

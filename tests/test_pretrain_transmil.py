@@ -7,12 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mstar_extract.pretrain.stage1.export import (
-    export_mstar,
-    export_teacher,
-    load_teacher,
-    mstar_to_transmil_state,
-)
+from mstar_extract.pretrain.stage1.export import export_mstar, export_teacher, load_teacher, mstar_to_transmil_state
 from mstar_extract.pretrain.stage1.transmil import NystromAttention, TransMIL, moore_penrose_pinv
 
 
@@ -118,7 +113,8 @@ def test_gradients_reach_every_parameter() -> None:
 def test_exports_load_back(tmp_path: Path) -> None:
     m = small()
     x = torch.randn(1, 12, 24)
-    cfg = dict(in_dim=24, dim=32, heads=4, landmarks=8, pinv_iterations=6, residual_conv_kernel=33, dropout=0.25, attn_dropout=0.1)
+    cfg = dict(in_dim=24, dim=32, heads=4, landmarks=8, pinv_iterations=6, residual_conv_kernel=33, dropout=0.25,
+               attn_dropout=0.1)
     t = load_teacher(export_teacher(m, cfg, tmp_path / "teacher.pt", {"step": 3}))
     assert not t.training and not any(p.requires_grad for p in t.parameters())
     with torch.no_grad():

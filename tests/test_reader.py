@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from mstar_extract.errors import ReadError, SlideError, SlideOpenError
-from mstar_extract.reading import (DeviceFeeder, PatchReader, ReaderPool, SlideJob, grid_order, read_patches_naive,
-                                   resize_patch)
+from mstar_extract.reading import DeviceFeeder, PatchReader, ReaderPool, SlideJob, grid_order, read_patches_naive, resize_patch
 from mstar_extract.reading.tiles import TiffTileSource
 from mstar_extract.slides import open_slide
 from mstar_extract.tiling import ReadPlan
@@ -39,7 +38,7 @@ def collect(reader_or_stream) -> tuple[dict[int, np.ndarray], list[int]]:
     for batch in reader_or_stream:
         assert batch.pixels.dtype == np.uint8 and batch.pixels.shape[1:] == (224, 224, 3)
         assert len(batch.pixels) == len(batch.indices) == len(batch.coords)
-        for i, px in zip(batch.indices.tolist(), batch.pixels):
+        for i, px in zip(batch.indices.tolist(), batch.pixels, strict=True):
             assert i not in got, f"patch {i} delivered twice"
             got[i] = px.copy()
         order.extend(batch.indices.tolist())
@@ -109,7 +108,7 @@ def test_border_patches_are_black_outside(fixture_slides):
     for method, backend in (("tiles", "openslide"), ("regions", "openslide"), ("regions", "tiffslide")):
         with PatchReader(plan, path, backend, batch_size=8, method=method) as r:
             (batch,) = list(r)
-        px = dict(zip(batch.indices.tolist(), batch.pixels))
+        px = dict(zip(batch.indices.tolist(), batch.pixels, strict=True))
         assert (px[0][:, :100] == 0).all() and (px[1][120:, :] == 0).all() and (px[1][:, 120:] == 0).all(), method
         assert (px[2] == 0).all() and px[1][:100, :100].mean() > 100, (method, backend)
 
@@ -143,7 +142,7 @@ def test_tiles_decoded_once_per_batch(fixture_slides):
     plan = grid_plan(path, 0, 384, 0)  # 384-px patches on 256-px tiles: neighbours share tiles
     with PatchReader(plan, path, batch_size=len(plan)) as r:
         list(r)
-        src: TiffTileSource = r._tiles  # noqa: SLF001 - white-box count of decodes
+        src: TiffTileSource = r._tiles
         assert src.tiles_decoded <= src.across * src.down
 
 
@@ -158,7 +157,7 @@ def test_tiles_decoded_once_with_overlapping_patches(fixture_slides):
     ref = read_patches_naive(plan, path, backend="openslide")
     with PatchReader(plan, path, batch_size=len(plan)) as r:
         got, _ = collect(r)
-        src: TiffTileSource = r._tiles  # noqa: SLF001
+        src: TiffTileSource = r._tiles
         assert not src.direct and src.tiles_decoded <= src.across * src.down
     assert max(diff_stats(got[i], ref[i])[0] for i in range(len(plan))) == 0
 

@@ -216,7 +216,7 @@ def test_report_in_a_real_browser(run_out: Path, tmp_path: Path) -> None:
 def test_facts_match_the_outputs_and_the_truth(run_out: Path, fixture_slides) -> None:
     data = embedded_data(run_path(run_out, "report"))
     cols = data["columns"]
-    table = {r[cols.index("id")]: dict(zip(cols, r)) for r in data["rows"]}
+    table = {r[cols.index("id")]: dict(zip(cols, r, strict=True)) for r in data["rows"]}
     rows = manifest(run_out)
     assert set(table) == set(rows)
     for sid, r in rows.items():
@@ -259,7 +259,7 @@ def test_feature_maps_paint_every_patch_and_separate_textures(run_out: Path) -> 
         step = bag.attrs["patch_size_level0"]  # no overlap: one grid cell per patch
         assert on.shape == (-(-bag.attrs["level0_height"] // step), -(-bag.attrs["level0_width"] // step))
         cells = {(int(y) // step, int(x) // step) for x, y in bag.coords}
-        assert {(int(r), int(c)) for r, c in zip(*np.nonzero(on))} == cells
+        assert {(int(r), int(c)) for r, c in zip(*np.nonzero(on), strict=True)} == cells
     (_, pale), (_, dark) = painted(run_path(run_out, "map", "pale")), painted(run_path(run_out, "map", "dark"))
     assert len(pale) >= 10 and len(dark) >= 10
     gap = np.linalg.norm(pale.mean(0) - dark.mean(0))

@@ -18,7 +18,7 @@ from mstar_extract.testing.cli import run_mstar
 SPAWN = mp.get_context("spawn")
 
 
-def _writer(out: str, ids: list[str], failed: list[str], start: "mp.synchronize.Event") -> None:
+def _writer(out: str, ids: list[str], failed: list[str], start: mp.synchronize.Event) -> None:
     """One extraction process appending rows to its own part file."""
     start.wait(60)
     w = ManifestWriter(out)

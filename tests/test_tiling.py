@@ -13,7 +13,13 @@ from mstar_extract.slides import open_slide
 from mstar_extract.testing.fixtures import load_truth, make_svs, save_truth
 from mstar_extract.testing.scene import Blob, Scene, random_scene
 from mstar_extract.tiling import (
-    TilingParams, choose_level, grid_coords, grid_geometry, plan_tiles, snap_magnification, tissue_fractions,
+    TilingParams,
+    choose_level,
+    grid_coords,
+    grid_geometry,
+    plan_tiles,
+    snap_magnification,
+    tissue_fractions,
 )
 from mstar_extract.tissue import segment_slide
 

@@ -10,14 +10,21 @@ import numpy as np
 import pytest
 
 from mstar_extract.slides import open_slide
+from mstar_extract.slides.downsample import read_downsampled
 from mstar_extract.testing.fixtures import load_truth
 from mstar_extract.testing.scene import Blob, Scene, Stroke, random_scene, render_region, render_truth
 from mstar_extract.tissue import (
-    SegmentationParams, TissueContour, contours_to_geojson, find_mask_file, load_tissue_mask, read_geojson_contours,
-    segment_image, segment_slide, write_geojson,
+    SegmentationParams,
+    TissueContour,
+    contours_to_geojson,
+    find_mask_file,
+    load_tissue_mask,
+    read_geojson_contours,
+    segment_image,
+    segment_slide,
+    write_geojson,
 )
 from mstar_extract.tissue.contours import rasterize_level0
-from mstar_extract.slides.downsample import read_downsampled
 
 MPP = 8.0
 
@@ -254,7 +261,7 @@ def test_black_strokes_crossing_tissue_are_removed_like_blue_and_green(tmp_path)
     pieces = (Blob(500.0, 450.0, 300.0), Blob(1250.0, 450.0, 300.0), Blob(2000.0, 450.0, 300.0))
     dark = Blob(1250.0, 1250.0, 250.0, tint=0.55)
     strokes = tuple(Stroke(((b.cx - 60.0, b.cy - 80.0), (b.cx + 90.0, b.cy + 520.0)), w, "black")
-                    for b, w in zip(pieces, (18.0, 50.0, 150.0)))
+                    for b, w in zip(pieces, (18.0, 50.0, 150.0), strict=True))
     scene = Scene(2500.0, 1600.0, (*pieces, dark), (), strokes, seed=3)
     path = make_svs(tmp_path / "black_ink.svs", scene, mpp=0.25, magnification=40, levels=(1, 4, 16), quality=70)
     with open_slide(path) as slide:

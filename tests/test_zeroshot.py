@@ -15,7 +15,6 @@ import json
 import shutil
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -61,7 +60,7 @@ def official_load_text(ckpt_path: Path, name: str, hidden: int, out: int) -> tup
     checkpoint = torch.load(ckpt_path, map_location="cpu")  # torch >= 2.6: weights_only=True by default
     params = {k.replace("module.", ""): v for k, v in checkpoint["model_state_dict"].items() if "text_encoder" in k}
     params.update({k.replace("module.", ""): v for k, v in checkpoint["model_state_dict"].items() if "proj_text" in k})
-    msg = model.load_state_dict(params, strict=False)
+    msg = model.load_state_dict(params, strict=True)
     return model.eval(), msg
 
 
@@ -192,7 +191,8 @@ def test_pretrain_export_writes_the_official_layout_also_from_an_older_run(runs:
     _, msg = official_load_text(out, str(runs["cfg"].text.model), 32, runs["cfg"].aggregator.dim)
     assert not msg.missing_keys and not msg.unexpected_keys
     lin = official_load_proj(out, 64, 32)
-    torch.testing.assert_close(lin.weight, torch.load(runs["stage2"] / "proj.pth", weights_only=True)["model_state_dict"]["proj.weight"])
+    proj = torch.load(runs["stage2"] / "proj.pth", weights_only=True)["model_state_dict"]
+    torch.testing.assert_close(lin.weight, proj["proj.weight"])
     # a stage-1 run from before text_mstar.pth existed: rebuilt from its newest checkpoint, the same tensors
     old = tmp_path / "old_stage1"
     shutil.copytree(runs["stage1"], old)
@@ -271,8 +271,9 @@ def test_prompt_and_checkpoint_problems_are_one_line_usage_errors(runs: dict, tm
 @pytest.mark.slow
 def test_tiny_world_classifies_held_apart_slides_above_chance(tmp_path: Path) -> None:
     """The core of examples/zeroshot/run_tiny.sh, in this process and smaller (6 training and 2 held-apart slides
-    per class, ~13 patches each; about 70 s on a busy 2-core machine, 25 s of it imports): real SVS slides whose pixels and reports share the class, extraction with the frozen encoder,
-    stage 1, stage 2, the exported checkpoint, `zeroshot` on the student's bags of slides no stage saw."""
+    per class, ~13 patches each; about 70 s on a busy 2-core machine, 25 s of it imports): real SVS slides whose
+    pixels and reports share the class, extraction with the frozen encoder, stage 1, stage 2, the exported
+    checkpoint, `zeroshot` on the student's bags of slides no stage saw."""
     from mstar_extract.downstream.inputs import resolve_bags
     from mstar_extract.downstream.zeroshot import ZeroShotSettings, run_zeroshot
     from mstar_extract.pretrain.toyworld import make_toy_world
@@ -282,7 +283,8 @@ def test_tiny_world_classifies_held_apart_slides_above_chance(tmp_path: Path) ->
     extract = ("--model", "timm:test_vit", "--workers", "0", "--no-qc", "--no-report", "-q")
     assert cli("extract", w.root / "slides" / "train", w.root / "bags", "--weights", w.frozen_weights, *extract).returncode == 0
     assert cli("pretrain", "--stage", "1", "--config", here / "stage1.yaml", "--set", f"data.manifest={w.stage1_manifest}",
-               "--set", f"text.model={w.text_model}", "--set", "train.batch_size=9", "--out", tmp_path / "s1", "-q").returncode == 0
+               "--set", f"text.model={w.text_model}", "--set", "train.batch_size=9", "--out", tmp_path / "s1",
+               "-q").returncode == 0
     assert cli("pretrain", "--stage", "2", "--config", here / "stage2.yaml", "--set", f"data.manifest={w.stage2_manifest}",
                "--set", f"teacher.file={tmp_path / 's1' / 'teacher.pt'}", "--init", w.frozen_weights,
                "--out", tmp_path / "s2", "-q").returncode == 0

@@ -23,13 +23,15 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 MODEL = "timm:vit_tiny_patch16_224"
-RUN = ["--model", MODEL, "--weights", "random", "--device", "cpu", "--precision", "fp32", "--workers", "1", "--backend", "openslide",
+RUN = ["--model", MODEL, "--weights", "random", "--device", "cpu", "--precision", "fp32", "--workers", "1",
+       "--backend", "openslide",
        "--batch-size", "16", "--no-report"]
 SLIDES = ("svs40", "svs40_l2", "svs20")
 """Slides with tissue: 20x patches read at level 0 (512 px), at a 2x level (256 px), on a 20x scan (256 px)."""
@@ -188,7 +190,8 @@ def check_mstar_repo(repo: Path, outs: dict[str, Path], work: Path) -> None:
     sub = Dataset_Subtyping(root=str(out), csv_file=str(csv), feature="pt_files")
     _, x, _ = sub[0]
     check("mSTAR diagnosis Dataset_Subtyping(root=OUT, feature='pt_files')",
-          np.array_equal(x.numpy(), bag_of(out / "h5_files" / f"{SLIDES[0]}.h5")[0]), f"{tuple(x.shape)}, n_features {sub.n_features}")
+          np.array_equal(x.numpy(), bag_of(out / "h5_files" / f"{SLIDES[0]}.h5")[0]),
+          f"{tuple(x.shape)}, n_features {sub.n_features}")
     for mod in [m for m in sys.modules if m == "datasets" or m.startswith("datasets.")]:
         del sys.modules[mod]
     sys.path.insert(0, str(repo / "downstream_task" / "survival_prediction"))

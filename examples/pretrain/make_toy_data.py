@@ -24,7 +24,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     paths = make_toy_dataset(a.out, n_slides=a.slides, n_types=a.types, feature_dim=a.dim, n_genes=a.genes, seed=a.seed)
-    print(f"manifest:   {paths.manifest}\ngene table: {paths.gene_table}\ngene list:  {paths.gene_list}\ntext model: {paths.text_model}")
+    print(f"manifest:   {paths.manifest}\ngene table: {paths.gene_table}\n"
+          f"gene list:  {paths.gene_list}\ntext model: {paths.text_model}")
 
 
 if __name__ == "__main__":

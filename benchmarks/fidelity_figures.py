@@ -25,17 +25,9 @@ from pathlib import Path
 
 
 def vit_large_gamma05():
-    import timm
-    import torch
+    from mstar_extract.testing.official import reference_vit_large
 
-    torch.manual_seed(0)
-    net = timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16, init_values=1e-5,
-                            num_classes=0, dynamic_img_size=True).eval()
-    with torch.no_grad():
-        for blk in net.blocks:
-            blk.ls1.gamma.fill_(0.5)
-            blk.ls2.gamma.fill_(0.5)
-    return net
+    return reference_vit_large(0.5)
 
 
 def read(plan, path: Path, decode: str):

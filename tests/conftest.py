@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from mstar_extract.testing.fixtures import FixtureSlide, build_fixture_set
+
+if TYPE_CHECKING:
+    import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -16,6 +20,18 @@ def pytest_configure(config: pytest.Config) -> None:
     handler here (reset to the default in children at exec) gives the children Python's normal SIGINT."""
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+HEAVY_FIRST = ("test_pretrain_stage2_vitl.py", "test_extract_scale.py", "test_pretrain_stage2.py", "test_layouts.py",
+               "test_report.py", "test_whole_run.py")
+"""The longest test files (``--durations``), started first: the suite runs a file per worker (``-n 2 --dist
+loadfile`` in pyproject), and a long file started last would leave the other worker idle at the end."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run :data:`HEAVY_FIRST` files first (in that order), every other file after them in its usual order."""
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable: order inside a file kept
 
 
 @pytest.fixture(scope="session")
@@ -31,18 +47,9 @@ def fixture_root(fixture_slides: dict[str, FixtureSlide]) -> Path:
 
 
 @pytest.fixture(scope="session")
-def vit_large():  # type: ignore[no-untyped-def]
-    """mSTAR's architecture (timm vit_large_patch16_224, init_values=1e-5, dynamic_img_size) with random weights
-    and every LayerScale gamma set to 0.5 (with timm's 1e-5 all outputs look alike), fp32, on the CPU. Built once
-    for the session: the ViT-L tests (test_fidelity, test_extract) share it."""
-    import timm
-    import torch
+def vit_large() -> torch.nn.Module:
+    """The reference ViT-L (:func:`mstar_extract.testing.official.reference_vit_large`), built once for the session:
+    the ViT-L tests (test_fidelity, test_extract) share it."""
+    from mstar_extract.testing.official import reference_vit_large
 
-    torch.manual_seed(0)
-    net = timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16, init_values=1e-5,
-                            num_classes=0, dynamic_img_size=True).eval()
-    with torch.no_grad():
-        for blk in net.blocks:
-            blk.ls1.gamma.fill_(0.5)
-            blk.ls2.gamma.fill_(0.5)
-    return net
+    return reference_vit_large()

@@ -18,8 +18,7 @@ import pytest
 
 from mstar_extract.store.bags import validate_bag
 from mstar_extract.testing.cli import mstar_command, mstar_env, run_mstar, start_mstar
-from mstar_extract.testing.fixtures import make_svs
-from mstar_extract.testing.scene import random_scene
+from mstar_extract.testing.fixtures import make_island_slides
 
 TINY = "timm:vit_tiny_patch16_224"
 IDS = ["c0", "c1", "c2"]
@@ -33,9 +32,7 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pipe_closed")
-    for i, sid in enumerate(IDS):
-        scene = random_scene(800.0, 640.0, seed=70 + i, n_blobs=1, pen=False, dust=False, faint=False)
-        make_svs(d / f"{sid}.svs", scene, mpp=0.5, magnification=20, levels=(1, 4), associated=False)
+    make_island_slides(d, IDS, seed=70)
     return d
 
 

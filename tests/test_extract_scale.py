@@ -27,7 +27,7 @@ import pytest
 from mstar_extract.sharding import RANK_SALT, SHARD_SALT, share_of
 from mstar_extract.store.bags import read_bag, validate_bag
 from mstar_extract.testing.cli import MODULE, mstar_env, run_mstar, start_mstar
-from mstar_extract.testing.fixtures import make_svs
+from mstar_extract.testing.fixtures import make_island_slides, make_svs
 from mstar_extract.testing.scene import random_scene
 
 pytestmark = pytest.mark.slow
@@ -102,9 +102,7 @@ def pick(ids: list[str], n: int, per_share: int, salt: str) -> list[str]:
 def six(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six small 20x SVS slides (1600 x 1280 px, one clear tissue island each: 3-5 patches) in one folder."""
     d = tmp_path_factory.mktemp("six")
-    for i, sid in enumerate(IDS):
-        scene = random_scene(800.0, 640.0, seed=10 + i, n_blobs=1, pen=False, dust=False, faint=False)
-        make_svs(d / f"{sid}.svs", scene, mpp=0.5, magnification=20, levels=(1, 4), associated=False)
+    make_island_slides(d, IDS, seed=10)
     return d
 
 

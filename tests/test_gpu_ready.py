@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import pytest
 
 from mstar_extract.reading.pool import ring_slots
-from mstar_extract.testing.fixtures import make_svs
+from mstar_extract.testing.fixtures import make_island_slides, make_svs
 from mstar_extract.testing.scene import random_scene
 
 SMALL_MODEL = "timm:regnetx_002"
@@ -62,15 +61,9 @@ def test_ring_slots_fit_the_free_space() -> None:
 
 def _small_shm_ok() -> str | None:
     """None when a private mount namespace with a tmpfs on /dev/shm can be made here, else why not."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "needs root to mount a small tmpfs on /dev/shm in a private mount namespace"
-    if shutil.which("unshare") is None:
-        return "needs util-linux unshare"
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /dev/shm"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot mount a tmpfs in a private mount namespace here: {probe.stderr.strip()[:200]}"
-    return None
+    from mstar_extract.testing.mounts import tmpfs_namespace_problem
+
+    return tmpfs_namespace_problem("/dev/shm")
 
 
 def in_small_shm(size: str, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -167,9 +160,7 @@ def two_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     d = tmp_path_factory.mktemp("two")
     names = [next(f"r{k}_{i}" for i in range(100) if share_of(f"r{k}_{i}", 2, RANK_SALT) == k) for k in range(2)]
-    for i, sid in enumerate(names):
-        scene = random_scene(800.0, 640.0, seed=20 + i, n_blobs=1, pen=False, dust=False, faint=False)
-        make_svs(d / f"{sid}.svs", scene, mpp=0.5, magnification=20, levels=(1, 4), associated=False)
+    make_island_slides(d, names, seed=20)
     return d
 
 

@@ -20,8 +20,7 @@ import pytest
 
 from mstar_extract.locks import hostname, lock_path, try_acquire
 from mstar_extract.testing.cli import run_mstar, start_mstar
-from mstar_extract.testing.fixtures import make_svs
-from mstar_extract.testing.scene import random_scene
+from mstar_extract.testing.fixtures import make_island_slides
 
 FINAL = ("done", "skipped", "no_tissue", "failed")
 EXIT_INCOMPLETE = 4
@@ -55,12 +54,7 @@ def status(out: Path) -> tuple[dict[str, dict], dict]:
 
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("held_slides")
-    out = {}
-    for i in range(3):
-        scene = random_scene(800.0, 640.0, seed=40 + i, n_blobs=1, pen=False, dust=False, faint=False)
-        out[f"p{i}"] = make_svs(d / f"p{i}.svs", scene, mpp=0.5, magnification=20, levels=(1, 4), associated=False)
-    return out
+    return make_island_slides(tmp_path_factory.mktemp("held_slides"), ["p0", "p1", "p2"], seed=40)
 
 
 def _empty_lock(out: Path, slide_id: str, age_s: float) -> Path:

@@ -20,8 +20,7 @@ import pytest
 
 from mstar_extract import __version__
 from mstar_extract.testing.cli import run_mstar
-from mstar_extract.testing.fixtures import make_svs
-from mstar_extract.testing.scene import random_scene
+from mstar_extract.testing.fixtures import make_island_slides
 
 MODEL = "timm:vit_tiny_patch16_224"
 FINAL = ("done", "skipped", "no_tissue", "failed")
@@ -60,12 +59,7 @@ def final_by_slide(events: list[dict]) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Three small 20x SVS slides with a clear tissue island each (3-5 patches)."""
-    d = tmp_path_factory.mktemp("pipe_slides")
-    out = {}
-    for i in range(3):
-        scene = random_scene(800.0, 640.0, seed=20 + i, n_blobs=1, pen=False, dust=False, faint=False)
-        out[f"p{i}"] = make_svs(d / f"p{i}.svs", scene, mpp=0.5, magnification=20, levels=(1, 4), associated=False)
-    return out
+    return make_island_slides(tmp_path_factory.mktemp("pipe_slides"), ["p0", "p1", "p2"], seed=20)
 
 
 @pytest.fixture(scope="module")

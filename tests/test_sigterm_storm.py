@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from mstar_extract.testing.cli import start_mstar
-from mstar_extract.testing.fixtures import make_svs
-from mstar_extract.testing.scene import random_scene
+from mstar_extract.testing.fixtures import make_island_slides
 
 N_TILE, N_EXTRACT, PARALLEL = 44, 6, 4
 TINY = "timm:vit_tiny_patch16_224"
@@ -36,9 +35,7 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("storm_slides")
-    for i in range(3):
-        scene = random_scene(800.0, 640.0, seed=60 + i, n_blobs=1, pen=False, dust=False, faint=False)
-        make_svs(d / f"s{i}.svs", scene, mpp=0.5, magnification=20, levels=(1, 4), associated=False)
+    make_island_slides(d, ["s0", "s1", "s2"], seed=60)
     return d
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -140,15 +139,9 @@ def test_a_real_cuda_out_of_memory_is_a_whole_run_error() -> None:
 # ------------------------------------------------------------------------------------- full / read-only OUT
 def _namespace_ok() -> str | None:
     """None when a tmpfs can be mounted in a private mount namespace here, else why not."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return "needs root to mount a small tmpfs in a private mount namespace"
-    if shutil.which("unshare") is None:
-        return "needs util-linux unshare"
-    probe = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot mount a tmpfs in a private mount namespace here: {probe.stderr.strip()[:200]}"
-    return None
+    from mstar_extract.testing.mounts import tmpfs_namespace_problem
+
+    return tmpfs_namespace_problem("/mnt")
 
 
 def _in_namespace(script: str, tmp: Path, timeout: float = 900) -> subprocess.CompletedProcess:

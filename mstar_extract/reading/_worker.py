@@ -46,6 +46,71 @@ def warm_up() -> None:  # pragma: no cover - child
             pass
 
 
+class WorkerState:  # pragma: no cover - child
+    """One reader worker's state: the shared-memory ring (or none: pipes) and the open slides' readers."""
+
+    def __init__(self, shm_name: str | None, n_slots: int, opts: WorkerOptions) -> None:
+        self.opts = opts
+        self.shm: Any = None
+        self.slots: np.ndarray | None = None
+        if shm_name is not None:
+            from multiprocessing import shared_memory
+
+            s = opts.out_size
+            self.shm = shared_memory.SharedMemory(name=shm_name)
+            self.slots = np.ndarray((n_slots, opts.batch_size, s, s, 3), np.uint8, buffer=self.shm.buf)
+        self.readers: OrderedDict[int, PatchReader | BaseException] = OrderedDict()
+
+    def reader_for(self, seq: int, path: str, backend: str, meta: ReadPlan) -> PatchReader:
+        """The reader of job ``seq`` (opened once; an open failure is remembered and raised again)."""
+        if seq in self.readers:
+            r = self.readers[seq]
+            if isinstance(r, BaseException):
+                raise r
+            return r
+        while len(self.readers) >= 2:  # keep the current and the next slide open
+            _, old = self.readers.popitem(last=False)
+            if isinstance(old, PatchReader):
+                old.close()
+        o = self.opts
+        try:
+            r = PatchReader(meta, path, backend, o.out_size, o.batch_size, method=o.method,  # type: ignore[arg-type]
+                            skip_bad_patches=o.skip_bad_patches, tile_cache_mb=o.tile_cache_mb,
+                            decode=o.decode)  # type: ignore[arg-type]
+            _ = r.slide  # open now: an unreadable file fails here, once per job and worker
+        except Exception as exc:
+            self.readers[seq] = exc
+            raise
+        self.readers[seq] = r
+        return r
+
+    def answer(self, task: tuple) -> tuple:
+        """Read one chunk of patches: a ``batch`` message (pixels in the ring slot, or in the message) or an
+        ``error`` message (every failure is a per-slide message)."""
+        seq, chunk, slot, path, backend, meta, coords = task
+        try:
+            reader = self.reader_for(seq, path, backend, meta)
+            n, s = coords.shape[0], self.opts.out_size
+            out = self.slots[slot] if self.slots is not None else np.empty((n, s, s, 3), np.uint8)
+            ok, msgs = reader.read_coords(coords, out)
+            good = np.flatnonzero(ok)
+            if good.shape[0] < n and good.shape[0]:
+                out[: good.shape[0]] = out[good]
+            pixels = None if self.slots is not None else out[: good.shape[0]]
+            return ("batch", seq, chunk, slot, good, np.flatnonzero(~ok), msgs, pixels)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a per-slide message
+            kind, epath, reason = error_message(exc, path)
+            return ("error", seq, chunk, slot, kind, epath, reason)
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            if isinstance(r, PatchReader):
+                r.close()
+        if self.shm is not None:
+            self.slots = None  # the ring's view goes before the segment is closed
+            self.shm.close()
+
+
 def worker_main(tasks: Any, results: Any, shm_name: str | None, n_slots: int,
                 opts: WorkerOptions) -> None:  # pragma: no cover - child
     """Worker loop: receive ``(seq, chunk, slot, path, backend, meta_plan, coords)``, answer one message each."""
@@ -54,44 +119,15 @@ def worker_main(tasks: Any, results: Any, shm_name: str | None, n_slots: int,
         import cv2
 
         cv2.setNumThreads(1)
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - cv2 is only a speed-up here
         pass
-    shm = None
-    slots: np.ndarray | None = None
-    s = opts.out_size
-    if shm_name is not None:
-        from multiprocessing import shared_memory
-
-        shm = shared_memory.SharedMemory(name=shm_name)
-        slots = np.ndarray((n_slots, opts.batch_size, s, s, 3), np.uint8, buffer=shm.buf)
-    readers: OrderedDict[int, PatchReader | BaseException] = OrderedDict()
+    worker = WorkerState(shm_name, n_slots, opts)
     warm_up()
     try:
         results.send(("ready", -1, -1, -1))
     except (BrokenPipeError, OSError):
+        worker.close()
         return
-
-    def reader_for(seq: int, path: str, backend: str, meta: ReadPlan) -> PatchReader:
-        if seq in readers:
-            r = readers[seq]
-            if isinstance(r, BaseException):
-                raise r
-            return r
-        while len(readers) >= 2:  # keep the current and the next slide open
-            _, old = readers.popitem(last=False)
-            if isinstance(old, PatchReader):
-                old.close()
-        try:
-            r = PatchReader(meta, path, backend, opts.out_size, opts.batch_size, method=opts.method,  # type: ignore[arg-type]
-                            skip_bad_patches=opts.skip_bad_patches, tile_cache_mb=opts.tile_cache_mb,
-                            decode=opts.decode)  # type: ignore[arg-type]
-            _ = r.slide  # open now: an unreadable file fails here, once per job and worker
-        except Exception as exc:
-            readers[seq] = exc
-            raise
-        readers[seq] = r
-        return r
-
     try:
         while True:
             try:
@@ -100,28 +136,9 @@ def worker_main(tasks: Any, results: Any, shm_name: str | None, n_slots: int,
                 break  # the main process went away
             if task is None:
                 break
-            seq, chunk, slot, path, backend, meta, coords = task
             try:
-                reader = reader_for(seq, path, backend, meta)
-                n = coords.shape[0]
-                out = slots[slot] if slots is not None else np.empty((n, s, s, 3), np.uint8)
-                ok, msgs = reader.read_coords(coords, out)
-                good = np.flatnonzero(ok)
-                if good.shape[0] < n and good.shape[0]:
-                    out[: good.shape[0]] = out[good]
-                pixels = None if slots is not None else out[: good.shape[0]]
-                msg: tuple = ("batch", seq, chunk, slot, good, np.flatnonzero(~ok), msgs, pixels)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a per-slide message
-                kind, epath, reason = error_message(exc, path)
-                msg = ("error", seq, chunk, slot, kind, epath, reason)
-            try:
-                results.send(msg)
+                results.send(worker.answer(task))
             except (BrokenPipeError, OSError):
                 break
     finally:
-        for r in readers.values():
-            if isinstance(r, PatchReader):
-                r.close()
-        if shm is not None:
-            del slots
-            shm.close()
+        worker.close()

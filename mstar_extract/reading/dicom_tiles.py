@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from mstar_extract.reading.tiles import TileDecodeError
+from mstar_extract.reading.tiles import TileDecodeError, lru_get
 
 log = logging.getLogger("mstar.reading")
 
@@ -227,15 +227,7 @@ class DicomFrameSource:
 
     def tile(self, index: int) -> np.ndarray:
         """Frame ``index`` (row-major) from the cache, decoding it on a miss."""
-        cache = self._cache
-        if index in cache:
-            cache.move_to_end(index)
-            return cache[index]
-        arr = self._decode(index)
-        cache[index] = arr
-        if len(cache) > self._cache_max:
-            cache.popitem(last=False)
-        return arr
+        return lru_get(self._cache, index, self._cache_max, self._decode)
 
     def read(self, x: int, y: int, w: int, h: int, out: np.ndarray | None = None) -> np.ndarray:
         """RGB uint8 (h, w, 3) with top-left (x, y) in pixels of the level; outside the level = black, as OpenSlide's

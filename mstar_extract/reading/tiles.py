@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -33,6 +34,22 @@ FILL = 0
 
 _SUPPORTED_COMPRESSION = {1, 5, 7, 8, 32946, 50000, 50001}  # none, LZW, JPEG, deflate, zstd, webp
 _SUPPORTED_PHOTOMETRIC = {2, 6}  # RGB, YCbCr
+
+
+T = TypeVar("T")
+
+
+def lru_get(cache: OrderedDict[int, T], index: int, limit: int, make: Callable[[int], T]) -> T:
+    """``cache[index]`` (now the most recently used), or ``make(index)`` stored there on a miss; past ``limit``
+    entries the least recently used one is dropped. The tile caches of both tile readers."""
+    if index in cache:
+        cache.move_to_end(index)
+        return cache[index]
+    value = make(index)
+    cache[index] = value
+    if len(cache) > limit:
+        cache.popitem(last=False)
+    return value
 
 
 class TileDecodeError(Exception):
@@ -217,15 +234,7 @@ class TiffTileSource:
 
     def tile(self, index: int) -> Any:
         """Tile ``index`` (PIL core image or None) from the cache, decoding it on a miss."""
-        cache = self._cache
-        if index in cache:
-            cache.move_to_end(index)
-            return cache[index]
-        im = self._decode(index)
-        cache[index] = im
-        if len(cache) > self._cache_max:
-            cache.popitem(last=False)
-        return im
+        return lru_get(self._cache, index, self._cache_max, self._decode)
 
     # -- pixels -------------------------------------------------------------------------------------------
     def _canvas(self, w: int, h: int) -> Any:

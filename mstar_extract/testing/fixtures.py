@@ -37,7 +37,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,6 +165,19 @@ def make_svs(
             tw.write(_small(scene, 600), compression="jpeg", compressionargs={"level": 90}, photometric="rgb",
                      metadata=None, rowsperstrip=64, subfiletype=9, description="macro 600x400")
     return path
+
+
+def make_island_slides(folder: str | os.PathLike, ids: Iterable[str], seed: int) -> dict[str, Path]:
+    """Small 20x SVS slides (1600 x 1280 px, 0.5 µm/px, one clear tissue island each: 3-5 patches of 256 px),
+    ``<id>.svs`` in ``folder``, the i-th drawn with seed ``seed + i``: the many-small-slides fixture of the CLI
+    tests. Returns id -> path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i, sid in enumerate(ids):
+        scene = random_scene(800.0, 640.0, seed=seed + i, n_blobs=1, pen=False, dust=False, faint=False)
+        out[sid] = make_svs(folder / f"{sid}.svs", scene, mpp=0.5, magnification=20, levels=(1, 4), associated=False)
+    return out
 
 
 def make_tiff(

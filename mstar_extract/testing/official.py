@@ -132,3 +132,21 @@ def relative_l2(a: Any, b: Any) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-30)
+
+
+def reference_vit_large(gamma: float = 0.5) -> Any:
+    """mSTAR's architecture as the authors build it (timm ``vit_large_patch16_224``, ``init_values=1e-5``,
+    ``dynamic_img_size``), seeded random weights, every LayerScale gamma set to ``gamma`` (with timm's 1e-5 all
+    outputs look alike, so feature comparisons would prove little), fp32, eval mode, on the CPU."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16, init_values=1e-5,
+                            num_classes=0, dynamic_img_size=True).eval()
+    blocks: Any = net.blocks  # an nn.Sequential of timm Blocks (typed as Tensor | Module by nn.Module's getattr)
+    with torch.no_grad():
+        for blk in blocks:
+            blk.ls1.gamma.fill_(gamma)
+            blk.ls2.gamma.fill_(gamma)
+    return net

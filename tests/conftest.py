@@ -22,18 +22,6 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-HEAVY_FIRST = ("test_pretrain_stage2_vitl.py", "test_extract_scale.py", "test_pretrain_stage2.py", "test_layouts.py",
-               "test_report.py", "test_whole_run.py")
-"""The longest test files (``--durations``), started first: the suite runs a file per worker (``-n 2 --dist
-loadfile`` in pyproject), and a long file started last would leave the other worker idle at the end."""
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run :data:`HEAVY_FIRST` files first (in that order), every other file after them in its usual order."""
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable: order inside a file kept
-
-
 @pytest.fixture(scope="session")
 def fixture_slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, FixtureSlide]:
     """The real test slides (built once per session, a few seconds): see ``build_fixture_set`` for names/layout."""

@@ -1,8 +1,11 @@
 """Run THIS checkout's ``mstar`` command line as a real subprocess (for tests).
 
 Tests never call a bare ``mstar``: it may be missing (venv not activated) or, worse, another installed version.
-They run ``sys.executable -m mstar_extract`` with the folder that holds this very ``mstar_extract`` package first
-on ``PYTHONPATH``, so the child imports the same code as the test process::
+They run this checkout's CLI: forked from a launcher process that has imported torch and timm once
+(:mod:`mstar_extract.testing.launcher`; a real process per run, without the ~7 CPU-seconds of imports), or, where
+a run needs a fresh interpreter or ``MSTAR_TEST_FORK=0``, ``sys.executable -m mstar_extract`` with the folder
+that holds this very ``mstar_extract`` package first on ``PYTHONPATH``. Either way the child runs the same code
+as the test process::
 
     from mstar_extract.testing.cli import run_mstar, start_mstar
     r = run_mstar("tile", "slides/", "out/", "--jsonl")           # CompletedProcess (text, captured)
@@ -46,19 +49,38 @@ def run_mstar(*args: str | os.PathLike[str], stdin: str | None = None, env: Mapp
     """Run ``mstar ARGS`` to the end; stdout and stderr captured as text (stderr written to ``stderr_file``
     instead when given, e.g. to check what a log file receives, and read back into ``.stderr``).
     ``env`` is the child's whole environment (default: this process's)."""
-    cmd, child_env = mstar_command(*args), mstar_env(env)
-    if stderr_file is None:
-        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=child_env, timeout=timeout, **kw)
-    with open(stderr_file, "w") as err:
-        res = subprocess.run(cmd, input=stdin, stdout=subprocess.PIPE, stderr=err, text=True, env=child_env,
-                             timeout=timeout, **kw)
-    res.stderr = Path(stderr_file).read_text()
-    return res
+    err_fh = open(stderr_file, "w") if stderr_file is not None else None
+    try:
+        proc = start_mstar(*args, env=env, stdin=subprocess.PIPE if stdin is not None else None,
+                           stdout=subprocess.PIPE, stderr=err_fh if err_fh is not None else subprocess.PIPE, **kw)
+        try:
+            out, err = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    finally:
+        if err_fh is not None:
+            err_fh.close()
+    if stderr_file is not None:
+        err = Path(stderr_file).read_text()
+    return subprocess.CompletedProcess(proc.args, proc.wait(), out, err)
 
 
-def start_mstar(*args: str | os.PathLike[str], env: Mapping[str, str] | None = None,
-                **popen_kw: Any) -> subprocess.Popen[str]:
-    """Start ``mstar ARGS`` in the background (text mode; stdout/stderr as given in ``popen_kw``, default PIPE)."""
+def start_mstar(*args: str | os.PathLike[str], env: Mapping[str, str] | None = None, **popen_kw: Any) -> Any:
+    """Start ``mstar ARGS`` in the background (text mode; stdout/stderr as given in ``popen_kw``, default PIPE):
+    forked from the pre-imported launcher when it can be (:mod:`mstar_extract.testing.forked`; the same program
+    without the seconds of importing torch and timm), else a fresh ``python -m mstar_extract``. Either way a real
+    process with the surface of :class:`subprocess.Popen` the tests use."""
+    from mstar_extract.testing.forked import LaunchedProcess, can_fork
+
     popen_kw.setdefault("stdout", subprocess.PIPE)
     popen_kw.setdefault("stderr", subprocess.PIPE)
-    return subprocess.Popen(mstar_command(*args), text=True, env=mstar_env(env), **popen_kw)
+    child_env = mstar_env(env)
+    launcher = can_fork(child_env, popen_kw)
+    if launcher is not None:
+        cwd = popen_kw.get("cwd")
+        return LaunchedProcess(launcher, [os.fspath(a) for a in args], child_env,
+                               cwd=os.fspath(cwd) if cwd is not None else None,
+                               **{k: v for k, v in popen_kw.items() if k != "cwd"})
+    return subprocess.Popen(mstar_command(*args), text=True, env=child_env, **popen_kw)

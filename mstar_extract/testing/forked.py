@@ -36,7 +36,7 @@ class Launcher:
         self._dir = tempfile.mkdtemp(prefix="mstar-launcher-")
         self.path = os.path.join(self._dir, "sock")
         self.proc = subprocess.Popen([sys.executable, "-m", "mstar_extract.testing.launcher", self.path],
-                                     env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+                                     env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
         if line != "ready":
@@ -44,6 +44,8 @@ class Launcher:
             raise RuntimeError(f"the test launcher did not start (said {line!r})")
 
     def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # the launcher ends at EOF
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -28,7 +28,7 @@ PRELOAD = ("numpy", "PIL.Image", "cv2", "h5py", "openslide", "tiffslide", "torch
            "mstar_extract.pipeline.extract_job", "mstar_extract.models.encoder", "mstar_extract.reading")
 """Modules imported once, before any fork (none of them starts a thread on import)."""
 
-RUNTIME_ENV_PREFIXES = ("MSTAR_", "_MSTAR_", "SLURM_", "COMP_")
+RUNTIME_ENV_PREFIXES = ("MSTAR_", "_MSTAR_", "SLURM_", "COMP_", "PYTEST_")  # PYTEST_CURRENT_TEST changes per test
 RUNTIME_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                          "COLUMNS", "LINES", "TERM", "NO_COLOR", "OMP_NUM_THREADS", "PYTHONPATH", "PYTHONWARNINGS"})
 """Variables that the package reads while it runs (or that the child applies itself): they may differ from the

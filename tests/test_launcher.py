@@ -1,0 +1,42 @@
+"""The test launcher (mstar_extract/testing/launcher.py): the suite's CLI runs are real processes forked from one
+pre-imported interpreter, with their own pipes, exit codes and signals, and a fresh interpreter wherever a fork
+could see another program."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+from mstar_extract.testing.cli import run_mstar, start_mstar
+from mstar_extract.testing.forked import LaunchedProcess
+from mstar_extract.testing.launcher import forkable_env
+
+
+def test_runs_are_forked_even_as_pytest_changes_its_environment() -> None:
+    """pytest sets PYTEST_CURRENT_TEST anew for every test: runs must still be forks (this was missed once,
+    and every run after the first fell back to a fresh interpreter)."""
+    assert "PYTEST_CURRENT_TEST" in os.environ
+    proc = start_mstar("--version")
+    out, err = proc.communicate(timeout=120)
+    assert isinstance(proc, LaunchedProcess) and proc.returncode == 0 and out.startswith("mstar, version"), err
+
+
+def test_exit_codes_stdin_stderr_and_signals_come_through(tmp_path) -> None:
+    r = run_mstar("status", tmp_path / "nothing-here")
+    assert r.returncode == 2 and "mstar: error:" in r.stderr and r.stdout == ""
+    r = run_mstar("info", "-", "--json", stdin=f"{tmp_path / 'missing.svs'}\n")
+    assert r.returncode == 1 and "missing.svs" in r.stderr
+    proc = start_mstar("info", "-", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)  # waits for its stdin
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+
+
+def test_an_import_time_variable_gives_a_fresh_interpreter() -> None:
+    base = {"PATH": "/usr/bin", "HOME": "/root"}
+    assert forkable_env({**base, "MSTAR_WORKERS": "3", "OMP_NUM_THREADS": "1", "PYTEST_CURRENT_TEST": "x"}, base)
+    assert not forkable_env({**base, "HF_ENDPOINT": "http://127.0.0.1:1"}, base)  # huggingface_hub reads it on import
+    assert not forkable_env({"PATH": "/usr/bin"}, base)
+    proc = start_mstar("--version", env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:1"})
+    assert isinstance(proc, subprocess.Popen)
+    proc.communicate(timeout=120)

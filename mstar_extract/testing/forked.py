@@ -38,10 +38,11 @@ class Launcher:
         self.proc = subprocess.Popen([sys.executable, "-m", "mstar_extract.testing.launcher", self.path],
                                      env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
-        if line != "ready":
-            self.close()
-            raise RuntimeError(f"the test launcher did not start (said {line!r})")
+        for line in self.proc.stdout:  # a library may print something of its own first
+            if line.strip() == "ready":
+                return
+        self.close()
+        raise RuntimeError("the test launcher ended before it was ready")
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -59,21 +60,27 @@ class Launcher:
 
 
 _launcher: Launcher | None = None
+_launcher_failed = False
 _launcher_lock = threading.Lock()
 
 
 def launcher() -> Launcher | None:
     """This process's launcher (started on first use with this process's environment, this checkout first on
     ``PYTHONPATH``, without the variables a child applies itself); None when ``MSTAR_TEST_FORK=0``."""
-    global _launcher
-    if os.environ.get("MSTAR_TEST_FORK", "1") == "0":
+    global _launcher, _launcher_failed
+    if os.environ.get("MSTAR_TEST_FORK", "1") == "0" or _launcher_failed:
         return None
     with _launcher_lock:
         if _launcher is None or _launcher.proc.poll() is not None:
             from mstar_extract.testing.cli import mstar_env
 
             env = {k: v for k, v in mstar_env().items() if k not in ("OMP_NUM_THREADS", "PYTHONWARNINGS")}
-            _launcher = Launcher(env)
+            try:
+                _launcher = Launcher(env)
+            except (OSError, RuntimeError) as exc:  # every run is then a fresh interpreter: slower, not wrong
+                print(f"mstar tests: no launcher ({exc}); starting a fresh interpreter per run", file=sys.stderr)
+                _launcher_failed = True
+                return None
             atexit.register(_launcher.close)
         return _launcher
 

@@ -319,8 +319,10 @@ def test_vit_large_features_fp32(slides, vit_large, tmp_path):
     clam = clam_plan(path, tmp_path, 512)
     crossing = np.flatnonzero((clam.coords[:, 0] + 512 > w) | (clam.coords[:, 1] + 512 > h))
     tiled = mstar_plan(path)
-    picks = tiled.coords[np.linspace(0, len(tiled) - 1, 5).astype(int)[1:3]]  # two: each ViT-L pass costs seconds
-    coords = np.concatenate([clam.coords[crossing[[0, len(crossing) // 2]]], picks])
+    # one CLAM patch crossing the slide's border and one `mstar tile` patch: a ViT-L pass costs ~5 CPU-seconds here
+    # (the pixels of every path are compared in full by the tests above)
+    picks = tiled.coords[[len(tiled) // 2]]
+    coords = np.concatenate([clam.coords[crossing[[len(crossing) // 2]]], picks])
     sub = ReadPlan(coords, 0, 1.0, 512, 256, 512, 0.5, 20.0, None, None, w, h)
     fast_sub = ReadPlan(picks, 0, 1.0, 512, 256, 512, 0.5, 20.0, None, None, w, h)
     spec = get_spec("mstar")
@@ -330,7 +332,7 @@ def test_vit_large_features_fp32(slides, vit_large, tmp_path):
         ref = vit_large(reference_tensors(path, sub.coords, 0, 512)).numpy()
         exact = enc.embed(read_with_pool(sub, path)).numpy()
         fast = enc.embed(read_with_pool(fast_sub, path, decode="reduced")).numpy()
-    rel_exact, rel_fast = relative_l2(exact, ref), relative_l2(fast, ref[2:])
+    rel_exact, rel_fast = relative_l2(exact, ref), relative_l2(fast, ref[1:])
     print(f"ViT-L fp32 rel. L2 vs reference: exact max {rel_exact.max():.2e}, --fast-decode {np.round(rel_fast, 5)}")
     assert rel_exact.max() <= 1e-4
     assert 0 < rel_fast.max() <= FAST_FEATURE_REL_L2

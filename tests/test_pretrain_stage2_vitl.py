@@ -1,4 +1,4 @@
-"""A full-size ViT-L/16 student (random init, ONE optimisation step on the CPU, batch 2) exports a ``student.pth``
+"""A full-size ViT-L/16 student (random init, ONE optimisation step on the CPU, one patch) exports a ``student.pth``
 that loads with ``strict=True`` into the released mSTAR architecture, and through ``--weights``' own loader
 (:meth:`Encoder.create`, what ``mstar extract --weights`` calls) gives the network's own features. This is also
 the suite's one test of the ``mstar`` spec's ViT-L (300 M parameters) with a weights file; the end-to-end command
@@ -31,7 +31,7 @@ def vitl_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     export_teacher(TransMIL(**AGG), AGG, teacher)
     cfg = load_config(Stage2Config, None, [
         f"data.manifest={data.manifest}", f"teacher.file={teacher}", "student.init=random", "student.arch=mstar",
-        "train.batch_size=2", "data.slides_per_batch=1", "train.max_steps=1", "train.num_workers=0",
+        "train.batch_size=1", "data.slides_per_batch=1", "train.max_steps=1", "train.num_workers=0",
         "train.log_every=1", "export.verify=false", f"run.out_dir={root / 'run'}"])  # the test verifies
     res = run_stage2(cfg)
     return {"root": root, "data": data, "res": res}

@@ -244,22 +244,31 @@ def test_odd_slide_ids_get_distinct_lock_files(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------- issue 12: content, unreadable locks, signals, full disk
 _HAMMER = (
-    "import sys\nfrom mstar_extract.locks import try_acquire\n"
-    "for i in range(int(sys.argv[2])):\n"
+    "import itertools, os, sys, time\nfrom mstar_extract.locks import try_acquire\n"
+    "deadline = time.monotonic() + 120\n"
+    "for i in itertools.count():\n"
+    "    if (i >= 300 and os.path.exists(sys.argv[2])) or time.monotonic() > deadline:\n"
+    "        break\n"
     "    lock = try_acquire(sys.argv[1], 'hot', heartbeat_s=0)\n"
     "    assert lock is not None\n"
     "    lock.release()\n"
 )
+_MEETINGS = 100
 
 
 def test_a_lock_file_is_never_seen_without_its_content(tmp_path: Path) -> None:
-    """Another process creates and releases a lock 300 times while this one reads it as fast as it can: every
-    time the file exists it holds the owner's JSON (the content is linked into place, never written after)."""
+    """Another process creates and releases a lock (300 times, and on until the reader has met it 100 times, however
+    busy the machine) while this one reads it as fast as it can: every time the file exists it holds the owner's
+    JSON (the content is linked into place, never written after; a lock created empty and then written is met
+    thousands of times, a few of them empty)."""
     path = lock_path(tmp_path, "hot")
     path.parent.mkdir(parents=True)
-    proc = subprocess.Popen([sys.executable, "-c", _HAMMER, str(tmp_path), "300"])
+    stop = tmp_path / "stop"
+    proc = subprocess.Popen([sys.executable, "-c", _HAMMER, str(tmp_path), str(stop)])
     seen, unreadable = 0, []
     while proc.poll() is None:
+        if seen >= _MEETINGS:
+            stop.touch()
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -270,7 +279,7 @@ def test_a_lock_file_is_never_seen_without_its_content(tmp_path: Path) -> None:
         except (ValueError, KeyError, AssertionError):
             unreadable.append(data)
     assert proc.returncode == 0
-    assert seen > 100, "the reader never met the lock: the test proved nothing"
+    assert seen >= _MEETINGS, "the reader never met the lock: the test proved nothing"
     assert unreadable == [], f"{len(unreadable)} of {seen} reads found an empty or partial lock: {unreadable[:3]}"
     assert [p.name for p in path.parent.iterdir()] == []  # no temp file left either
 

@@ -45,7 +45,7 @@ class MountNamespace:
     def run(self, *cmd: str | os.PathLike[str], env: Mapping[str, str] | None = None,
             check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` in the namespace (``nsenter --mount``), output captured as text."""
-        return subprocess.run(["nsenter", f"--mount=/proc/{self.pid}/ns/mnt", *map(os.fspath, cmd)],
+        return subprocess.run(["nsenter", f"--mount=/proc/{self.pid}/ns/mnt", *(os.fspath(c) for c in cmd)],
                               capture_output=True, text=True, env=None if env is None else dict(env), check=check,
                               timeout=600)
 

@@ -59,10 +59,11 @@ def test_bench_extract_json(fixture_slides, tmp_path: Path) -> None:
     assert {s["slide_id"]: s["status"] for s in doc["slides"]} == {"svs20": "done", "glass_only": "no_tissue"}
     assert doc["out"] is None  # the temporary OUT is gone
 
-    # --out keeps the outputs; an existing bag is recomputed (a benchmark measures work, never skips it)
+    # --out keeps the outputs; an existing bag is recomputed (a benchmark measures work, never skips it); read in
+    # this process (--workers 0: no reader process to start)
     out = tmp_path / "out"
     for _ in range(2):
-        r = bench("extract", str(good), "--model", TINY, "--device", "cpu", "--batch-size", "4", "--workers", "1",
+        r = bench("extract", str(good), "--model", TINY, "--device", "cpu", "--batch-size", "4", "--workers", "0",
                   "--out", str(out), "--json")
         assert r.exit_code == 0, r.output
         doc = json.loads(r.stdout)

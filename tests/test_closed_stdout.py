@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from mstar_extract.store.bags import validate_bag
-from mstar_extract.testing.cli import mstar_command, mstar_env, run_mstar, start_mstar
+from mstar_extract.testing.cli import run_mstar, start_mstar
 from mstar_extract.testing.fixtures import make_island_slides
 
 TINY = "timm:vit_tiny_patch16_224"
@@ -42,16 +41,21 @@ def _clean(stderr: str) -> None:
 
 
 def test_extract_piped_into_head_finishes_every_slide(slides: Path, tmp_path: Path) -> None:
-    """The issue's own command line, through bash: `mstar extract slides/ out/ --jsonl | head -1`."""
+    """The issue's own command line, `mstar extract slides/ out/ --jsonl | head -1`: the run's stdout is a real
+    pipe into a real `head -1`, as a shell sets it up."""
     out = tmp_path / "out"
-    cmd = mstar_command("extract", slides, out, "--jsonl", "--model", TINY, "--weights", "random", "--device", "cpu",
-                        "--workers", "1", "--no-report")
     err = tmp_path / "stderr.txt"
-    script = f"{shlex.join(cmd)} 2>{shlex.quote(str(err))} | head -1; echo \"rc=${{PIPESTATUS[0]}}\""
-    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=mstar_env(_env()), timeout=900)
-    first, status = r.stdout.splitlines()
-    assert json.loads(first)["event"] == "started"  # head got its line
-    assert status == "rc=0", err.read_text()  # the normal exit code of a run where every slide is done
+    read_end, write_end = os.pipe()
+    head = subprocess.Popen(["head", "-1"], stdin=read_end, stdout=subprocess.PIPE, text=True)
+    os.close(read_end)
+    with open(err, "w") as err_fh:
+        proc = start_mstar("extract", slides, out, "--jsonl", "--model", TINY, "--weights", "random", "--device",
+                           "cpu", "--workers", "1", "--no-report", env=_env(), stdout=write_end, stderr=err_fh)
+        os.close(write_end)  # only the run and head hold the pipe now
+        code = proc.wait(900)
+    first = head.communicate(timeout=60)[0].splitlines()
+    assert len(first) == 1 and json.loads(first[0])["event"] == "started"  # head got its line
+    assert code == 0, err.read_text()  # the normal exit code of a run where every slide is done
     stderr = err.read_text()
     _clean(stderr)
     notes = [ln for ln in stderr.splitlines() if "broken pipe" in ln]

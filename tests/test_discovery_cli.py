@@ -1,4 +1,4 @@
-"""SLIDES discovery through the real command line (``python -m mstar_extract`` subprocesses, real files and links):
+"""SLIDES discovery through the real command line (real ``mstar`` processes, real files and links):
 
 * symbolic-link loops in a slides folder end (each real folder searched once), a link to a slide is that slide,
   broken links are one per-slide "file not found" line while the other slides are done (issue 12 item 9);
@@ -17,14 +17,19 @@ from pathlib import Path
 
 import pytest
 
+from mstar_extract.testing.cli import mstar_env, run_mstar
+
 TIMEOUT_S = 240  # the old discovery never ended on two loops (> 150 s for the scan alone)
 
 
 def mstar(*args: str, importtime: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The real command line: forked from the pre-imported test launcher, or a fresh interpreter for
+    ``importtime`` (``-X importtime`` lists what the run itself imports)."""
     env = {**os.environ, "MSTAR_PROGRESS_INTERVAL": "3600", "COLUMNS": "200"}
-    pre = ["-X", "importtime"] if importtime else []
-    return subprocess.run([sys.executable, *pre, "-m", "mstar_extract", *args], capture_output=True, text=True,
-                          env=env, timeout=TIMEOUT_S, cwd=cwd)
+    if not importtime:
+        return run_mstar(*args, env=env, timeout=TIMEOUT_S, cwd=cwd)
+    return subprocess.run([sys.executable, "-X", "importtime", "-m", "mstar_extract", *args], capture_output=True,
+                          text=True, env=mstar_env(env), timeout=TIMEOUT_S, cwd=cwd)
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -1,8 +1,9 @@
 """Issue 16 ("ready for the first GPU node"): what would break, stall or mislead on a real cluster node.
 
 * a small ``/dev/shm`` (Docker's 64 MB default): the reader ring is sized to it (fewer slots, or pipes), never a
-  worker killed by SIGBUS — run for real in a private mount namespace with a 64 MB tmpfs on ``/dev/shm``
-  (needs root and ``unshare``; skipped with the reason otherwise);
+  worker killed by SIGBUS — run for real in a private mount namespace with a 64 MB tmpfs on ``/dev/shm`` (the
+  ``mstar`` run joins it, ``testing.mounts.tmpfs_namespace``; needs root and ``unshare``; skipped with the reason
+  otherwise);
 * the automatic precision: bf16 only on GPUs with bf16 hardware, fp16 (and one line) on older ones;
 * reader workers per torchrun rank: the node's CPUs divided by ``LOCAL_WORLD_SIZE`` (a real ``torchrun``);
 * the CUDA device of each process is set once (``torch.cuda.set_device``) and every timing synchronises it.
@@ -24,6 +25,7 @@ import numpy as np
 import pytest
 
 from mstar_extract.reading.pool import ring_slots
+from mstar_extract.testing.cli import run_mstar
 from mstar_extract.testing.fixtures import make_island_slides, make_svs
 from mstar_extract.testing.scene import random_scene
 
@@ -67,7 +69,9 @@ def _small_shm_ok() -> str | None:
 
 
 def in_small_shm(size: str, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``cmd`` with a fresh ``size`` tmpfs on /dev/shm, in a private mount namespace (the host's is untouched)."""
+    """Run ``cmd`` with a fresh ``size`` tmpfs on /dev/shm, in a private mount namespace (the host's is untouched);
+    for a script of the test's own (an ``mstar`` run joins a :func:`~mstar_extract.testing.mounts.tmpfs_namespace`
+    instead, forked from the pre-imported test launcher)."""
     why = _small_shm_ok()
     if why is not None:
         pytest.skip(why)
@@ -79,10 +83,16 @@ def in_small_shm(size: str, *cmd: str, timeout: float = 600) -> subprocess.Compl
 @pytest.mark.slow
 def test_extract_with_8_workers_on_a_64mb_dev_shm_completes(big_slide: Path, tmp_path: Path) -> None:
     """Before: 18 slots x 38.5 MB were 'created' in 64 MB; the second batch written -> worker killed by SIGBUS."""
+    from mstar_extract.testing.mounts import tmpfs_namespace
+
+    why = _small_shm_ok()
+    if why is not None:
+        pytest.skip(why)
     out = tmp_path / "out"
-    r = in_small_shm("64m", sys.executable, "-m", "mstar_extract", "extract", str(big_slide), str(out),
-                     "--model", SMALL_MODEL, "--weights", "random", "--device", "cpu", "--workers", "8",
-                     "--batch-size", "256", "--patch-size", "128", "--jsonl")
+    with tmpfs_namespace("/dev/shm", "64m") as ns:  # the run (and its reader workers) see a 64 MB /dev/shm
+        r = run_mstar("extract", big_slide, out, "--model", SMALL_MODEL, "--weights", "random", "--device", "cpu",
+                      "--workers", "8", "--batch-size", "256", "--patch-size", "128", "--jsonl", env=_env(),
+                      mount_namespace=ns.pid)
     assert "SIGBUS" not in r.stderr and "died" not in r.stderr, r.stderr[-3000:]
     assert r.returncode == 0, r.stderr[-3000:]
     events = [json.loads(line) for line in r.stdout.splitlines()]

@@ -44,3 +44,33 @@ def test_an_import_time_variable_gives_a_fresh_interpreter() -> None:
     proc = start_mstar("--version", env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:1"})
     assert isinstance(proc, subprocess.Popen)
     proc.communicate(timeout=120)
+
+
+def test_a_run_joins_the_mount_namespace_it_is_given(tmp_path) -> None:
+    """``mount_namespace=PID``: the run sees the mounts of that process's private namespace (a file that exists
+    only on its tmpfs), forked (setns in the child) or fresh (nsenter); without it, the host's view; a namespace
+    that cannot be joined is one line and exit 126, not a run in the wrong place."""
+    from mstar_extract.testing.mounts import tmpfs_namespace, tmpfs_namespace_problem
+
+    why = tmpfs_namespace_problem(str(tmp_path))
+    if why is not None:
+        pytest.skip(why)
+    slide = tmp_path / "only-here.svs"
+    with tmpfs_namespace(tmp_path, "1m") as ns:
+        ns.run("sh", "-c", f"echo not a slide > {slide}")
+        assert ns.view(slide).read_text() == "not a slide\n" and not slide.exists()
+        forked = start_mstar("info", slide, mount_namespace=ns.pid)
+        fresh = start_mstar("info", slide, mount_namespace=ns.pid, env={**os.environ, "HF_ENDPOINT": "http://x:1"})
+        host = run_mstar("info", slide)
+        for proc in (forked, fresh):
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 1 and "does not start with a TIFF header" in err, err
+        assert isinstance(fresh, subprocess.Popen) and fresh.args[0] == "nsenter"
+        if os.environ.get("MSTAR_TEST_FORK") != "0":
+            assert isinstance(forked, LaunchedProcess)
+    assert host.returncode == 1 and "file not found" in host.stderr, host.stderr
+    gone = run_mstar("--version", mount_namespace=ns.pid)  # the holder has ended
+    assert gone.returncode != 0 and gone.stdout == "", gone
+    if isinstance(gone.args, list) and gone.args[0] == "mstar":  # forked (fresh: nsenter's own message)
+        assert gone.returncode == 126 and gone.stderr.startswith(
+            "mstar test launcher: cannot join the mount namespace of process "), gone.stderr

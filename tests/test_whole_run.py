@@ -2,7 +2,8 @@
 
 * which errors are not about one slide (``pipeline.whole_run``): real ENOSPC (``/dev/full``, a full tmpfs), real
   torch errors (a dynamo failure, CUDA without a driver, a CUDA out-of-memory on a GPU), real per-slide errors;
-* a full OUT while a bag is written (a 64 KiB tmpfs in a private mount namespace): one line, exit 3, the JSONL
+* a full OUT while a bag is written (a 64 KiB tmpfs in a private mount namespace that the runs join,
+  ``testing.mounts.tmpfs_namespace``): one line, exit 3, the JSONL
   summary, no lock, no temp file, no row for the slides not finished, and the next run (the tmpfs grown)
   finishes them; before: h5py tracebacks and a segmentation fault (exit 139);
 * a read-only OUT (the tmpfs remounted read-only): one line, exit 3, nothing changed;
@@ -17,6 +18,7 @@ Root and ``unshare`` are needed for the mount namespaces; those tests are skippe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mstar_extract.testing.cli import mstar_command, mstar_env
+from mstar_extract.testing.cli import mstar_command, mstar_env, run_mstar, start_mstar
 from mstar_extract.testing.fixtures import make_svs
 from mstar_extract.testing.scene import random_scene
 
@@ -66,8 +68,8 @@ def two_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiled(two_slides: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``mstar tile`` of both slides (coordinates for ``--coords-dir``, so OUT receives only bags and records)."""
     out = tmp_path_factory.mktemp("tiled")
-    r = subprocess.run(mstar_command("tile", two_slides, out, "--patch-size", "256", "--workers", "1", "--no-qc",
-                                     "--no-report"), capture_output=True, text=True, env=_env(), timeout=600)
+    r = run_mstar("tile", two_slides, out, "--patch-size", "256", "--workers", "1", "--no-qc", "--no-report",
+                  env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -144,30 +146,38 @@ def _namespace_ok() -> str | None:
     return tmpfs_namespace_problem("/mnt")
 
 
-def _in_namespace(script: str, tmp: Path, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run a shell ``script`` in a private mount namespace (mounts vanish with it); PY is this Python."""
+def _namespace(mnt: Path, size: str):
+    """A private mount namespace with a ``size`` tmpfs on ``mnt`` (skips with the reason where none can be made)."""
+    from mstar_extract.testing.mounts import tmpfs_namespace
+
     why = _namespace_ok()
     if why is not None:
         pytest.skip(why)
-    (tmp / "script.sh").write_text("set -u\n" + script)
-    return subprocess.run(["unshare", "--mount", "sh", str(tmp / "script.sh")], capture_output=True, text=True,
-                          env={**_env(), "PY": sys.executable}, timeout=timeout)
+    return tmpfs_namespace(mnt, size)
 
 
-def _extract(slides: str, out: str, coords: Path, tag: str, tmp: Path) -> str:
-    """A shell line running ``mstar extract`` into ``out`` (outputs in tmp/<tag>.out|.err|.rc)."""
-    args = " ".join(["extract", slides, out, "--model", SMALL_MODEL, "--weights", "random", "--device", "cpu",
-                     "--workers", "1", "--coords-dir", str(coords), "--no-report", "--jsonl"])
-    return f'"$PY" -m mstar_extract {args} > {tmp}/{tag}.out 2> {tmp}/{tag}.err; echo $? > {tmp}/{tag}.rc\n'
+def _extract(slides: Path, out: Path, coords: Path, ns_pid: int) -> tuple[int, list[dict], str]:
+    """``mstar extract`` into ``out``, run in the mount namespace of ``ns_pid``: (exit code, JSONL events, stderr)."""
+    r = run_mstar("extract", slides, out, "--model", SMALL_MODEL, "--weights", "random", "--device", "cpu",
+                  "--workers", "1", "--coords-dir", coords, "--no-report", "--jsonl", env=_env(),
+                  mount_namespace=ns_pid, timeout=900)
+    return r.returncode, _jsonl(r.stdout), r.stderr
 
 
-def _result(tmp: Path, tag: str) -> tuple[int, list[dict], str]:
-    return int((tmp / f"{tag}.rc").read_text()), _jsonl((tmp / f"{tag}.out").read_text()), (tmp / f"{tag}.err").read_text()
+def _files(view: Path, out: Path) -> list[str]:
+    """Every file under OUT as the namespace sees it (``view``), named by its path in the namespace."""
+    return sorted(str(out / p.relative_to(view)) for p in view.rglob("*") if p.is_file())
 
 
 def _no_noise(stderr: str) -> None:
     for bad in ("Traceback", "Exception ignored", "unexpected", "Segmentation"):
         assert bad not in stderr, stderr[-3000:]
+
+
+_PROBE = ("import h5py, numpy as np, os\nfrom mstar_extract.store.atomic import disk_problem\n"
+          "try:\n    f = h5py.File(os.environ['T'], 'w'); f.create_dataset('x', data=np.ones((99999, 9)))\n"
+          "    f.close()\nexcept Exception as exc:\n    print(type(exc).__name__, disk_problem(exc), flush=True)\n"
+          "os._exit(0)\n")  # (os._exit: that half-flushed file would crash the interpreter at exit)
 
 
 @pytest.mark.slow
@@ -176,22 +186,16 @@ def test_full_out_stops_the_run_with_one_line_and_the_next_run_finishes(two_slid
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     out = mnt / "out"
-    probe = ("import h5py, numpy as np, os\nfrom mstar_extract.store.atomic import disk_problem\n"
-             "try:\n    f = h5py.File(os.environ['T'], 'w'); f.create_dataset('x', data=np.ones((99999, 9)))\n"
-             "    f.close()\nexcept Exception as exc:\n    print(type(exc).__name__, disk_problem(exc), flush=True)\n"
-             "os._exit(0)\n")  # (os._exit: that half-flushed file would crash the interpreter at exit)
-    (tmp_path / "probe.py").write_text(probe)
-    script = (f"mount -t tmpfs -o size=64k tmpfs {mnt}\n"
-              + _extract(str(two_slides), str(out), tiled, "full", tmp_path)
-              + f"find {out} -type f | sort > {tmp_path}/full.files\n"
-              + f'T={mnt}/probe.h5 "$PY" {tmp_path}/probe.py > {tmp_path}/probe.txt\n'
-              + f"rm -f {mnt}/probe.h5; mount -o remount,size=16m {mnt}\n"
-              + _extract(str(two_slides), str(out), tiled, "again", tmp_path)
-              + f"find {out} -type f | sort > {tmp_path}/again.files\n")
-    r = _in_namespace(script, tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    with _namespace(mnt, "64k") as ns:
+        code, events, stderr = _extract(two_slides, out, tiled, ns.pid)
+        files = _files(ns.view(out), out)
+        # HDF5 writing in place on that disk (a small fresh interpreter: no torch) fails like this:
+        probe = ns.run(sys.executable, "-c", _PROBE, env={**mstar_env(), "T": str(mnt / "probe.h5")}).stdout
+        ns.run("rm", "-f", mnt / "probe.h5")
+        ns.run("mount", "-o", "remount,size=16m", mnt)
+        again = _extract(two_slides, out, tiled, ns.pid)
+        again_files = _files(ns.view(out), out)
 
-    code, events, stderr = _result(tmp_path, "full")
     _no_noise(stderr)
     assert code == 3, stderr[-3000:]
     errors = [ln for ln in stderr.splitlines() if ln.startswith("mstar: error:")]
@@ -199,17 +203,15 @@ def test_full_out_stops_the_run_with_one_line_and_the_next_run_finishes(two_slid
     assert events[-1]["event"] == "summary" and events[-1]["exit_code"] == 3
     assert "no space left" in events[-1]["error"] and events[-1]["counts"]["failed"] == 0
     assert not [e for e in events if e["event"] in FINAL]  # no slide was marked failed: they wait for the next job
-    files = (tmp_path / "full.files").read_text().split()
-    assert not [f for f in files if f.endswith((".tmp", ".lock")) or "/features/" in f or "/.manifest/" in f], files
-    # HDF5 writing in place on that disk fails like this (what the bag writer no longer lets it meet):
-    assert (tmp_path / "probe.txt").read_text().split(" ", 1)[1].startswith("cannot write")
+    assert files and not [f for f in files if f.endswith((".tmp", ".lock")) or "/features/" in f
+                          or "/.manifest/" in f], files
+    assert probe.split(" ", 1)[1].startswith("cannot write"), probe  # (what the bag writer no longer meets)
 
-    code, events, stderr = _result(tmp_path, "again")
+    code, events, stderr = again
     assert code == 0, stderr[-3000:]
     assert sorted((e["slide_id"], e["status"]) for e in events if e["event"] in FINAL) == [("a", "done"), ("b", "done")]
-    files = (tmp_path / "again.files").read_text().split()
-    assert {Path(f).name for f in files if "/features/" in f} == {"a.h5", "b.h5"}
-    assert not [f for f in files if f.endswith((".tmp", ".lock"))], files
+    assert {Path(f).name for f in again_files if "/features/" in f} == {"a.h5", "b.h5"}
+    assert not [f for f in again_files if f.endswith((".tmp", ".lock"))], again_files
 
 
 @pytest.mark.slow
@@ -217,26 +219,24 @@ def test_read_only_out_is_one_line_and_exit_3(two_slides: Path, tiled: Path, tmp
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     out = mnt / "out"
-    script = (f"mount -t tmpfs -o size=16m tmpfs {mnt}\n"
-              + _extract(str(two_slides / "a.svs"), str(out), tiled, "first", tmp_path)
-              + f"find {out} -type f | sort > {tmp_path}/before.files; md5sum {out}/features/a.h5 > {tmp_path}/a.md5\n"
-              + f"mount -o remount,ro {mnt}\n"
-              + _extract(str(two_slides), str(out), tiled, "ro", tmp_path)
-              + f"find {out} -type f | sort > {tmp_path}/after.files; md5sum -c {tmp_path}/a.md5 > /dev/null; "
-              + f"echo $? > {tmp_path}/md5.rc\n")
-    r = _in_namespace(script, tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    code, _, stderr = _result(tmp_path, "first")
-    assert code == 0, stderr[-3000:]
+    with _namespace(mnt, "16m") as ns:
+        first = _extract(two_slides / "a.svs", out, tiled, ns.pid)
+        before = _files(ns.view(out), out)
+        md5 = hashlib.md5(ns.view(out / "features" / "a.h5").read_bytes()).hexdigest()
+        ns.run("mount", "-o", "remount,ro", mnt)
+        code, events, stderr = _extract(two_slides, out, tiled, ns.pid)
+        after = _files(ns.view(out), out)
+        md5_after = hashlib.md5(ns.view(out / "features" / "a.h5").read_bytes()).hexdigest()
+    assert first[0] == 0, first[2][-3000:]
+    assert any(f.endswith("/features/a.h5") for f in before), before
 
-    code, events, stderr = _result(tmp_path, "ro")
     _no_noise(stderr)
     assert code == 3, stderr[-3000:]
     errors = [ln for ln in stderr.splitlines() if ln.startswith("mstar: error:")]
     assert len(errors) == 1 and "read-only file system" in errors[0], stderr
     assert events[-1]["event"] == "summary" and events[-1]["exit_code"] == 3 and "read-only" in events[-1]["error"]
-    assert (tmp_path / "after.files").read_text() == (tmp_path / "before.files").read_text()  # nothing written
-    assert (tmp_path / "md5.rc").read_text().strip() == "0"  # the finished bag is untouched
+    assert after == before  # nothing written
+    assert md5_after == md5  # the finished bag is untouched
 
 
 # ------------------------------------------------------------------------------------- compile and signals
@@ -245,6 +245,7 @@ def test_a_broken_compiler_stops_the_run_at_the_warm_up(two_slides: Path, tmp_pa
     """A node without a working C++ compiler: Inductor fails at the first compiled call, for real."""
     out = tmp_path / "out"
     env = _env(CXX=str(tmp_path / "no-such-c++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    # a fresh interpreter, not the test launcher: torch._inductor.config reads CXX when it is imported
     r = subprocess.run(mstar_command("extract", two_slides, out, "--model", "timm:test_vit", "--weights", "random",
                                      "--device", "cpu", "--workers", "1", "--patch-size", "256", "--compile",
                                      "--jsonl"), capture_output=True, text=True, env=env, timeout=900)
@@ -266,9 +267,8 @@ def test_sigterm_while_the_model_loads_prints_the_summary(two_slides: Path, tmp_
     """SIGTERM while the ViT-L is being built (the random-weights warning comes just before): exit 143 with the
     JSONL summary, no lock, nothing started."""
     out = tmp_path / "out"
-    proc = subprocess.Popen(mstar_command("extract", two_slides, out, "--model", "mstar", "--weights", "random",
-                                          "--device", "cpu", "--workers", "1", "--jsonl"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = start_mstar("extract", two_slides, out, "--model", "mstar", "--weights", "random", "--device", "cpu",
+                       "--workers", "1", "--jsonl", env=_env())
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:  # wait until the weights are resolved: the network is being built now
@@ -354,9 +354,8 @@ def test_cuda_out_of_memory_at_the_batch_size_stops_the_run_at_the_warm_up(two_s
     (before: every slide ``failed`` with the same out-of-memory line, exit 1)."""
     _needs_cuda_and_a_reader()
     out = tmp_path / "out"
-    r = subprocess.run(mstar_command("extract", two_slides, out, "--model", "timm:vit_tiny_patch16_224", "--weights",
-                                     "random", "--device", "cuda", "--batch-size", "400000", "--workers", "1",
-                                     "--jsonl"), capture_output=True, text=True, env=_env(), timeout=600)
+    r = run_mstar("extract", two_slides, out, "--model", "timm:vit_tiny_patch16_224", "--weights", "random",
+                  "--device", "cuda", "--batch-size", "400000", "--workers", "1", "--jsonl", env=_env())
     _no_noise(r.stderr)
     assert r.returncode == 3, r.stderr[-3000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("mstar: error:")]

@@ -10,6 +10,7 @@ as the test process::
     from mstar_extract.testing.cli import run_mstar, start_mstar
     r = run_mstar("tile", "slides/", "out/", "--jsonl")           # CompletedProcess (text, captured)
     proc = start_mstar("extract", "slides/", "out/", stdout=subprocess.DEVNULL)   # Popen
+    r = run_mstar("extract", ..., mount_namespace=holder.pid)     # sees the mounts of holder's namespace
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *MODULE, "extract", ...]
 """
 
@@ -67,20 +68,28 @@ def run_mstar(*args: str | os.PathLike[str], stdin: str | None = None, env: Mapp
     return subprocess.CompletedProcess(proc.args, proc.wait(), out, err)
 
 
-def start_mstar(*args: str | os.PathLike[str], env: Mapping[str, str] | None = None, **popen_kw: Any) -> Any:
+def start_mstar(*args: str | os.PathLike[str], env: Mapping[str, str] | None = None,
+                mount_namespace: int | None = None, **popen_kw: Any) -> Any:
     """Start ``mstar ARGS`` in the background (text mode; stdout/stderr as given in ``popen_kw``, default PIPE):
     forked from the pre-imported launcher when it can be (:mod:`mstar_extract.testing.forked`; the same program
     without the seconds of importing torch and timm), else a fresh ``python -m mstar_extract``. Either way a real
-    process with the surface of :class:`subprocess.Popen` the tests use."""
+    process with the surface of :class:`subprocess.Popen` the tests use.
+
+    ``mount_namespace``: the pid of a process whose mount namespace the run joins (e.g. a shell started by
+    ``unshare --mount`` that mounted a small tmpfs; needs root): the forked child calls ``setns(2)`` before it
+    runs, a fresh interpreter is started through ``nsenter --mount``."""
     from mstar_extract.testing.forked import LaunchedProcess, can_fork
 
     popen_kw.setdefault("stdout", subprocess.PIPE)
     popen_kw.setdefault("stderr", subprocess.PIPE)
     child_env = mstar_env(env)
     launcher = can_fork(child_env, popen_kw)
+    cwd = popen_kw.pop("cwd", None)
     if launcher is not None:
-        cwd = popen_kw.get("cwd")
         return LaunchedProcess(launcher, [os.fspath(a) for a in args], child_env,
-                               cwd=os.fspath(cwd) if cwd is not None else None,
-                               **{k: v for k, v in popen_kw.items() if k != "cwd"})
-    return subprocess.Popen(mstar_command(*args), text=True, env=child_env, **popen_kw)
+                               cwd=os.fspath(cwd) if cwd is not None else None, mount_namespace=mount_namespace,
+                               **popen_kw)
+    cmd = mstar_command(*args)
+    if mount_namespace is not None:  # (setns resets the working folder: nsenter is told which one to keep)
+        cmd = ["nsenter", f"--mount=/proc/{mount_namespace}/ns/mnt", f"--wd={os.fspath(cwd or os.getcwd())}", *cmd]
+    return subprocess.Popen(cmd, text=True, env=child_env, cwd=cwd, **popen_kw)

@@ -115,13 +115,14 @@ class LaunchedProcess:
     """A forked ``mstar`` run (module docstring); text mode."""
 
     def __init__(self, launcher: Launcher, argv: Sequence[str], env: Mapping[str, str], cwd: str | None = None,
-                 stdin: Any = None, stdout: Any = None, stderr: Any = None, start_new_session: bool = False) -> None:
+                 stdin: Any = None, stdout: Any = None, stderr: Any = None, start_new_session: bool = False,
+                 mount_namespace: int | None = None) -> None:
         self.args = ["mstar", *argv]
         self.returncode: int | None = None
         specs = [_child_fd(stdin, 0, False), _child_fd(stdout, 1, True)]
         specs.append((specs[1][0], None, False) if stderr == subprocess.STDOUT else _child_fd(stderr, 2, True))
         request = {"argv": list(argv), "env": dict(env), "cwd": os.fspath(cwd or os.getcwd()),
-                   "new_session": bool(start_new_session)}
+                   "new_session": bool(start_new_session), "mount_namespace": mount_namespace}
         self._conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._conn.connect(launcher.path)
         socket.send_fds(self._conn, [json.dumps(request).encode()], [s[0] for s in specs])

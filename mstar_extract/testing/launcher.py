@@ -7,8 +7,11 @@ without the import. :func:`mstar_extract.testing.cli.start_mstar` talks to it; a
 interpreter (``-X importtime``, a resource limit set before exec) builds its command with ``mstar_command``.
 
 Protocol, over a ``SOCK_SEQPACKET`` Unix socket: the client sends one JSON message ``{"argv", "env", "cwd",
-"new_session"}`` with three file descriptors (the child's stdin, stdout, stderr); the launcher answers
-``"<pid>\\n"`` at once and ``"<exit code>\\n"`` (negative: killed by that signal) when the child has ended.
+"new_session", "mount_namespace"}`` with three file descriptors (the child's stdin, stdout, stderr); the launcher
+answers ``"<pid>\\n"`` at once and ``"<exit code>\\n"`` (negative: killed by that signal) when the child has
+ended. ``mount_namespace`` (a pid, or null): the child joins that process's mount namespace before anything else
+(:func:`join_mount_namespace`), so a test can give a run a small tmpfs made by ``unshare --mount`` without paying
+for a fresh interpreter.
 
 Run as ``python -m mstar_extract.testing.launcher SOCKET_PATH`` with a pipe on stdin; it prints ``ready`` once it
 listens, and ends when that pipe is closed (the test process ended, whatever the way).
@@ -47,6 +50,29 @@ def forkable_env(env: dict[str, str], launcher_env: dict[str, str]) -> bool:
     return all(env.get(k) == launcher_env.get(k) for k in keys)
 
 
+CLONE_NEWNS = 0x00020000
+"""``setns(2)``'s flag for a mount namespace (``os.CLONE_NEWNS`` from Python 3.12 on)."""
+
+
+def join_mount_namespace(pid: int) -> None:
+    """Make this process see the mounts of process ``pid`` (``setns(2)`` on ``/proc/PID/ns/mnt``; Python 3.11 has
+    no ``os.setns``). Needs CAP_SYS_ADMIN and a single-threaded caller (a child forked from the launcher is); the
+    working folder is reset to the namespace's root, so call it before ``chdir``."""
+    import ctypes
+
+    why = f"cannot join the mount namespace of process {pid}"
+    try:
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{why}: {exc.strerror}") from None
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNS) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"{why}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 def _child(request: dict[str, Any], fds: list[int]) -> None:  # pragma: no cover - runs in the forked child
     """Become the command: its session, standard streams, environment, folder, signals; then run the CLI and exit
     with its code (:func:`_exit`)."""
@@ -58,6 +84,12 @@ def _child(request: dict[str, Any], fds: list[int]) -> None:  # pragma: no cover
     for fd in fds:
         if fd > 2:
             os.close(fd)
+    if request.get("mount_namespace") is not None:
+        try:
+            join_mount_namespace(int(request["mount_namespace"]))
+        except OSError as exc:
+            print(f"mstar test launcher: {exc.strerror}", file=sys.stderr, flush=True)
+            os._exit(126)  # (never back into the launcher's loop)
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)

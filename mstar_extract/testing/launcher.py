@@ -184,7 +184,10 @@ def serve(path: str) -> None:
     sel.register(wake_r, selectors.EVENT_READ, "child")
     sel.register(sys.stdin.fileno(), selectors.EVENT_READ, "client")  # the client's end of our stdin: EOF = gone
     waiting: dict[int, socket.socket] = {}
-    print("ready", flush=True)
+    try:
+        print("ready", flush=True)
+    except BrokenPipeError:  # the test process ended while this launcher was starting
+        return
     while True:
         for key, _ in sel.select():
             if key.data == "child":

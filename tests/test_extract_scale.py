@@ -2,7 +2,9 @@
 
 concurrent jobs on one OUT (each slide done exactly once), a SIGKILLed lock holder taken over, ``--shard``
 shares (with ``mstar tile``) and ``--shard auto`` from SLURM variables, coordinates from CLAM and TRIDENT files
-(exact coordinates and footprint), ``torchrun`` ranks and ``--devices`` splitting the work, ``--format pt``.
+(exact coordinates and footprint), ``--devices`` splitting the work, ``--format pt``, and one real ``torchrun``
+job (two ranks) for everything torchrun must show: the split, the reader workers per rank, and a bad slide on
+one rank that does not stop the other.
 
 Every run uses the tiny timm model ``timm:vit_tiny_patch16_224`` on the CPU, with random weights or a state
 dict written by the test (when features must be reproduced), on six small real SVS slides.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,12 +30,15 @@ import pytest
 from mstar_extract.sharding import RANK_SALT, SHARD_SALT, share_of
 from mstar_extract.store.bags import read_bag, validate_bag
 from mstar_extract.testing.cli import MODULE, mstar_env, run_mstar, start_mstar
-from mstar_extract.testing.fixtures import make_island_slides, make_svs
-from mstar_extract.testing.scene import random_scene
+from mstar_extract.testing.fixtures import make_island_slides
 
 pytestmark = pytest.mark.slow
 
 MODEL = "timm:vit_tiny_patch16_224"
+BATCH = ("--batch-size", "8")
+"""Every run's batch: a small slide's 3-9 patches in one batch, and a warm-up batch (blank patches through the model
+before any slide, once per process) that costs less than the default 32 would: on these slides the warm-up was
+most of a run's compute."""
 FINAL = ("done", "skipped", "no_tissue", "failed")
 IDS = [f"s{i}" for i in range(6)]
 _SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MSTAR_WEIGHTS",
@@ -55,7 +61,7 @@ def run(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> 
 
 def extract_args(slides: Path | str, out: Path, *extra: str, weights: str = "random") -> list[str]:
     return ["extract", str(slides), str(out), "--model", MODEL, "--weights", weights, "--device", "cpu",
-            "--workers", "1", *extra]
+            "--workers", "1", *BATCH, *extra]
 
 
 def jsonl(stdout: str) -> list[dict]:
@@ -353,34 +359,13 @@ def test_clam_and_trident_coordinates_give_features_at_their_footprint(fixture_s
     assert leftovers(out) == []
 
 
-def test_torchrun_two_ranks_split_four_slides(six: Path, tmp_path: Path) -> None:
-    ids = pick(IDS, 2, 2, RANK_SALT)
-    slides = subset(six, ids, tmp_path / "four")
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *MODULE, *extract_args(slides, out, "--jsonl")]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=mstar_env(_env()), timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    parts = part_rows(out)
-    assert len(parts) == 2, list(parts)  # one part per rank
-    shares = [{row["slide_id"] for row in rows} for rows in parts.values()]
-    assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(ids)
-    expected = [{s for s in ids if share_of(s, 2, RANK_SALT) == k} for k in range(2)]
-    assert sorted(map(sorted, shares)) == sorted(map(sorted, expected))
-    assert all(row["status"] == "done" for rows in parts.values() for row in rows)
-    events = jsonl(r.stdout)  # both ranks' JSONL, one object per line
-    assert sorted(e["slide_id"] for e in finals(events)) == ids
-    assert [e["event"] for e in events].count("summary") == 2
-    assert sum(1 for e in events if e["event"] == "started") == 4
-    assert "torchrun rank 0/2: 2 slide(s)" in r.stderr and "torchrun rank 1/2: 2 slide(s)" in r.stderr
-    assert leftovers(out) == []
-
-
 def test_devices_split_and_format_pt(six: Path, tmp_path: Path) -> None:
+    """``--devices cpu,cpu``: two real device processes (fresh interpreters, as the product starts them), each with
+    its share (one slide each, by the torchrun rule); ``--format pt`` writes a tensor equal to each bag."""
     import torch
 
-    ids = pick(IDS, 2, 2, RANK_SALT)
-    slides = subset(six, ids, tmp_path / "four")
+    ids = pick(IDS, 2, 1, RANK_SALT)
+    slides = subset(six, ids, tmp_path / "two")
     out = tmp_path / "out"
     r = run(*extract_args(slides, out, "--devices", "cpu,cpu", "--format", "pt", "--jsonl"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -388,7 +373,7 @@ def test_devices_split_and_format_pt(six: Path, tmp_path: Path) -> None:
     assert len(parts) == 2, list(parts)  # one part per device process
     shares = [{row["slide_id"] for row in rows} for rows in parts.values()]
     assert shares[0].isdisjoint(shares[1]) and shares[0] | shares[1] == set(ids)
-    assert all(len(s) == 2 for s in shares)
+    assert all(len(s) == 1 for s in shares)
     assert sorted(e["slide_id"] for e in finals(jsonl(r.stdout))) == ids
     assert {row["status"] for row in merged(out).values()} == {"done"}
     for sid in ids:
@@ -400,36 +385,125 @@ def test_devices_split_and_format_pt(six: Path, tmp_path: Path) -> None:
     assert leftovers(out) == []
 
 
-def test_torchrun_a_bad_slide_on_one_rank_does_not_stop_the_other(tmp_path: Path) -> None:
-    """Rank 0's only slide is an empty file, rank 1's a slide of ~120 patches. Before: rank 0 exited 1 at once,
-    torchrun sent SIGTERM to rank 1 (exit 143, no bag). Now the failure is rank 0's manifest row and its exit
-    code is 0; rank 1 finishes; ``mstar status`` reports the failure and exits 1."""
-    slides = tmp_path / "slides"
-    slides.mkdir()
+# ------------------------------------------------------------------------------------------------ torchrun
+def _children_by_rank(parent: int, n: int) -> dict[int, int]:
+    """``{RANK: pid}`` of the ``n`` worker processes that ``torchrun`` (pid ``parent``) started, read from
+    ``/proc`` as soon as they exist (a worker is known once it has exec'ed with ``RANK`` in its environment)."""
+    deadline = time.monotonic() + 300
+    while True:
+        found: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                    continue
+                env = (stat.parent / "environ").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile, or not ours to read
+            rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+            if rank is not None:
+                found[rank] = int(stat.parent.name)
+        if len(found) == n:
+            return found
+        assert time.monotonic() < deadline, f"torchrun did not start {n} ranks: {found}"
+        time.sleep(0.01)
+
+
+def _wait_gone(pid: int, proc: subprocess.Popen) -> None:
+    """Until ``pid`` (a child of ``proc``) has ended and ``proc`` has reaped it (its ``/proc`` entry is gone)."""
+    deadline = time.monotonic() + 600
+    while Path(f"/proc/{pid}").exists():
+        assert proc.poll() is None, "torchrun ended before its rank 0 did"
+        assert time.monotonic() < deadline, f"rank 0 (pid {pid}) did not end"
+        time.sleep(0.01)
+
+
+def _torchrun_held(args: list[str], hold_rank: int) -> subprocess.CompletedProcess:
+    """Run ``torchrun --nproc_per_node=2 -m mstar_extract ARGS`` (a real one: three fresh interpreters) with rank
+    ``hold_rank`` stopped (SIGSTOP) from its start until the other rank has ended and torchrun has seen its exit
+    code; then it goes on (SIGCONT). So the held rank is certainly still at work when the other one exits, as on a
+    cluster where one rank's slides take longer, whatever the speed of this machine."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *MODULE, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mstar_env(_env()))
+    held = None
+    try:
+        pids = _children_by_rank(proc.pid, 2)
+        held = pids[hold_rank]
+        os.kill(held, signal.SIGSTOP)
+        _wait_gone(pids[1 - hold_rank], proc)
+        os.kill(held, signal.SIGCONT)
+        held = None
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if held is not None:  # the test failed while a rank was stopped: leave nothing behind
+            os.kill(held, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+_RANK_LINE = (r"torchrun rank (\d)/2: (\d) slide\(s\) on cpu, (\d+) reader worker\(s\) \((\d+) CPUs shared by "
+              r"(\d+) local rank\(s\)\)")
+
+
+def test_torchrun_ranks_split_the_slides_share_the_cpus_and_survive_a_bad_slide(six: Path, tmp_path: Path) -> None:
+    """One real ``torchrun --nproc_per_node=2`` job on the CPU over five slides: two good ones in each rank's share
+    and an empty file in rank 0's. Rank 1 is held until rank 0 has ended (:func:`_torchrun_held`). It proves:
+
+    * the split: each rank takes its share by the documented hash rule (``RANK_SALT``), one manifest part per rank,
+      disjoint and together complete; both ranks' JSONL on one stdout (one object per line, one summary each);
+    * reader workers per rank: without ``--workers`` each rank starts ``cpus // 2 - 1`` of them (at least 1), not
+      a whole node's worth, and says how it counted (``LOCAL_WORLD_SIZE`` local ranks);
+    * a bad slide on one rank does not stop the other. Before: rank 0 exited 1, torchrun sent SIGTERM to rank 1
+      (exit 143, no bag). Now the failure is rank 0's manifest row and its exit code is 0; rank 1 finishes;
+      ``mstar status`` reports the failure and exits 1; a single process (not torchrun) still exits 1 for it.
+    """
+    from mstar_extract.envdefaults import available_cpus
+
+    good = pick(IDS, 2, 2, RANK_SALT)
+    slides = subset(six, good, tmp_path / "slides")
     bad = next(f"bad{i}" for i in range(100) if share_of(f"bad{i}", 2, RANK_SALT) == 0)
-    big = next(f"big{i}" for i in range(100) if share_of(f"big{i}", 2, RANK_SALT) == 1)
     (slides / f"{bad}.svs").write_bytes(b"")
-    scene = random_scene(4000.0, 3200.0, seed=7, n_blobs=1, holes=False, pen=False, dust=False, faint=False)
-    make_svs(slides / f"{big}.svs", scene, mpp=0.5, magnification=20, levels=(1, 4, 16), associated=False)
+    ids = sorted([*good, bad])
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           *MODULE, *extract_args(slides, out, "--patch-size", "256", "--no-report", "--jsonl")]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=mstar_env(_env()), timeout=900)
+    r = _torchrun_held(["extract", str(slides), str(out), "--model", MODEL, "--weights", "random", "--device", "cpu",
+                        *BATCH, "--no-report", "--jsonl"], hold_rank=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "exitcode" not in r.stderr and "Traceback" not in r.stderr  # torchrun saw no failed rank
+    expected = [{s for s in ids if share_of(s, 2, RANK_SALT) == k} for k in range(2)]
+    assert bad in expected[0] and len(expected[0]) == 3 and len(expected[1]) == 2
+    # the split
+    parts = part_rows(out)
+    assert len(parts) == 2, list(parts)  # one part per rank
+    shares = [{row["slide_id"] for row in rows} for rows in parts.values()]
+    assert sorted(map(sorted, shares)) == sorted(map(sorted, expected))
+    assert {row["slide_id"]: row["status"] for rows in parts.values() for row in rows} == {
+        s: "failed" if s == bad else "done" for s in ids}
+    events = jsonl(r.stdout)  # both ranks' JSONL, one object per line
+    assert sorted(e["slide_id"] for e in finals(events)) == ids
+    assert sum(1 for e in events if e["event"] == "started") == 5
+    # reader workers per rank
+    cpus = available_cpus({})
+    per_rank = max(1, min(16, cpus // 2 - 1))
+    ranks = re.findall(_RANK_LINE, r.stderr)
+    assert sorted((int(k), int(n)) for k, n, *_ in ranks) == [(0, 3), (1, 2)], r.stderr[-3000:]
+    assert all((int(w), int(c), int(n)) == (per_rank, cpus, 2) for _, _, w, c, n in ranks), ranks
+    started = re.findall(r"on cpu, fp32, batch \d+, (\d+) reader worker\(s\)", r.stderr)  # what each rank used
+    assert [int(w) for w in started] == [per_rank, per_rank], r.stderr[-3000:]
+    # the bad slide on rank 0 did not stop rank 1
     assert f"{bad}.svs: empty file (0 bytes)" in r.stderr
     assert "exit 0 as a torchrun rank ('mstar status OUT' reports the failures, exit 1)" in r.stderr
-    events = jsonl(r.stdout)
-    assert {(e["slide_id"], e["status"]) for e in finals(events)} == {(bad, "failed"), (big, "done")}
     summaries = [e for e in events if e["event"] == "summary"]
     assert sorted(e["exit_code"] for e in summaries) == [0, 0]
-    assert sorted(e["counts"]["failed"] for e in summaries) == [0, 1]
-    assert validate_bag(out / "features" / f"{big}.h5") is None
+    assert sorted((e["counts"]["done"], e["counts"]["failed"]) for e in summaries) == [(2, 0), (2, 1)]
+    for sid in good:
+        assert validate_bag(out / "features" / f"{sid}.h5", {"model": MODEL}) is None
+    assert sorted(p.name for p in (out / "features").iterdir()) == [f"{s}.h5" for s in good]
     assert leftovers(out) == []
     status = run("status", str(out), "--jsonl")
     assert status.returncode == 1, status.stderr
     summary = jsonl(status.stdout)[-1]
-    assert summary["counts"]["failed"] == 1 and summary["counts"]["done"] == 1 and summary["complete"] is False
+    assert summary["counts"]["failed"] == 1 and summary["counts"]["done"] == 4 and summary["complete"] is False
     # one process (not torchrun): a failed slide still makes the exit code 1
     alone = run(*extract_args(slides / f"{bad}.svs", tmp_path / "alone", "--no-report"))
     assert alone.returncode == 1, alone.stderr[-2000:]

@@ -5,7 +5,8 @@
   ``mstar`` run joins it, ``testing.mounts.tmpfs_namespace``; needs root and ``unshare``; skipped with the reason
   otherwise);
 * the automatic precision: bf16 only on GPUs with bf16 hardware, fp16 (and one line) on older ones;
-* reader workers per torchrun rank: the node's CPUs divided by ``LOCAL_WORLD_SIZE`` (a real ``torchrun``);
+* reader workers per torchrun rank: the node's CPUs divided by ``LOCAL_WORLD_SIZE`` (proved on the CPU by the one
+  real ``torchrun`` job of ``tests/test_extract_scale.py``, which also checks the split and a failing rank);
 * the CUDA device of each process is set once (``torch.cuda.set_device``) and every timing synchronises it.
 
 Tests marked ``gpu`` run only where CUDA is available (``pytest -m gpu``; ``benchmarks/gpu.sh`` runs them).
@@ -162,40 +163,6 @@ def test_reader_ring_is_cut_to_a_512mb_dev_shm(big_slide: Path, tmp_path: Path) 
     assert "reader ring cut to 10 of 18 slots" in lines[0] and "travel through pipes" in lines[1]
 
 
-# ----------------------------------------------------------------------- item 4: reader workers per rank
-@pytest.fixture(scope="module")
-def two_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two small 20x SVS slides, one in each torchrun rank's share (3-5 patches each)."""
-    from mstar_extract.sharding import RANK_SALT, share_of
-
-    d = tmp_path_factory.mktemp("two")
-    names = [next(f"r{k}_{i}" for i in range(100) if share_of(f"r{k}_{i}", 2, RANK_SALT) == k) for k in range(2)]
-    make_island_slides(d, names, seed=20)
-    return d
-
-
-@pytest.mark.slow
-def test_torchrun_ranks_share_the_node_cpus_between_their_reader_workers(two_slides: Path, tmp_path: Path) -> None:
-    """A real ``torchrun --nproc_per_node=2``: each rank starts cpus // 2 - 1 reader workers (at least 1), not a
-    whole node's worth, and says how it counted (``LOCAL_WORLD_SIZE`` local ranks)."""
-    from mstar_extract.envdefaults import available_cpus
-
-    cpus = available_cpus({})
-    per_rank = max(1, min(16, cpus // 2 - 1))
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mstar_extract",
-           "extract", str(two_slides), str(out), "--model", SMALL_MODEL, "--weights", "random", "--device", "cpu"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ranks = re.findall(r"torchrun rank (\d)/2: 1 slide\(s\) on cpu, (\d+) reader worker\(s\) \((\d+) CPUs shared by "
-                       r"(\d+) local rank\(s\)\)", r.stderr)
-    assert sorted(r_[0] for r_ in ranks) == ["0", "1"], r.stderr[-3000:]
-    assert all((int(w), int(c), int(n)) == (per_rank, cpus, 2) for _, w, c, n in ranks), ranks
-    started = re.findall(r"on cpu, fp32, batch \d+, (\d+) reader worker\(s\)", r.stderr)  # what each rank's run used
-    assert [int(w) for w in started] == [per_rank, per_rank], r.stderr[-3000:]
-    assert len(list((out / "features").glob("*.h5"))) == 2
-
-
 # ------------------------------------------------------------------------------ item 3: auto precision
 def test_precision_rule_bf16_only_with_bf16_hardware(caplog: pytest.LogCaptureFixture) -> None:
     import torch
@@ -299,6 +266,17 @@ def test_encoder_makes_its_gpu_the_current_device() -> None:
     assert res["current"] == i and res["device"] == f"cuda:{i}"
     assert res["name"] == torch.cuda.get_device_name(i)
     assert all(v == 0 for v in res["others"].values()), res
+
+
+@pytest.fixture(scope="module")
+def two_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small 20x SVS slides, one in each torchrun rank's share (3-5 patches each)."""
+    from mstar_extract.sharding import RANK_SALT, share_of
+
+    d = tmp_path_factory.mktemp("two")
+    names = [next(f"r{k}_{i}" for i in range(100) if share_of(f"r{k}_{i}", 2, RANK_SALT) == k) for k in range(2)]
+    make_island_slides(d, names, seed=20)
+    return d
 
 
 @pytest.mark.gpu

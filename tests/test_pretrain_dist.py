@@ -12,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from mstar_extract.console import Reporter
+from mstar_extract.pretrain import stage1
+from mstar_extract.pretrain.config import load_config
+from mstar_extract.pretrain.stage1.config import Stage1Config
 from mstar_extract.pretrain.stage1.toydata import make_toy_dataset, toy_overrides
 
 DIM = 16
@@ -21,16 +25,13 @@ def steps(run: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if '"event"' not in ln]
 
 
-def mstar_cmd(toy, out: Path, batch: int) -> list[str]:
-    sets = toy_overrides(toy, out, DIM) + [
+def settings(toy, out: Path, batch: int) -> list[str]:
+    """The ``--set`` strings of both runs (``batch`` per process)."""
+    return toy_overrides(toy, out, DIM) + [
         f"train.batch_size={batch}", "train.max_steps=2", "train.val_every=0", "data.max_patches=16",
         # dropout draws differ per rank, so switch it off for an exact comparison
         "aggregator.dropout=0", "aggregator.attn_dropout=0", "genes.dropout=0",
     ]
-    args = ["pretrain", "--stage", "1", "-q"]
-    for s in sets:
-        args += ["--set", s]
-    return args
 
 
 @pytest.mark.slow
@@ -44,17 +45,17 @@ def test_torchrun_two_processes_match_single_process(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    from mstar_extract.testing.cli import MODULE, mstar_env, run_mstar
+    from mstar_extract.testing.cli import MODULE, mstar_env
 
     two = tmp_path / "two"
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *MODULE, *mstar_cmd(toy, two, 2)],
-        env=mstar_env(env), capture_output=True, text=True, timeout=600,
-    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *MODULE,
+           "pretrain", "--stage", "1", "-q"]
+    for s in settings(toy, two, 2):
+        cmd += ["--set", s]
+    r = subprocess.run(cmd, env=mstar_env(env), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    one = tmp_path / "one"
-    r1 = run_mstar(*mstar_cmd(toy, one, 4), env=env, timeout=600)
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    one = tmp_path / "one"  # the single-process run, here in the test process (what ``mstar pretrain`` calls)
+    assert stage1.main(load_config(Stage1Config, None, settings(toy, one, 4)), reporter=Reporter(verbosity=-1)) == 0
     a, b = steps(two), steps(one)
     assert [s["step"] for s in a] == [1, 2] == [s["step"] for s in b]
     for sa, sb in zip(a, b, strict=True):

@@ -49,6 +49,7 @@ well within the timeout (NTP does this); NFS attribute caching (``acregmax``, â‰
 
 from __future__ import annotations
 
+import atexit
 import errno
 import json
 import logging
@@ -113,8 +114,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
     garbage collector runs them at any moment); CPython prints an exception raised there as "Exception ignored
     in ..." with a traceback and goes on, so the signal would be lost. Within the block, such a swallowed
     :class:`Terminated` or ``KeyboardInterrupt`` is delivered again :data:`REDELIVER_S` later instead
-    (``sys.unraisablehook``), and lands in ordinary code. Outside the main thread (where Python cannot install
-    handlers) this does nothing.
+    (``sys.unraisablehook``), and lands in ordinary code; one still waiting when the block ends is raised there
+    (never delivered later, to a process whose SIGTERM has its default action again). Outside the main thread
+    (where Python cannot install handlers) this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -124,6 +126,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         raise Terminated(signum)
 
     old_hook = sys.unraisablehook
+    timers: list[tuple[threading.Timer, int]] = []
 
     def _redeliver(unraisable: Any) -> None:
         exc = unraisable.exc_value
@@ -134,6 +137,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
         # to the main thread itself, so that a blocking call there (a sleep, a wait) is interrupted too
         timer = threading.Timer(REDELIVER_S, signal.pthread_kill, (threading.main_thread().ident, signum))
         timer.daemon = True
+        timers.append((timer, signum))
         timer.start()
 
     old = signal.signal(signal.SIGTERM, _raise)
@@ -141,8 +145,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
     try:
         yield
     finally:
+        waiting = [signum for timer, signum in timers if timer.is_alive()]
+        for timer, _ in timers:
+            timer.cancel()
         sys.unraisablehook = old_hook
         signal.signal(signal.SIGTERM, old)
+        if waiting and sys.exc_info()[1] is None:
+            raise Terminated(waiting[0]) if waiting[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextmanager
@@ -170,6 +179,26 @@ def deferred_signals() -> Iterator[None]:
             signal.signal(held, handler)
         for signum in dict.fromkeys(pending):
             signal.raise_signal(signum)
+
+
+# ------------------------------------------------------------------------------------------------ the last resort
+_UNRELEASED: set[SlideLock] = set()
+"""Locks of this process from the start of :meth:`SlideLock.acquire` until a :meth:`SlideLock.release` finished."""
+
+
+def release_unreleased() -> None:
+    """Release every lock of this process whose release has not finished: a signal can land at the first bytecode
+    of ``release`` (before it holds signals back), so the ``finally`` of its caller did not remove the file. Runs
+    at exit (``atexit``: a normal exit, ``sys.exit``, an exception that ends the program), never in a forked
+    child for its parent's locks."""
+    for lock in list(_UNRELEASED):
+        try:
+            lock.release()
+        except BaseException:  # noqa: BLE001 - a second signal while leaving: the next lock still gets its turn
+            _UNRELEASED.discard(lock)
+
+
+atexit.register(release_unreleased)
 
 
 # ------------------------------------------------------------------------------------------------ lock identity
@@ -466,6 +495,7 @@ class SlideLock:
         if self.held:
             return True
         self._owner_pid = os.getpid()
+        _UNRELEASED.add(self)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -554,6 +584,7 @@ class SlideLock:
         if self.still_mine():
             _unlink(self.path)
         self._owner_pid = 0
+        _UNRELEASED.discard(self)
 
     def __enter__(self) -> SlideLock:
         """Hold the lock for the block. In the main thread, when SIGTERM still has its default action, SIGTERM
@@ -592,4 +623,7 @@ def try_acquire(
 ) -> SlideLock | None:
     """The slide's lock, held (use it as a context manager to release), or ``None`` if a live process holds it."""
     lock = SlideLock(out_dir, slide_id, timeout_s=timeout_s, heartbeat_s=heartbeat_s, cmd=cmd)
-    return lock if lock.acquire() else None
+    if lock.acquire():
+        return lock
+    lock.release()  # nothing of ours exists; forget it (release_unreleased)
+    return None

@@ -23,7 +23,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -51,9 +50,10 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 
 def run_mstar(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    e = {**os.environ, "MSTAR_PROGRESS_INTERVAL": "3600", **(env or {})}
-    exe = os.path.join(os.path.dirname(sys.executable), "mstar")
-    return subprocess.run([exe, *args], capture_output=True, text=True, env=e, timeout=timeout)
+    """This checkout's ``mstar ARGS`` (:func:`mstar_extract.testing.cli.run_mstar`: forked from the test launcher)."""
+    from mstar_extract.testing.cli import run_mstar as run_checkout
+
+    return run_checkout(*args, env={**os.environ, "MSTAR_PROGRESS_INTERVAL": "3600", **(env or {})}, timeout=timeout)
 
 
 def manifest(out: Path) -> dict[str, dict[str, str]]:

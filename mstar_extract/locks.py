@@ -114,44 +114,75 @@ def sigterm_as_interrupt() -> Iterator[None]:
     garbage collector runs them at any moment); CPython prints an exception raised there as "Exception ignored
     in ..." with a traceback and goes on, so the signal would be lost. Within the block, such a swallowed
     :class:`Terminated` or ``KeyboardInterrupt`` is delivered again :data:`REDELIVER_S` later instead
-    (``sys.unraisablehook``), and lands in ordinary code; one still waiting when the block ends is raised there
+    (``sys.unraisablehook``), once the main thread has left that hook (where Python would swallow it too), and
+    lands in ordinary code; one still waiting when the block ends is raised there
     (never delivered later, to a process whose SIGTERM has its default action again). Outside the main thread
     (where Python cannot install handlers) this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def _raise(signum: int, frame: Any) -> None:
-        raise Terminated(signum)
-
-    old_hook = sys.unraisablehook
-    timers: list[tuple[threading.Timer, int]] = []
-
-    def _redeliver(unraisable: Any) -> None:
-        exc = unraisable.exc_value
-        if not isinstance(exc, KeyboardInterrupt):
-            old_hook(unraisable)
-            return
-        signum = getattr(exc, "signum", signal.SIGINT)
-        # to the main thread itself, so that a blocking call there (a sleep, a wait) is interrupted too
-        timer = threading.Timer(REDELIVER_S, signal.pthread_kill, (threading.main_thread().ident, signum))
-        timer.daemon = True
-        timers.append((timer, signum))
-        timer.start()
-
-    old = signal.signal(signal.SIGTERM, _raise)
-    sys.unraisablehook = _redeliver
+    red = _Redelivery(sys.unraisablehook)
+    old = signal.signal(signal.SIGTERM, red.handle)
+    old_int = signal.getsignal(signal.SIGINT)
+    if old_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, red.handle)
+    sys.unraisablehook = red.hook
     try:
         yield
     finally:
-        waiting = [signum for timer, signum in timers if timer.is_alive()]
-        for timer, _ in timers:
-            timer.cancel()
-        sys.unraisablehook = old_hook
+        waiting = red.cancel()
+        sys.unraisablehook = red.old_hook
         signal.signal(signal.SIGTERM, old)
-        if waiting and sys.exc_info()[1] is None:
-            raise Terminated(waiting[0]) if waiting[0] == signal.SIGTERM else KeyboardInterrupt()
+        if old_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, old_int)
+        if waiting is not None and sys.exc_info()[1] is None:
+            raise Terminated(waiting) if waiting == signal.SIGTERM else KeyboardInterrupt()
+
+
+class _Redelivery:
+    """The signal handler and ``sys.unraisablehook`` of one :func:`sigterm_as_interrupt` block (main thread)."""
+
+    def __init__(self, old_hook: Any) -> None:
+        self.old_hook = old_hook
+        self.main = threading.get_ident()
+        self.in_hook = False
+        self.timers: list[tuple[threading.Timer, int]] = []
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.in_hook:  # raised inside the hook, it would be swallowed with the hook's own exception: after it
+            self.later(signum)
+            return
+        raise Terminated(signum) if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def hook(self, unraisable: Any) -> None:
+        self.in_hook = True
+        try:
+            if isinstance(unraisable.exc_value, KeyboardInterrupt):
+                self.later(getattr(unraisable.exc_value, "signum", signal.SIGINT))
+            else:
+                self.old_hook(unraisable)
+        finally:
+            self.in_hook = False
+
+    def later(self, signum: int) -> None:
+        timer = threading.Timer(REDELIVER_S, self._send, (signum,))
+        timer.daemon = True
+        self.timers.append((timer, signum))
+        timer.start()
+
+    def _send(self, signum: int) -> None:
+        while self.in_hook:  # the main thread is still in the hook: a signal handled there would be swallowed too
+            time.sleep(REDELIVER_S / 10)
+        # to the main thread itself, so that a blocking call there (a sleep, a wait) is interrupted too
+        signal.pthread_kill(self.main, signum)
+
+    def cancel(self) -> int | None:
+        """Cancel the deliveries not yet made; the signal of the first of them, if any."""
+        waiting = [signum for timer, signum in self.timers if timer.is_alive()]
+        for timer, _ in self.timers:
+            timer.cancel()
+        return waiting[0] if waiting else None
 
 
 @contextmanager

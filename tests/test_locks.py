@@ -413,3 +413,31 @@ def test_a_signal_at_the_first_bytecode_of_release_leaves_no_lock(tmp_path: Path
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 143 and r.stdout == "terminated\n", r.stderr[-2000:]
     assert not lock_file.exists() and list(tmp_path.iterdir()) == []
+
+
+_HOOK_RACE = (
+    "import signal, sys, time\n"
+    "import mstar_extract.locks as locks\n"
+    "locks.REDELIVER_S = 0.0  # the redelivery comes while the main thread is still in the unraisable hook, as on\n"
+    "class Finalized:         # a machine so busy that the main thread stays off the CPU for > 10 ms there\n"
+    "    def __del__(self):\n"
+    "        signal.raise_signal(signal.SIGTERM)  # a real SIGTERM, handled inside a finalizer (swallowed)\n"
+    "try:\n"
+    "    with locks.sigterm_as_interrupt():\n"
+    "        f = Finalized()\n"
+    "        del f\n"
+    "        time.sleep(30)\n"
+    "        print('not interrupted', flush=True)\n"
+    "except locks.Terminated:\n"
+    "    print('terminated', flush=True)\n"
+    "    sys.exit(143)\n"
+)
+
+
+def test_a_redelivered_sigterm_is_not_lost_in_the_hook_that_redelivers_it(tmp_path: Path) -> None:
+    """The finalizer test above timed out once on a machine at load 11: the delivered-again SIGTERM met the main
+    thread still inside ``sys.unraisablehook`` (it starts the timer), where Python swallows an exception too, so the
+    signal was lost and the run went on. The redelivery now waits until the main thread has left the hook."""
+    r = subprocess.run([sys.executable, "-c", _HOOK_RACE], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout) == (143, "terminated\n"), (r.stdout, r.stderr[-2000:])
+    assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -1,6 +1,6 @@
 """A full-size ViT-L/16 student (random init, ONE optimisation step on the CPU, one patch) exports a ``student.pth``
 that loads with ``strict=True`` into the released mSTAR architecture, and through ``--weights``' own loader
-(:meth:`Encoder.create`, what ``mstar extract --weights`` calls) gives the network's own features. This is also
+(:meth:`Encoder.create`, what ``mstar extract --weights`` calls) holds exactly the exported tensors and embeds. This is also
 the suite's one test of the ``mstar`` spec's ViT-L (300 M parameters) with a weights file; the end-to-end command
 with a ViT-L is tests/test_extract.py's, against the official transform."""
 
@@ -43,7 +43,6 @@ def test_vit_large_student_exports_the_released_format(vitl_run: dict) -> None:
     import timm
 
     from mstar_extract.models.encoder import Encoder
-    from mstar_extract.models.preprocess import preprocess
     from mstar_extract.models.weights import sha256_file
 
     res = vitl_run["res"]
@@ -56,18 +55,18 @@ def test_vit_large_student_exports_the_released_format(vitl_run: dict) -> None:
                                 dynamic_img_size=True)
     result = net.load_state_dict(sd, strict=True, assign=True)
     assert not result.missing_keys and not result.unexpected_keys
-    # through --weights' own loader (registry build + strict load): the released network's own features (one
-    # 224-px patch: a ViT-L pass costs ~5 CPU-seconds here)
+    # through --weights' own loader (registry build + strict load): the exported tensors themselves, and features
+    # of one 224-px patch (a ViT-L pass costs ~5 CPU-seconds here; their fidelity to the official transform is
+    # tests/test_extract.py's)
     rng = np.random.default_rng(4)
     x = rng.integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
     enc = Encoder.create("mstar", weights=str(res.student_path), device="cpu")
     assert 300e6 < sum(p.numel() for p in enc.model.parameters()) < 310e6  # ViT-L/16
     assert enc.feature_dim == 1024 and enc.weights_sha256 == sha256_file(res.student_path)
+    loaded = enc.model.state_dict()
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], sd[k]) for k in sd)
     feats = enc.embed(x)
-    with torch.inference_mode():
-        ref = net.eval()(preprocess(x))
     assert feats.shape == (1, 1024) and torch.isfinite(feats).all() and feats.abs().max() > 0
-    torch.testing.assert_close(feats, ref, rtol=1e-4, atol=1e-4)
     proj = torch.load(res.proj_path, weights_only=True)["model_state_dict"]
     assert proj["proj.weight"].shape == (32, 1024)
     card = json.loads(res.card_path.read_text())

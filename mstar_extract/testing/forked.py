@@ -15,11 +15,13 @@ import json
 import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
@@ -167,13 +169,9 @@ class LaunchedProcess:
             os.kill(self.pid, sig)
 
     def terminate(self) -> None:
-        import signal
-
         self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
-        import signal
-
         self.send_signal(signal.SIGKILL)
 
     # -- streams -----------------------------------------------------------------------------------------
@@ -194,12 +192,12 @@ class LaunchedProcess:
                     self.stdin.close()
                 except BrokenPipeError:
                     pass
-        deadline = None if timeout is None else _now() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in self._readers:
-            t.join(None if deadline is None else max(0.0, deadline - _now()))
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
             if t.is_alive():
                 raise subprocess.TimeoutExpired(self.args, timeout or 0)
-        self.wait(None if deadline is None else max(0.0, deadline - _now()))
+        self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         out = "".join(self._output["stdout"]) if "stdout" in self._output else None
         err = "".join(self._output["stderr"]) if "stderr" in self._output else None
         for stream in (self.stdout, self.stderr):
@@ -222,9 +220,3 @@ def _wrap(fd: int | None, mode: str) -> IO[str] | None:
         return None
     raw = open(fd, mode + "b", buffering=0 if mode == "w" else -1)
     return io.TextIOWrapper(raw, write_through=(mode == "w"))
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,18 @@ A file missing here only starts later; the order within a file is kept."""
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture(autouse=True)
+def _each_test_leaves_the_environment_as_it_found_it() -> Iterator[None]:
+    """An in-process ``mstar`` run (click's test runner) exports its limits (``MSTAR_MAX_*_PIXELS``) and torch sets
+    ``TORCHINDUCTOR_CACHE_DIR`` into ``os.environ``: undone after each test, so that no test sees what an earlier one
+    in the same worker left (which tests run first in a pytest-xdist worker differs from run to run)."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 @pytest.fixture(scope="session")

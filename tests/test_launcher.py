@@ -26,6 +26,24 @@ def test_runs_are_forked_even_as_pytest_changes_its_environment() -> None:
     assert isinstance(proc, LaunchedProcess) and proc.returncode == 0 and out.startswith("mstar, version"), err
 
 
+def test_runs_are_still_forked_after_torch_sets_its_compile_cache_in_this_process(monkeypatch) -> None:
+    """torch sets ``TORCHINDUCTOR_CACHE_DIR`` in ``os.environ`` the first time a process compiles (an in-process
+    ``mstar extract``); it is read at compile time, not at import, so it must not turn every later run of the test
+    process into a fresh interpreter (it did, depending on which tests a pytest-xdist worker ran first)."""
+    if os.environ.get("MSTAR_TEST_FORK") == "0":
+        pytest.skip("MSTAR_TEST_FORK=0: every run is a fresh interpreter")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr("mstar_extract.testing.forked._launcher", None)  # one started without the variable
+    start_mstar("--version").communicate(timeout=120)
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    cache_dir()
+    assert "TORCHINDUCTOR_CACHE_DIR" in os.environ
+    proc = start_mstar("--version")
+    out, err = proc.communicate(timeout=120)
+    assert isinstance(proc, LaunchedProcess) and proc.returncode == 0 and out.startswith("mstar, version"), err
+
+
 def test_exit_codes_stdin_stderr_and_signals_come_through(tmp_path) -> None:
     r = run_mstar("status", tmp_path / "nothing-here")
     assert r.returncode == 2 and "mstar: error:" in r.stderr and r.stdout == ""

@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -34,6 +35,7 @@ from mstar_extract.models.weights import sha256_file
 from mstar_extract.store.bags import read_bag, validate_bag
 from mstar_extract.testing.cli import run_mstar, start_mstar
 from mstar_extract.testing.fixtures import make_svs
+from mstar_extract.testing.mounts import ram_folder
 from mstar_extract.testing.scene import Blob, Scene, Stroke
 
 TINY = "timm:vit_tiny_patch16_224"
@@ -100,8 +102,14 @@ def reference_input(osr, x: int, y: int, size0: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
+@pytest.fixture
+def ram_weights() -> Iterator[Path]:
+    with ram_folder("vitl-weights", gigabytes=1.5) as folder:
+        yield folder
+
+
 @pytest.mark.slow
-def test_vit_large_features_match_an_independent_reference(tmp_path: Path, request: pytest.FixtureRequest,
+def test_vit_large_features_match_an_independent_reference(tmp_path: Path, ram_weights: Path,
                                                            vit_large: torch.nn.Module) -> None:
     """The whole command with mSTAR's ViT-L loaded from a weights file: features equal the official transform +
     the same network (relative L2), coordinates equal `mstar tile`'s."""
@@ -110,9 +118,8 @@ def test_vit_large_features_match_an_independent_reference(tmp_path: Path, reque
     slide = make_svs(tmp_path / "ref.svs", reference_scene(), mpp=0.25, magnification=40, levels=(1, 4),
                      associated=False)
     net = vit_large
-    weights = tmp_path / "vitl_random.pth"
+    weights = ram_weights / "vitl_random.pth"  # 1.2 GB: in RAM when there is room, removed after the test
     torch.save(net.state_dict(), weights)
-    request.addfinalizer(lambda: weights.unlink(missing_ok=True))  # 1.2 GB: do not keep it in pytest's tmp dirs
 
     opts = ["--min-tissue", "0.7", "--no-qc"]
     out = tmp_path / "out"

@@ -7,6 +7,8 @@ with a ViT-L is tests/test_extract.py's, against the official transform."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,14 +19,19 @@ from mstar_extract.pretrain.stage1.transmil import TransMIL
 from mstar_extract.pretrain.stage2.config import Stage2Config
 from mstar_extract.pretrain.stage2.toydata import make_stage2_toy_data
 from mstar_extract.pretrain.stage2.train import run_stage2
+from mstar_extract.testing.mounts import ram_folder
 
 AGG = dict(in_dim=64, dim=32, heads=2, landmarks=8, pinv_iterations=6, residual_conv_kernel=3, dropout=0.0,
            attn_dropout=0.0)
 
 
 @pytest.fixture(scope="module")
-def vitl_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("stage2_vitl")
+def vitl_run() -> Iterator[dict]:
+    with ram_folder("stage2-vitl", gigabytes=7) as root:  # a 3.6 GB checkpoint, a 1.2 GB student.pth
+        yield _run(root)
+
+
+def _run(root: Path) -> dict:
     data = make_stage2_toy_data(root / "data", n_slides=1, seed=2)
     torch.manual_seed(0)
     teacher = root / "teacher.pt"

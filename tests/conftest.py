@@ -23,6 +23,8 @@ def pytest_configure(config: pytest.Config) -> None:
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     _share_the_cores()
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist would hand out files by test count, not this order
+        config.option.loadscopereorder = False
 
 
 def _share_the_cores() -> None:
@@ -38,12 +40,14 @@ def _share_the_cores() -> None:
     torch.set_num_threads(threads)
 
 
-LONGEST_FIRST = ("test_pretrain_stage2_vitl.py", "test_extract_scale.py", "test_whole_run.py", "test_sigterm_storm.py",
-                 "test_extract.py", "test_report.py", "test_fidelity.py", "test_pretrain_dist.py", "test_gpu_ready.py",
-                 "test_zeroshot.py", "test_pretrain_stage2_dist.py", "test_layouts.py")
-"""The files that take longest (``--durations``, 2-core machine), longest first: they start first, so that with
-``-n 2 --dist loadfile`` the short files fill the gaps at the end instead of one long file ending the run alone.
-A file missing here only starts later; the order within a file is kept."""
+LONGEST_FIRST = ("test_fidelity.py", "test_extract_scale.py", "test_extract.py", "test_pretrain_stage2_vitl.py",
+                 "test_whole_run.py", "test_report.py", "test_gpu_ready.py", "test_layouts.py", "test_pipeline_cli.py",
+                 "test_zeroshot.py", "test_out_folder.py", "test_pretrain_stage2_dist.py", "test_reader.py",
+                 "test_pretrain_dist.py", "test_pretrain_train.py", "test_weights.py", "test_formats.py",
+                 "test_sigterm_storm.py", "test_held_slides.py", "test_pretrain_stage2.py", "test_bombs.py")
+"""The files that take longest (summed test times with two workers, 2-core machine), longest first: they start
+first, so that with ``-n 2 --dist loadfile`` the short files fill the gaps at the end instead of one long file
+ending the run alone. A file missing here only starts later; the order within a file is kept."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -79,10 +79,35 @@ def fixture_root(fixture_slides: dict[str, FixtureSlide]) -> Path:
     return fixture_slides["svs40"].path.parent.parent
 
 
-@pytest.fixture(scope="session")
-def vit_large() -> torch.nn.Module:
-    """The reference ViT-L (:func:`mstar_extract.testing.official.reference_vit_large`), built once for the session:
-    the ViT-L tests (test_fidelity, test_extract) share it."""
-    from mstar_extract.testing.official import reference_vit_large
+def _shared_folder(config: pytest.Config) -> Path:
+    """The folder of this run's temporary folders that every pytest-xdist worker shares (``pytest-N``; each worker's
+    own temporary folders are ``pytest-N/popen-gwK``)."""
+    base = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]  # pytest's own, set in every run
+    return base.parent if hasattr(config, "workerinput") else base
 
-    return reference_vit_large()
+
+@pytest.fixture(scope="session")
+def vit_large_weights(request: pytest.FixtureRequest) -> Path:
+    """The reference ViT-L's random weights as a 1.2 GB file, written once per run and shared by the workers
+    (:func:`mstar_extract.testing.official.shared_reference_vit_large`); removed when the run ends."""
+    from mstar_extract.testing.official import shared_reference_vit_large
+
+    return shared_reference_vit_large(_shared_folder(request.config))
+
+
+@pytest.fixture(scope="session")
+def vit_large(vit_large_weights: Path) -> torch.nn.Module:
+    """The reference ViT-L (:func:`mstar_extract.testing.official.reference_vit_large`), loaded once per test process
+    from :func:`vit_large_weights`: the ViT-L tests (test_fidelity, test_extract) share it."""
+    from mstar_extract.testing.official import load_reference_vit_large
+
+    return load_reference_vit_large(vit_large_weights)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The run's shared ViT-L weights go when the whole run ends (in the process that started the workers)."""
+    if not hasattr(session.config, "workerinput") and hasattr(session.config, "_tmp_path_factory"):
+        try:
+            (_shared_folder(session.config) / "vit_large_random.pth").unlink(missing_ok=True)
+        except (OSError, ValueError):  # no temporary folder was made in this run
+            pass

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from mstar_extract.cli import main as cli_main
 from mstar_extract.store.bags import validate_bag
 
-TINY = "timm:vit_tiny_patch16_224"
+TINY = "timm:test_vit"
 KEYS = {"patches_per_s", "device", "batch_size", "workers", "precision"}
 
 

@@ -19,7 +19,7 @@ from mstar_extract.store.bags import validate_bag
 from mstar_extract.testing.cli import run_mstar, start_mstar
 from mstar_extract.testing.fixtures import make_island_slides
 
-TINY = "timm:vit_tiny_patch16_224"
+TINY = "timm:test_vit"
 IDS = ["c0", "c1", "c2"]
 
 

@@ -21,7 +21,6 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -35,11 +34,11 @@ from mstar_extract.models.weights import sha256_file
 from mstar_extract.store.bags import read_bag, validate_bag
 from mstar_extract.testing.cli import run_mstar, start_mstar
 from mstar_extract.testing.fixtures import make_svs
-from mstar_extract.testing.mounts import ram_folder
 from mstar_extract.testing.scene import Blob, Scene, Stroke
 
-TINY = "timm:vit_tiny_patch16_224"
-TINY_DIM = 192
+TINY = "timm:test_vit"
+TINY_DIM = 64
+SLOWER = "timm:vit_tiny_patch16_224"
 FAST = ["--model", TINY, "--weights", "random", "--device", "cpu", "--workers", "1", "--batch-size", "4", "--no-qc"]
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -102,14 +101,8 @@ def reference_input(osr, x: int, y: int, size0: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-@pytest.fixture
-def ram_weights() -> Iterator[Path]:
-    with ram_folder("vitl-weights", gigabytes=1.5) as folder:
-        yield folder
-
-
 @pytest.mark.slow
-def test_vit_large_features_match_an_independent_reference(tmp_path: Path, ram_weights: Path,
+def test_vit_large_features_match_an_independent_reference(tmp_path: Path, vit_large_weights: Path,
                                                            vit_large: torch.nn.Module) -> None:
     """The whole command with mSTAR's ViT-L loaded from a weights file: features equal the official transform +
     the same network (relative L2), coordinates equal `mstar tile`'s."""
@@ -117,9 +110,7 @@ def test_vit_large_features_match_an_independent_reference(tmp_path: Path, ram_w
 
     slide = make_svs(tmp_path / "ref.svs", reference_scene(), mpp=0.25, magnification=40, levels=(1, 4),
                      associated=False)
-    net = vit_large
-    weights = ram_weights / "vitl_random.pth"  # 1.2 GB: in RAM when there is room, removed after the test
-    torch.save(net.state_dict(), weights)
+    net, weights = vit_large, vit_large_weights  # the network and the file it was loaded from
 
     opts = ["--min-tissue", "0.7", "--no-qc"]
     out = tmp_path / "out"
@@ -179,7 +170,8 @@ def test_sigkill_at_a_random_moment_then_rerun(four_slides: Path, tmp_path: Path
     seed = int(os.environ.get("MSTAR_TEST_SEED") or random.randrange(1 << 30))
     print(f"test_sigkill_at_a_random_moment_then_rerun: seed {seed} (replay: MSTAR_TEST_SEED={seed})")
     rng = random.Random(seed)
-    args = ["extract", str(four_slides), str(out), *FAST, "--batch-size", "2"]
+    # a 224-px ViT (~0.1 CPU-s a patch here), so that a run lasts long enough to be killed in the middle
+    args = ["extract", str(four_slides), str(out), *FAST, "--batch-size", "2", "--model", SLOWER]
     env = {**os.environ, "MSTAR_PROGRESS_INTERVAL": "3600"}
     proc = start_mstar(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     try:
@@ -210,7 +202,7 @@ def test_sigkill_at_a_random_moment_then_rerun(four_slides: Path, tmp_path: Path
     status = final_status(events(r.stdout))
     for sid in "abcd":
         bag = out / "features" / f"{sid}.h5"
-        assert validate_bag(bag, {"model": TINY, "feature_dim": TINY_DIM, "n_patches": 9}) is None, (sid, seed)
+        assert validate_bag(bag, {"model": SLOWER, "feature_dim": 192, "n_patches": 9}) is None, (sid, seed)
         if bag.name in before:  # finished before the kill: not computed again
             assert status[sid] == "skipped", (sid, status, seed)
             assert (bag.stat().st_ino, bag.stat().st_mtime_ns) == before[bag.name], (sid, seed)

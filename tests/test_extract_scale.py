@@ -6,8 +6,9 @@ shares (with ``mstar tile``) and ``--shard auto`` from SLURM variables, coordina
 job (two ranks) for everything torchrun must show: the split, the reader workers per rank, and a bad slide on
 one rank that does not stop the other.
 
-Every run uses the tiny timm model ``timm:vit_tiny_patch16_224`` on the CPU, with random weights or a state
-dict written by the test (when features must be reproduced), on six small real SVS slides.
+Runs use timm's 0.3 M-parameter test ViT (``timm:test_vit``, 160-px input) on the CPU, or a 224-px ViT where a run
+must last or features must tell footprints apart (:data:`VIT_224`), with random weights or a state dict written by
+the test (when features must be reproduced), on six small real SVS slides.
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ from mstar_extract.testing.fixtures import make_island_slides
 
 pytestmark = pytest.mark.slow
 
-MODEL = "timm:vit_tiny_patch16_224"
+MODEL = "timm:test_vit"
+VIT_224 = "timm:vit_tiny_patch16_224"
+"""A 224-px ViT, ~25x the CPU of :data:`MODEL` a patch: where a run must last long enough to be killed or stopped
+while it holds a slide's lock, and for the footprint test (its 192 features tell a 512-px footprint from a 128-px
+one at the same corner by a wide margin; the 160-px test ViT, random, only by a few per cent on some patches)."""
 BATCH = ("--batch-size", "8")
 """Every run's batch: a small slide's 3-9 patches in one batch, and a warm-up batch (blank patches through the model
 before any slide, once per process) that costs less than the default 32 would: on these slides the warm-up was
@@ -121,14 +126,14 @@ def subset(six: Path, ids: list[str], dest: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A state dict of the tiny ViT (random but fixed), so that the test can reproduce the features."""
+    """A state dict of :data:`VIT_224` (random but fixed), so that the test can reproduce the features."""
     import torch
 
     from mstar_extract.models.registry import get_spec
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "vit_tiny.pth"
-    torch.save(get_spec(MODEL).build().state_dict(), path)
+    torch.save(get_spec(VIT_224).build().state_dict(), path)
     return path
 
 
@@ -167,7 +172,7 @@ def test_lock_of_a_killed_process_is_taken_over(fixture_slides, tmp_path: Path) 
     slide = fixture_slides["svs40"].path  # the largest fixture: its lock is held for a while
     out = tmp_path / "out"
     lock = out / ".locks" / "svs40.lock"
-    victim = start(*extract_args(slide, out))
+    victim = start(*extract_args(slide, out, "--model", VIT_224))
     holder = _wait_for_lock(victim, lock)
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate(timeout=60)
@@ -175,7 +180,7 @@ def test_lock_of_a_killed_process_is_taken_over(fixture_slides, tmp_path: Path) 
     assert lock.exists()  # SIGKILL: nothing could release it
     assert not (out / "features" / "svs40.h5").exists()
 
-    r = run(*extract_args(slide, out, "--jsonl"))
+    r = run(*extract_args(slide, out, "--jsonl", "--model", VIT_224))
     assert r.returncode == 0, r.stderr[-3000:]
     takeover = [ln for ln in r.stderr.splitlines() if "taking over the lock of slide svs40" in ln]
     assert len(takeover) == 1 and f"pid {victim.pid}" in takeover[0] and "gone" in takeover[0], r.stderr
@@ -202,7 +207,7 @@ def test_sigterm_releases_the_lock_and_the_summary_says_interrupted(fixture_slid
     slide = fixture_slides["svs40"].path
     out = tmp_path / "out"
     lock = out / ".locks" / "svs40.lock"
-    proc = start(*extract_args(slide, out, "--jsonl"))
+    proc = start(*extract_args(slide, out, "--jsonl", "--model", VIT_224))
     holder = _wait_for_lock(proc, lock)
     assert holder["pid"] == proc.pid
     proc.send_signal(signal.SIGTERM)  # what SLURM sends at the time limit or on scancel
@@ -309,7 +314,7 @@ def _reference(weights: Path, slide: Path, coords: np.ndarray, level: int, size:
     from mstar_extract.models import Encoder
     from mstar_extract.reading.resize import resize_patch
 
-    enc = Encoder.create(MODEL, str(weights), device="cpu", precision="fp32")
+    enc = Encoder.create(VIT_224, str(weights), device="cpu", precision="fp32")
     with openslide.OpenSlide(str(slide)) as osr:
         patches = [resize_patch(np.asarray(osr.read_region((int(x), int(y)), level, (size, size)).convert("RGB")),
                                 enc.input_size) for x, y in coords]
@@ -335,7 +340,7 @@ def test_clam_and_trident_coordinates_give_features_at_their_footprint(fixture_s
     _write_trident(coords_dir / "svs20_patches.h5", tri_xy, 128, 256, 10.0, 20.0, size20, "svs20")
 
     out = tmp_path / "out"
-    r = run("extract", str(svs40), str(svs20), str(out), "--model", MODEL, "--weights", str(weights_file),
+    r = run("extract", str(svs40), str(svs20), str(out), "--model", VIT_224, "--weights", str(weights_file),
             "--device", "cpu", "--workers", "1", "--coords-dir", str(coords_dir), "--jsonl")
     assert r.returncode == 0, r.stderr[-3000:]
     assert {(e["slide_id"], e["status"]) for e in finals(jsonl(r.stdout))} == {("svs40", "done"), ("svs20", "done")}
@@ -380,7 +385,7 @@ def test_devices_split_and_format_pt(six: Path, tmp_path: Path) -> None:
         t = torch.load(out / "pt_files" / f"{sid}.pt", weights_only=True)
         bag = read_bag(out / "features" / f"{sid}.h5")
         assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.ndim == 2
-        assert tuple(t.shape) == bag.features.shape and t.shape[1] == 192 and t.shape[0] > 0
+        assert tuple(t.shape) == bag.features.shape and t.shape[1] == 64 and t.shape[0] > 0
         assert np.array_equal(t.numpy(), bag.features)
     assert leftovers(out) == []
 

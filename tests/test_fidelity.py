@@ -353,7 +353,7 @@ def test_fast_decode_keeps_exact_pixels_where_it_cannot_reduce(fixture_slides, t
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-TINY = ["--model", "timm:vit_tiny_patch16_224", "--weights", "random", "--device", "cpu", "--workers", "1",
+TINY = ["--model", "timm:test_vit", "--weights", "random", "--device", "cpu", "--workers", "1",
         "--batch-size", "8", "--no-qc"]
 
 

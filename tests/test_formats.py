@@ -286,7 +286,7 @@ def test_tile_and_extract_give_the_svs_results(formats, tmp_path):
     import h5py
 
     out = tmp_path / "out"
-    r = _cli("extract", str(formats["cli"]), str(out), "--model", "timm:vit_tiny_patch16_224", "--weights", "random",
+    r = _cli("extract", str(formats["cli"]), str(out), "--model", "timm:test_vit", "--weights", "random",
              "--device", "cpu", "--workers", "1", "--batch-size", "8", "--no-qc")
     assert r.exit_code == 0, r.output
     with open(out / "manifest.csv", newline="") as fh:

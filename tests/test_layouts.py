@@ -34,10 +34,10 @@ from mstar_extract.store.record import recorded_layout
 from mstar_extract.testing.fixtures import make_svs
 from mstar_extract.testing.scene import random_scene
 
-TINY = "timm:vit_tiny_patch16_224"
+TINY = "timm:test_vit"
 RUN = ["--model", TINY, "--weights", "random", "--device", "cpu", "--workers", "0", "--batch-size", "16"]
 TRIDENT_JOB = "20x_256px_0px_overlap"
-TRIDENT_FEATS = "features_timm-vit_tiny_patch16_224"
+TRIDENT_FEATS = "features_timm-test_vit"
 SLIDES = {"svs40": 0.25, "svs40_l2": 0.25, "svs20": 0.5}
 """Slides with tissue and their level-0 mpp: a 40x scan without a 2x level (20x patches read at level 0, 512 px),
 one with a 2x level (read at level 1, 256 px), and a 20x scan (level 0, 256 px)."""
@@ -87,7 +87,7 @@ def encoder():
 def embed(encoder, patches: list[np.ndarray]) -> np.ndarray:
     from mstar_extract.reading.resize import resize_patch
 
-    return encoder.embed(np.stack([resize_patch(np.ascontiguousarray(p), 224) for p in patches])).numpy()
+    return encoder.embed(np.stack([resize_patch(np.ascontiguousarray(p), encoder.spec.input_size) for p in patches])).numpy()
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -196,7 +196,7 @@ def test_trident_job_folder_as_trident_writes_and_reads_it(outs, slides: Path, e
         with h5py.File(job / TRIDENT_FEATS / f"{sid}.h5", "r") as f:
             feats, bag_coords = f["features"][()], f["coords"][()]
             fa, ca = dict(f["features"].attrs), dict(f["coords"].attrs)
-        assert fa == {"name": sid, "savetodir": str(job / TRIDENT_FEATS), "encoder": "timm-vit_tiny_patch16_224"}
+        assert fa == {"name": sid, "savetodir": str(job / TRIDENT_FEATS), "encoder": "timm-test_vit"}
         assert {"patch_size", "patch_size_level0", "level0_magnification", "target_magnification"} <= set(ca)
         np.testing.assert_array_equal(bag_coords, coords)
         # the footprint TRIDENT reads (level-0 patch_size_level0) gives the stored features

@@ -17,7 +17,7 @@ from mstar_extract.manifest import ManifestRow, latest_rows
 from mstar_extract.store.layout import OutLayout, make_layout, slide_id_problem, validate_slide_id
 from mstar_extract.testing.cli import run_mstar
 
-TINY = ["--model", "timm:vit_tiny_patch16_224", "--weights", "random", "--device", "cpu", "--workers", "0",
+TINY = ["--model", "timm:test_vit", "--weights", "random", "--device", "cpu", "--workers", "0",
         "--batch-size", "8", "--no-qc"]
 
 

@@ -22,7 +22,7 @@ from mstar_extract import __version__
 from mstar_extract.testing.cli import run_mstar
 from mstar_extract.testing.fixtures import make_island_slides
 
-MODEL = "timm:vit_tiny_patch16_224"
+MODEL = "timm:test_vit"
 FINAL = ("done", "skipped", "no_tissue", "failed")
 _SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MSTAR_WEIGHTS", "MSTAR_DEVICE", "MSTAR_WORKERS",
           "MSTAR_LOCK_TIMEOUT", "MSTAR_PROGRESS_INTERVAL")

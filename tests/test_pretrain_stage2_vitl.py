@@ -1,4 +1,5 @@
-"""A full-size ViT-L/16 student (random init, ONE optimisation step on the CPU, one patch) exports a ``student.pth``
+"""A full-size ViT-L/16 student (started from a weights file, as a lab starts from UNI's: the suite's shared random
+ViT-L; ONE optimisation step on the CPU, one patch) exports a ``student.pth``
 that loads with ``strict=True`` into the released mSTAR architecture, and through ``--weights``' own loader
 (:meth:`Encoder.create`, what ``mstar extract --weights`` calls) holds exactly the exported tensors and embeds. This is also
 the suite's one test of the ``mstar`` spec's ViT-L (300 M parameters) with a weights file; the end-to-end command
@@ -26,18 +27,18 @@ AGG = dict(in_dim=64, dim=32, heads=2, landmarks=8, pinv_iterations=6, residual_
 
 
 @pytest.fixture(scope="module")
-def vitl_run() -> Iterator[dict]:
+def vitl_run(vit_large_weights: Path) -> Iterator[dict]:
     with ram_folder("stage2-vitl", gigabytes=7) as root:  # a 3.6 GB checkpoint, a 1.2 GB student.pth
-        yield _run(root)
+        yield _run(root, vit_large_weights)
 
 
-def _run(root: Path) -> dict:
+def _run(root: Path, init: Path) -> dict:
     data = make_stage2_toy_data(root / "data", n_slides=1, seed=2)
     torch.manual_seed(0)
     teacher = root / "teacher.pt"
     export_teacher(TransMIL(**AGG), AGG, teacher)
     cfg = load_config(Stage2Config, None, [
-        f"data.manifest={data.manifest}", f"teacher.file={teacher}", "student.init=random", "student.arch=mstar",
+        f"data.manifest={data.manifest}", f"teacher.file={teacher}", f"student.init={init}", "student.arch=mstar",
         "train.batch_size=1", "data.slides_per_batch=1", "train.max_steps=1", "train.num_workers=0",
         "train.log_every=1", "export.verify=false", f"run.out_dir={root / 'run'}"])  # the test verifies
     res = run_stage2(cfg)
@@ -45,7 +46,7 @@ def _run(root: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_vit_large_student_exports_the_released_format(vitl_run: dict) -> None:
+def test_vit_large_student_exports_the_released_format(vitl_run: dict, vit_large_weights: Path) -> None:
     import numpy as np
     import timm
 
@@ -79,3 +80,5 @@ def test_vit_large_student_exports_the_released_format(vitl_run: dict) -> None:
     card = json.loads(res.card_path.read_text())
     assert card["architecture"] == "vit_large_patch16_224" and card["timm_kwargs"]["init_values"] == 1e-5
     assert card["steps"] == 1 and card["feature_dim"] == 1024
+    assert card["init"]["weights_path"] == str(vit_large_weights) and card["init"]["weights_source"] != "random"
+    assert card["init"]["weights_sha256"] == sha256_file(vit_large_weights)

@@ -39,7 +39,7 @@ from mstar_extract.store.bags import read_bag
 from mstar_extract.testing.fixtures import load_truth, make_svs
 from mstar_extract.testing.scene import Blob, Scene
 
-TINY = "timm:vit_tiny_patch16_224"
+TINY = "timm:test_vit"
 FAST = ["--model", TINY, "--weights", "random", "--device", "cpu", "--workers", "0", "--batch-size", "16"]
 HOSTILE_ID = "evil\"'><img src=x onerror=document.title='pwned'>&amp;"
 HOSTILE_PATH = "/nowhere/</script><script>document.title='pwned'</script><i class=pwned>x</i>.svs"

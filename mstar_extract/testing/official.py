@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -134,6 +135,10 @@ def relative_l2(a: Any, b: Any) -> np.ndarray:
     return np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-30)
 
 
+_VIT_LARGE_KW: dict[str, Any] = dict(pretrained=False, img_size=224, patch_size=16, init_values=1e-5, num_classes=0,
+                                     dynamic_img_size=True)
+
+
 def reference_vit_large(gamma: float = 0.5) -> Any:
     """mSTAR's architecture as the authors build it (timm ``vit_large_patch16_224``, ``init_values=1e-5``,
     ``dynamic_img_size``), seeded random weights, every LayerScale gamma set to ``gamma`` (with timm's 1e-5 all
@@ -142,11 +147,41 @@ def reference_vit_large(gamma: float = 0.5) -> Any:
     import torch
 
     torch.manual_seed(0)
-    net = timm.create_model("vit_large_patch16_224", pretrained=False, img_size=224, patch_size=16, init_values=1e-5,
-                            num_classes=0, dynamic_img_size=True).eval()
+    net = timm.create_model("vit_large_patch16_224", **_VIT_LARGE_KW).eval()
     blocks: Any = net.blocks  # an nn.Sequential of timm Blocks (typed as Tensor | Module by nn.Module's getattr)
     with torch.no_grad():
         for blk in blocks:
             blk.ls1.gamma.fill_(gamma)
             blk.ls2.gamma.fill_(gamma)
     return net
+
+
+def shared_reference_vit_large(folder: str | os.PathLike[str]) -> Path:
+    """The state dict of :func:`reference_vit_large` as a file in ``folder`` (``vit_large_random.pth``, 1.2 GB),
+    written by the first process that asks and read by the others (a lock in ``folder`` orders them): the test
+    processes of one run (pytest-xdist workers) pay for the 300 M-parameter random initialisation once."""
+    import fcntl
+
+    import torch
+
+    path = Path(folder) / "vit_large_random.pth"
+    with open(Path(folder) / "vit_large_random.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            torch.save(reference_vit_large().state_dict(), tmp)
+            os.replace(tmp, path)
+    return path
+
+
+def load_reference_vit_large(path: str | os.PathLike[str]) -> Any:
+    """The network of :func:`reference_vit_large` holding the tensors of ``path`` (a file of
+    :func:`shared_reference_vit_large`): built on the ``meta`` device and the file mapped, not read, so a second
+    process has it in a moment. fp32, eval mode, on the CPU."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        net = timm.create_model("vit_large_patch16_224", **_VIT_LARGE_KW)
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True, mmap=True), strict=True, assign=True)
+    return net.eval()

@@ -86,16 +86,22 @@ def build_student_backbone(init: str, arch: str, seed: int | None = None,
                            ) -> tuple[nn.Module, EncoderSpec, StudentInit]:
     """Build the student network through the registry and load its initial weights strictly.
 
-    ``seed`` seeds torch right before the network is built, so a random init does not depend on what was built
-    before (e.g. the registry's cached ``timm:`` specs). ``prepared`` = the result of :func:`prepare_student_init`.
+    ``seed`` seeds torch right before a random network is built, so a random init does not depend on what was built
+    before (e.g. the registry's cached ``timm:`` specs). A network that starts from a weights file (UNI, mSTAR, a
+    PATH) is built without a random initialisation and adopts the file's tensors
+    (:func:`~mstar_extract.models.weights.build_with_weights`: ~7 CPU-seconds less for a ViT-L). ``prepared`` =
+    the result of :func:`prepare_student_init`.
     """
-    from mstar_extract.models.weights import load_weights
+    from mstar_extract.models.weights import build_with_weights
 
     spec, resolved = prepared or prepare_student_init(init, arch)
     if seed is not None:
         torch.manual_seed(seed)
-    model = spec.build()
-    load_weights(model, spec, resolved)
+    if resolved.path is None:
+        model = spec.build()
+    else:
+        # tensors mapped from the file are private copies: training never writes back to it
+        model = build_with_weights(spec, resolved)
     info = StudentInit(
         init=str(init),
         spec_name=spec.name,

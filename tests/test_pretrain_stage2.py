@@ -371,6 +371,32 @@ def test_a_malicious_teacher_file_stops_stage_2_before_any_work(toy: dict, tmp_p
     assert not list((tmp_path / "run" / "targets").glob("*.h5"))
 
 
+def test_a_student_from_a_weights_file_holds_its_tensors_and_training_never_writes_to_the_file(tmp_path: Path) -> None:
+    """``student.init=PATH``: the network is built without a random initialisation and adopts the file's tensors,
+    which are mapped from the file copy-on-write: an optimiser step changes the student, never the file."""
+    from mstar_extract.models.registry import get_spec
+    from mstar_extract.models.weights import sha256_file
+    from mstar_extract.pretrain.stage2.student import StudentWithProj, build_student_backbone
+
+    torch.manual_seed(3)
+    saved = get_spec("timm:test_vit").build().state_dict()
+    path = tmp_path / "init.pth"
+    torch.save(saved, path)
+    digest = sha256_file(path)
+    backbone, spec, init = build_student_backbone(str(path), "timm:test_vit", seed=0)
+    assert init.weights_source != "random" and init.weights_sha256 == digest
+    got = backbone.state_dict()
+    assert got.keys() == saved.keys() and all(torch.equal(got[k], saved[k]) for k in saved)
+    assert all(p.requires_grad and not p.is_meta for p in backbone.parameters())
+    net = StudentWithProj(backbone, spec.feature_dim, 8).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    _, pred = net(torch.randn(2, 3, 160, 160))
+    pred.square().mean().backward()
+    opt.step()
+    assert not torch.equal(backbone.state_dict()["blocks.0.attn.qkv.weight"], saved["blocks.0.attn.qkv.weight"])
+    assert sha256_file(path, use_cache=False) == digest  # the file is as it was
+
+
 def _cuda_loop(precision: str, run_dir: Path, reporter=None):
     """A stage-2 loop on the GPU (the bench's set-up: random timm:test_vit student, patches already on the device)."""
     from mstar_extract.console import Reporter

@@ -83,10 +83,10 @@ def error_lines(stderr: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ reference
 def reference_scene() -> Scene:
-    """Three visibly different tissue islands (normal with a hole, pale, darker with a pen stroke), placed so
-    that ``--min-tissue 0.7`` keeps exactly one 20x patch in each: three patches for the ViT-L to embed."""
-    blobs = (Blob(150, 160, 125, ((3, 0.06, 0.3),)), Blob(450, 160, 125, ((2, 0.06, 1.0),), pale=True),
-             Blob(750, 160, 125, ((5, 0.05, 2.0),), tint=0.9))
+    """Two visibly different tissue islands (normal with a hole, darker with a pen stroke), placed so that
+    ``--min-tissue 0.7`` keeps exactly one 20x patch in each: two patches for the ViT-L to embed (a ViT-L pass
+    costs ~5 CPU-seconds here)."""
+    blobs = (Blob(150, 160, 125, ((3, 0.06, 0.3),)), Blob(750, 160, 125, ((5, 0.05, 2.0),), tint=0.9))
     return Scene(900.0, 320.0, blobs, (Blob(170, 130, 28),), (Stroke(((650, 60), (850, 260)), 14.0, "blue"),), seed=5)
 
 
@@ -115,13 +115,13 @@ def test_vit_large_features_match_an_independent_reference(tmp_path: Path, vit_l
     opts = ["--min-tissue", "0.7", "--no-qc"]
     out = tmp_path / "out"
     r = cli("extract", str(slide), str(out), "--weights", str(weights), "--device", "cpu", "--precision", "fp32",
-            "--workers", "1", "--batch-size", "1", *opts)  # warm-up 1 + 3 patches: ~5 CPU-s a ViT-L patch here
+            "--workers", "1", "--batch-size", "1", *opts)  # warm-up 1 + 2 patches: ~5 CPU-s a ViT-L patch here
     assert r.exit_code == 0, r.output
     bag_path = out / "features" / "ref.h5"
     assert validate_bag(bag_path, {"model": "mstar", "feature_dim": 1024, "precision": "fp32",
                                    "weights_sha256": sha256_file(weights)}) is None
     bag = read_bag(bag_path)
-    assert bag.features.dtype == np.float32 and bag.features.shape == (3, 1024)
+    assert bag.features.dtype == np.float32 and bag.features.shape == (2, 1024)
 
     # coords equal those of `mstar tile` with the same options
     tiled = tmp_path / "tiled"

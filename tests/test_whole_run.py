@@ -22,14 +22,13 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mstar_extract.testing.cli import mstar_command, mstar_env, run_mstar, start_mstar
+from mstar_extract.testing.cli import mstar_env, run_mstar, start_mstar
 from mstar_extract.testing.fixtures import make_svs
 from mstar_extract.testing.scene import random_scene
 
@@ -244,11 +243,11 @@ def test_read_only_out_is_one_line_and_exit_3(two_slides: Path, tiled: Path, tmp
 def test_a_broken_compiler_stops_the_run_at_the_warm_up(two_slides: Path, tmp_path: Path) -> None:
     """A node without a working C++ compiler: Inductor fails at the first compiled call, for real."""
     out = tmp_path / "out"
-    env = _env(CXX=str(tmp_path / "no-such-c++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
-    # a fresh interpreter, not the test launcher: torch._inductor.config reads CXX when it is imported
-    r = subprocess.run(mstar_command("extract", two_slides, out, "--model", "timm:test_vit", "--weights", "random",
-                                     "--device", "cpu", "--workers", "1", "--patch-size", "256", "--compile",
-                                     "--jsonl"), capture_output=True, text=True, env=env, timeout=900)
+    no_compiler = tmp_path / "bin"  # the only folder on PATH: no g++, c++ or clang++ to be found
+    no_compiler.mkdir()
+    env = _env(PATH=str(no_compiler), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    r = run_mstar("extract", two_slides, out, "--model", "timm:test_vit", "--weights", "random", "--device", "cpu",
+                  "--workers", "1", "--patch-size", "256", "--compile", "--jsonl", env=env, timeout=900)
     _no_noise(r.stderr)
     assert r.returncode == 3, r.stderr[-3000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("mstar: error:")]

@@ -34,11 +34,12 @@ PRELOAD = ("numpy", "PIL.Image", "cv2", "h5py", "openslide", "tiffslide", "torch
 RUNTIME_ENV_PREFIXES = ("MSTAR_", "_MSTAR_", "SLURM_", "COMP_", "PYTEST_")  # PYTEST_CURRENT_TEST changes per test
 RUNTIME_ENV = frozenset({"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                          "COLUMNS", "LINES", "TERM", "NO_COLOR", "OMP_NUM_THREADS", "PYTHONPATH", "PYTHONWARNINGS",
-                         "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"})
+                         "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "PATH"})
 """Variables that the package reads while it runs (or that the child applies itself): they may differ from the
 launcher's own environment. ``TORCHINDUCTOR_CACHE_DIR`` is one: torch reads it at each compile and, when unset,
 sets it in ``os.environ`` itself when a test process first compiles (an ``mstar extract`` run in process); were it
-compared, every later run of that test process would be a fresh interpreter. A command whose environment differs in
+compared, every later run of that test process would be a fresh interpreter. ``PATH`` is read when a program is
+looked up (torch looks for a C++ compiler at the first compile, not at import). A command whose environment differs in
 any other variable (e.g. ``HF_*``, read by huggingface_hub when it is imported) is started as a plain subprocess
 instead (:func:`forkable_env`)."""
 

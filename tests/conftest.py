@@ -40,11 +40,12 @@ def _share_the_cores() -> None:
     torch.set_num_threads(threads)
 
 
-LONGEST_FIRST = ("test_fidelity.py", "test_extract_scale.py", "test_extract.py", "test_pretrain_stage2_vitl.py",
-                 "test_whole_run.py", "test_report.py", "test_gpu_ready.py", "test_layouts.py", "test_pipeline_cli.py",
-                 "test_zeroshot.py", "test_out_folder.py", "test_pretrain_stage2_dist.py", "test_reader.py",
-                 "test_pretrain_dist.py", "test_pretrain_train.py", "test_weights.py", "test_formats.py",
-                 "test_sigterm_storm.py", "test_held_slides.py", "test_pretrain_stage2.py", "test_bombs.py")
+LONGEST_FIRST = ("test_fidelity.py", "test_extract_scale.py", "test_pretrain_stage2_vitl.py", "test_extract.py",
+                 "test_report.py", "test_whole_run.py", "test_zeroshot.py", "test_reader.py",
+                 "test_pretrain_stage2_dist.py", "test_pretrain_dist.py", "test_pretrain_train.py",
+                 "test_pretrain_stage2.py", "test_sigterm_storm.py", "test_gpu_ready.py", "test_held_slides.py",
+                 "test_formats.py", "test_weights.py", "test_bombs.py", "test_tissue.py", "test_pipeline_cli.py",
+                 "test_models.py", "test_launcher.py", "test_layouts.py")
 """The files that take longest (summed test times with two workers, 2-core machine), longest first: they start
 first, so that with ``-n 2 --dist loadfile`` the short files fill the gaps at the end instead of one long file
 ending the run alone. A file missing here only starts later; the order within a file is kept."""

@@ -103,8 +103,8 @@ def _available_memory() -> int:
 
 @contextmanager
 def ram_folder(name: str, gigabytes: float, shm: str = "/dev/shm") -> Iterator[Path]:
-    """A fresh folder in memory (under ``shm``, a tmpfs) for a test that writes and reads back GB-sized files (a
-    ViT-L checkpoint of 3.6 GB costs ~20 s of disk writes and fsyncs here, a few in RAM); removed at the end. Falls
+    """A fresh folder in memory (under ``shm``, a tmpfs) for a test that writes and reads back GB-sized files (the
+    stage-2 ViT-L run writes ~5 GB, whose fsyncs alone cost ~7 s on this machine's disk); removed at the end. Falls
     back to the default temporary folder when ``shm`` lacks room for ``gigabytes`` or the machine lacks twice that
     in available memory (a tmpfs holds its files in RAM)."""
     import tempfile

@@ -82,14 +82,6 @@ def tmpfs_namespace(target: str | os.PathLike[str], size: str) -> Iterator[Mount
                 stream.close()
 
 
-def _free_bytes(path: str) -> int:
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return 0
-    return st.f_bavail * st.f_frsize
-
-
 def _available_memory() -> int:
     try:
         with open("/proc/meminfo") as fh:
@@ -109,8 +101,10 @@ def ram_folder(name: str, gigabytes: float, shm: str = "/dev/shm") -> Iterator[P
     in available memory (a tmpfs holds its files in RAM)."""
     import tempfile
 
+    from mstar_extract.reading.pool import shm_free_bytes
+
     need = int(gigabytes * 2**30)
-    in_ram = _free_bytes(shm) >= need and _available_memory() >= 2 * need
+    in_ram = (shm_free_bytes(shm) or 0) >= need and _available_memory() >= 2 * need
     folder = Path(tempfile.mkdtemp(prefix=f"mstar-test-{name}-", dir=shm if in_ram else None))
     try:
         yield folder

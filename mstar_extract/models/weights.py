@@ -420,13 +420,6 @@ def resolve_weights(
     return ResolvedWeights("path", path, sha256_file(path))
 
 
-def load_weights(model: torch.nn.Module, spec: EncoderSpec, resolved: ResolvedWeights) -> None:
-    """Load the resolved weights into an existing ``model`` (no-op for random)."""
-    if resolved.path is None:
-        return
-    load_into(model, load_state_dict_file(resolved.path), spec, resolved.path)
-
-
 def build_with_weights(spec: EncoderSpec, resolved: ResolvedWeights) -> torch.nn.Module:
     """The network of ``spec`` holding the resolved weights, in eval mode on the CPU.
 

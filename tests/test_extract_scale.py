@@ -30,7 +30,7 @@ import pytest
 
 from mstar_extract.sharding import RANK_SALT, SHARD_SALT, share_of
 from mstar_extract.store.bags import read_bag, validate_bag
-from mstar_extract.testing.cli import MODULE, mstar_env, run_mstar, start_mstar
+from mstar_extract.testing.cli import MODULE, quiet_env, run_mstar, start_mstar
 from mstar_extract.testing.fixtures import make_island_slides
 
 pytestmark = pytest.mark.slow
@@ -46,22 +46,15 @@ before any slide, once per process) that costs less than the default 32 would: o
 most of a run's compute."""
 FINAL = ("done", "skipped", "no_tissue", "failed")
 IDS = [f"s{i}" for i in range(6)]
-_SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MSTAR_WEIGHTS",
-          "MSTAR_DEVICE", "MSTAR_WORKERS", "MSTAR_LOCK_TIMEOUT")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith("SLURM_")}
-    return {**env, "MSTAR_PROGRESS_INTERVAL": "3600", "OMP_NUM_THREADS": "1", **extra}
-
-
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    return start_mstar(*args, env=env or _env())
+    return start_mstar(*args, env=env or quiet_env())
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-    return run_mstar(*args, env=env or _env(), timeout=timeout)
+    return run_mstar(*args, env=env or quiet_env(), timeout=timeout)
 
 
 def extract_args(slides: Path | str, out: Path, *extra: str, weights: str = "random") -> list[str]:
@@ -228,7 +221,7 @@ def test_shards_with_tile_are_disjoint_and_complete_and_auto_follows_slurm(six: 
     slurm = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_MAX": "6",
              "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_JOB_ID": "77"}
     runs["auto"] = start("tile", str(six), str(tmp_path / "auto"), "--workers", "1", "--no-qc", "--jsonl",
-                         "--shard", "auto", env=_env(**slurm))
+                         "--shard", "auto", env=quiet_env(**slurm))
     shares: dict[str, set[str]] = {}
     for name, p in runs.items():
         stdout, stderr = p.communicate(timeout=900)
@@ -249,7 +242,7 @@ def test_shards_with_tile_are_disjoint_and_complete_and_auto_follows_slurm(six: 
     stepped = {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "4",
                "SLURM_ARRAY_TASK_STEP": "2"}
     r = run("tile", str(six), str(tmp_path / "stepped"), "--workers", "1", "--no-qc", "--jsonl", "--shard", "auto",
-            env=_env(**stepped))
+            env=quiet_env(**stepped))
     assert r.returncode == 0, r.stderr[-2000:]
     assert {e["slide_id"] for e in finals(jsonl(r.stdout))} == plain[2]
     outside = run("tile", str(six), str(tmp_path / "nope"), "--shard", "auto")
@@ -428,7 +421,7 @@ def _torchrun_held(args: list[str], hold_rank: int) -> subprocess.CompletedProce
     code; then it goes on (SIGCONT). So the held rank is certainly still at work when the other one exits, as on a
     cluster where one rank's slides take longer, whatever the speed of this machine."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *MODULE, *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=mstar_env(_env()))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=quiet_env())
     held = None
     try:
         pids = _children_by_rank(proc.pid, 2)

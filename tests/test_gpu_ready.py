@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -26,20 +25,13 @@ import numpy as np
 import pytest
 
 from mstar_extract.reading.pool import ring_slots
-from mstar_extract.testing.cli import run_mstar
+from mstar_extract.testing.cli import quiet_env, run_mstar
 from mstar_extract.testing.fixtures import make_island_slides, make_svs
 from mstar_extract.testing.scene import random_scene
 
 SMALL_MODEL = "timm:mobilenetv3_small_050"
 """A 224-px timm model cheap enough on the CPU for a few hundred patches (~7 ms a patch on one core; batches are
 224 px, 38.5 MB per 256)."""
-_SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MSTAR_WEIGHTS",
-          "MSTAR_DEVICE", "MSTAR_WORKERS", "MSTAR_LOCK_TIMEOUT")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith("SLURM_")}
-    return {**env, "MSTAR_PROGRESS_INTERVAL": "3600", "OMP_NUM_THREADS": "1", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +71,7 @@ def in_small_shm(size: str, *cmd: str, timeout: float = 600) -> subprocess.Compl
         pytest.skip(why)
     script = f'mount -t tmpfs -o size={size} tmpfs /dev/shm && exec "$@"'
     return subprocess.run(["unshare", "--mount", "sh", "-c", script, "sh", *cmd], capture_output=True, text=True,
-                          env=_env(), timeout=timeout)
+                          env=quiet_env(), timeout=timeout)
 
 
 @pytest.mark.slow
@@ -93,7 +85,7 @@ def test_extract_with_8_workers_on_a_64mb_dev_shm_completes(big_slide: Path, tmp
     out = tmp_path / "out"
     with tmpfs_namespace("/dev/shm", "64m") as ns:  # the run (and its reader workers) see a 64 MB /dev/shm
         r = run_mstar("extract", big_slide, out, "--model", SMALL_MODEL, "--weights", "random", "--device", "cpu",
-                      "--workers", "8", "--batch-size", "256", "--patch-size", "128", "--jsonl", env=_env(),
+                      "--workers", "8", "--batch-size", "256", "--patch-size", "128", "--jsonl", env=quiet_env(),
                       mount_namespace=ns.pid)
     assert "SIGBUS" not in r.stderr and "died" not in r.stderr, r.stderr[-3000:]
     assert r.returncode == 0, r.stderr[-3000:]
@@ -260,7 +252,7 @@ def test_encoder_makes_its_gpu_the_current_device() -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     i = _cuda_index()
-    r = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, str(i)], capture_output=True, text=True, env=_env(),
+    r = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, str(i)], capture_output=True, text=True, env=quiet_env(),
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -294,7 +286,7 @@ def test_torchrun_rank_extracts_on_its_gpu(two_slides: Path, tmp_path: Path) -> 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
            "mstar_extract", "extract", str(two_slides), str(out), "--model", "timm:vit_tiny_patch16_224",
            "--weights", "random", "--workers", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=quiet_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     for k in range(n):
         assert re.search(rf"torchrun rank {k}/{n}: \d slide\(s\) on cuda:{k},", r.stderr), r.stderr[-3000:]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -28,21 +27,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mstar_extract.testing.cli import mstar_env, run_mstar, start_mstar
+from mstar_extract.testing.cli import mstar_env, quiet_env, run_mstar, start_mstar
 from mstar_extract.testing.fixtures import make_svs
 from mstar_extract.testing.scene import random_scene
 
 SMALL_MODEL = "timm:mobilenetv3_small_050"
 """~7 ms a patch on one core; 288-d features: a bag of the 119-patch slide is ~140 KiB, more than the 64 KiB tmpfs
 holds."""
-_SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MSTAR_WEIGHTS",
-          "MSTAR_DEVICE", "MSTAR_WORKERS", "MSTAR_LOCK_TIMEOUT")
 FINAL = ("done", "skipped", "no_tissue", "failed")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith("SLURM_")}
-    return mstar_env({**env, "MSTAR_PROGRESS_INTERVAL": "3600", "OMP_NUM_THREADS": "1", **extra})
 
 
 def _jsonl(stdout: str) -> list[dict]:
@@ -69,7 +61,7 @@ def tiled(two_slides: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``mstar tile`` of both slides (coordinates for ``--coords-dir``, so OUT receives only bags and records)."""
     out = tmp_path_factory.mktemp("tiled")
     r = run_mstar("tile", two_slides, out, "--patch-size", "256", "--workers", "1", "--no-qc", "--no-report",
-                  env=_env())
+                  env=quiet_env())
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -159,7 +151,7 @@ def _namespace(mnt: Path, size: str):
 def _extract(slides: Path, out: Path, coords: Path, ns_pid: int) -> tuple[int, list[dict], str]:
     """``mstar extract`` into ``out``, run in the mount namespace of ``ns_pid``: (exit code, JSONL events, stderr)."""
     r = run_mstar("extract", slides, out, "--model", SMALL_MODEL, "--weights", "random", "--device", "cpu",
-                  "--workers", "1", "--batch-size", "8", "--coords-dir", coords, "--no-report", "--jsonl", env=_env(),
+                  "--workers", "1", "--batch-size", "8", "--coords-dir", coords, "--no-report", "--jsonl", env=quiet_env(),
                   mount_namespace=ns_pid, timeout=900)  # batch 8: the warm-up batch costs little
     return r.returncode, _jsonl(r.stdout), r.stderr
 
@@ -246,7 +238,7 @@ def test_a_broken_compiler_stops_the_run_at_the_warm_up(two_slides: Path, tmp_pa
     out = tmp_path / "out"
     no_compiler = tmp_path / "bin"  # the only folder on PATH: no g++, c++ or clang++ to be found
     no_compiler.mkdir()
-    env = _env(PATH=str(no_compiler), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    env = quiet_env(PATH=str(no_compiler), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
     r = run_mstar("extract", two_slides, out, "--model", "timm:test_vit", "--weights", "random", "--device", "cpu",
                   "--workers", "1", "--patch-size", "256", "--compile", "--jsonl", env=env, timeout=900)
     _no_noise(r.stderr)
@@ -268,7 +260,7 @@ def test_sigterm_while_the_model_loads_prints_the_summary(two_slides: Path, tmp_
     JSONL summary, no lock, nothing started."""
     out = tmp_path / "out"
     proc = start_mstar("extract", two_slides, out, "--model", "mstar", "--weights", "random", "--device", "cpu",
-                       "--workers", "1", "--jsonl", env=_env())
+                       "--workers", "1", "--jsonl", env=quiet_env())
     assert proc.stderr is not None
     seen = []
     for line in proc.stderr:  # wait until the weights are resolved: the network is being built now
@@ -355,7 +347,7 @@ def test_cuda_out_of_memory_at_the_batch_size_stops_the_run_at_the_warm_up(two_s
     _needs_cuda_and_a_reader()
     out = tmp_path / "out"
     r = run_mstar("extract", two_slides, out, "--model", "timm:vit_tiny_patch16_224", "--weights", "random",
-                  "--device", "cuda", "--batch-size", "400000", "--workers", "1", "--jsonl", env=_env())
+                  "--device", "cuda", "--batch-size", "400000", "--workers", "1", "--jsonl", env=quiet_env())
     _no_noise(r.stderr)
     assert r.returncode == 3, r.stderr[-3000:]
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("mstar: error:")]

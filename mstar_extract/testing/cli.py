@@ -39,6 +39,19 @@ def mstar_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return out
 
 
+SCRUBBED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "MSTAR_WEIGHTS",
+                "MSTAR_DEVICE", "MSTAR_WORKERS", "MSTAR_LOCK_TIMEOUT")
+"""Variables (besides every ``SLURM_*``) that :func:`quiet_env` leaves out: a test run must not become a torchrun
+rank, a SLURM array task, or take its weights, device or workers from the environment it was started in."""
+
+
+def quiet_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a run a test controls (:func:`mstar_env`): without :data:`SCRUBBED_ENV` and
+    ``SLURM_*``, no periodic progress lines, one torch thread, then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV and not k.startswith("SLURM_")}
+    return mstar_env({**env, "MSTAR_PROGRESS_INTERVAL": "3600", "OMP_NUM_THREADS": "1", **extra})
+
+
 def mstar_command(*args: str | os.PathLike[str]) -> list[str]:
     """``[python, -m, mstar_extract, *args]``."""
     return [sys.executable, *MODULE, *map(str, args)]
